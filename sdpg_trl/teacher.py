@@ -1,0 +1,56 @@
+"""The privileged teacher's prompt (SPEC 1): the student prompt with the privileged context appended.
+
+The teacher's full input is this prompt followed by the student's completion token ids unchanged; the trainer
+tokenises the prompt with the same chat template as the student's and never re-tokenises the completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from typing import Any
+
+
+def build_teacher_prompt(prompt: str | list[dict[str, Any]], context: Any, template: str, column: str) -> Any:
+    """Student prompt + `template.format(context=context)`.
+
+    Conversational prompts (a list of messages) get the hint appended to their last user message, so the chat
+    template still closes the turn and opens the assistant's; plain-text prompts get it appended to the text.
+
+    Args:
+        prompt: the row's `prompt` (text or messages); not modified.
+        context: the row's privileged context.
+        template: `SDPGConfig.teacher_template`, containing `{context}`.
+        column: the context column's name, for the error message.
+    """
+    if not isinstance(context, str) or not context.strip():
+        raise ValueError(
+            f"Every row needs a non-empty string in the privileged-context column {column!r}; got {context!r}."
+        )
+    hint = template.format(context=context)
+    if isinstance(prompt, str):
+        return prompt + hint
+    last_user = max((i for i, message in enumerate(prompt) if message["role"] == "user"), default=None)
+    if last_user is None:
+        raise ValueError("A conversational prompt needs a user message to carry the privileged hint.")
+    message = prompt[last_user]
+    content = message["content"]
+    content = content + hint if isinstance(content, str) else [*content, {"type": "text", "text": hint}]
+    return [*prompt[:last_user], {**message, "content": content}, *prompt[last_user + 1 :]]
+
+
+def check_context_column(dataset: Any, column: str, name: str) -> None:
+    """Fail before training when `dataset` (a Dataset, IterableDataset or dict of them) lacks `column`."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for split, part in dataset.items():
+            check_context_column(part, column, f"{name}[{split!r}]")
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and isinstance(dataset, Sized) and len(dataset) > 0:
+        columns = list(dataset[0])
+    if columns is not None and column not in columns:
+        raise ValueError(
+            f"{name} has no privileged-context column {column!r} (SDPGConfig.context_column); "
+            f"its columns are {list(columns)}."
+        )

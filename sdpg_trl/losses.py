@@ -15,6 +15,11 @@ from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 _REVERSE_KL = 1.0
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def beta_schedule(step: int, total_steps: int, base: float, warmup_steps: int, decay_steps: int) -> float:
     """SPEC 2.3: `beta(k) = base * min(1, k / T_warm) * min(1, (T - k) / T_decay)`.
 
@@ -94,10 +99,10 @@ def full_vocab_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Te
     Args:
         student_logits: `(..., V)` temperature-scaled student logits, with grad.
         teacher_logits: `(..., V)` temperature-scaled teacher logits (detached here).
-    Returns: `(...)` float32.
+    Returns: `(...)`, in fp32 or wider.
     """
-    log_p = F.log_softmax(student_logits.float(), dim=-1)
-    log_q = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    log_p = F.log_softmax(_upcast(student_logits), dim=-1)
+    log_q = F.log_softmax(_upcast(teacher_logits.detach()), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
@@ -207,7 +212,7 @@ def sdpg_loss_reference(
         distilled), `anchor` (mean surrogate) and `kl` (mean k3) when a reference is given.
     """
     mask = completion_mask.float()
-    log_p = F.log_softmax(student_logits.float(), dim=-1)
+    log_p = F.log_softmax(_upcast(student_logits), dim=-1)
     per_token_logps = log_p.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     outcome, rho = outcome_per_token(per_token_logps, advantages, old_per_token_logps)
     opd = full_vocab_reverse_kl(student_logits, teacher_logits)
@@ -221,7 +226,7 @@ def sdpg_loss_reference(
 
     with torch.no_grad():
         distilled = mask * m.unsqueeze(1)
-        teacher_logps = F.log_softmax(teacher_logits.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        teacher_logps = F.log_softmax(_upcast(teacher_logits), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
         metrics = {
             "opd_kl": masked_mean(opd, distilled).item(),
             "gate_ratio": m.mean().item(),

@@ -1,0 +1,297 @@
+"""Every formula of SPEC 2 against an independent computation: autograd on explicit full-vocabulary sums,
+exact enumeration over small vocabularies, and the paper's identities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdpg_trl.losses import (
+    anchor_per_token,
+    beta_schedule,
+    chunked_reverse_kl,
+    full_vocab_reverse_kl,
+    outcome_per_token,
+    positive_advantage_gate,
+    sdpg_loss_reference,
+)
+
+torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SPEC 2.2: the full-vocabulary reverse KL and its gradient
+# ---------------------------------------------------------------------------------------------------------------------
+def test_full_vocab_kl_matches_explicit_sum_and_kl_div():
+    s, t = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    p, q = s.softmax(-1), t.softmax(-1)
+    explicit = torch.zeros(3, 5)
+    for i in range(3):
+        for j in range(5):
+            explicit[i, j] = sum(p[i, j, a] * math.log(p[i, j, a] / q[i, j, a]) for a in range(7))
+    torch.testing.assert_close(full_vocab_reverse_kl(s, t).double(), explicit)
+    kl_div = F.kl_div(t.log_softmax(-1), s.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(full_vocab_reverse_kl(s, t).double(), kl_div)
+
+
+def test_opd_gradient_is_pathwise_through_student_only():
+    s = torch.randn(4, 9, requires_grad=True)
+    t = torch.randn(4, 9, requires_grad=True)
+    full_vocab_reverse_kl(s, t).sum().backward()
+    # d KL / d z_a = p_a (log p_a - log q_a - KL): the analytic gradient of KL(p || SG[q]) in the student logits.
+    log_p, log_q = s.detach().log_softmax(-1), t.detach().log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1, keepdim=True)
+    torch.testing.assert_close(s.grad, log_p.exp() * (log_p - log_q - kl), rtol=1e-5, atol=1e-6)
+    assert t.grad is None, "the teacher must be stop-gradient"
+
+
+def test_proposition_3_1_surrogate_gradient_and_zero_mean_advantage():
+    """grad KL(p || SG[q]) == grad of -E_{a~SG[p]}[SG[D - log p(a)/q(a)] log p(a)], and that advantage has mean 0."""
+    theta = torch.randn(11, requires_grad=True)
+    q_logits = torch.randn(11)
+    kl = full_vocab_reverse_kl(theta, q_logits)
+    (grad_kl,) = torch.autograd.grad(kl, theta)
+
+    log_p = theta.log_softmax(-1)
+    log_q = q_logits.log_softmax(-1)
+    p_sg = log_p.detach().exp()
+    D = (p_sg * (log_p.detach() - log_q)).sum()
+    advantage = (D - (log_p.detach() - log_q)).detach()
+    surrogate = -(p_sg * advantage * log_p).sum()  # exact expectation over the vocabulary
+    (grad_surrogate,) = torch.autograd.grad(surrogate, theta)
+
+    torch.testing.assert_close(grad_kl.double(), grad_surrogate, rtol=1e-5, atol=1e-7)
+    assert abs((p_sg * advantage).sum().item()) < 1e-6
+    assert grad_kl.abs().max() > 1e-3  # non-trivial case
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_kl_matches_explicit_kl_values_and_gradients(chunk_size, temperature):
+    torch.set_default_dtype(torch.float32)  # the kernel accumulates in fp32
+    n, hidden, vocab = 10, 8, 50
+    weight = torch.randn(vocab, hidden, requires_grad=True)
+    bias = torch.randn(vocab, requires_grad=True)
+    h_s = torch.randn(n, hidden, requires_grad=True)
+    h_t = torch.randn(n, hidden)
+
+    chunked = chunked_reverse_kl(h_s, h_t, weight, bias, temperature=temperature, chunk_size=chunk_size)
+    g_chunked = torch.autograd.grad((chunked * torch.arange(1.0, n + 1)).sum(), (h_s, weight, bias))
+
+    # The explicit computation runs in fp64, so the comparison measures the kernel's fp32 error only.
+    w64, b64, hs64 = weight.double(), bias.double(), h_s.double()
+    explicit = full_vocab_reverse_kl((hs64 @ w64.T + b64) / temperature, (h_t.double() @ w64.T + b64) / temperature)
+    g_explicit = torch.autograd.grad((explicit * torch.arange(1.0, n + 1)).sum(), (h_s, weight, bias))
+
+    torch.testing.assert_close(chunked.double(), explicit, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_chunked, g_explicit):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_chunked_kl_on_no_tokens_is_empty():
+    out = chunked_reverse_kl(torch.zeros(0, 4), torch.zeros(0, 4), torch.randn(6, 4))
+    assert out.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SPEC 2.4: the anchors, by exact enumeration over a small vocabulary
+# ---------------------------------------------------------------------------------------------------------------------
+def _expected_anchor_gradient(estimator: str, theta: torch.Tensor, log_ref: torch.Tensor, normalised: bool):
+    """grad of E_{a ~ SG[p]}[surrogate(a)], the expectation taken exactly as sum_a SG[p(a)] surrogate(a)."""
+    log_p = theta.log_softmax(-1) if normalised else theta  # unnormalised measure p(a) = exp(theta_a)
+    surrogate = anchor_per_token(log_p, log_ref, estimator)
+    (grad,) = torch.autograd.grad((log_p.detach().exp() * surrogate).sum(), theta)
+    return grad
+
+
+def _divergence(estimator: str, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """The divergence each surrogate stands for, written for possibly unnormalised measures p, r."""
+    p, r = log_p.exp(), log_r.exp()
+    if estimator == "urkl":  # unnormalised reverse KL
+        return (p * (log_p - log_r) - p + r).sum()
+    if estimator in ("ufkl", "k3"):  # unnormalised forward KL
+        return (r * (log_r - log_p) - r + p).sum()
+    if estimator == "rkl":
+        return (p * (log_p - log_r)).sum()
+    if estimator == "fkl":
+        return (r * (log_r - log_p)).sum()
+    raise AssertionError(estimator)
+
+
+@pytest.mark.parametrize("estimator", ["urkl", "ufkl", "rkl", "fkl", "k3"])
+@pytest.mark.parametrize("normalised", [True, False])
+def test_anchor_expected_gradient_equals_divergence_gradient(estimator, normalised):
+    theta = torch.randn(6, requires_grad=True)
+    log_ref = torch.randn(6).log_softmax(-1) if normalised else torch.randn(6) * 0.5
+    expected = _expected_anchor_gradient(estimator, theta, log_ref, normalised)
+    log_p = theta.log_softmax(-1) if normalised else theta
+    (true,) = torch.autograd.grad(_divergence(estimator, log_p, log_ref), theta)
+    torch.testing.assert_close(expected, true, rtol=1e-6, atol=1e-9)
+    assert true.abs().max() > 1e-3
+
+
+def test_unnormalised_enumeration_tells_the_estimators_apart():
+    """Guard for the test above: with unnormalised p the four divergences have different gradients."""
+    theta, log_ref = torch.randn(6, requires_grad=True), torch.randn(6) * 0.5
+    grads = {e: _expected_anchor_gradient(e, theta, log_ref, normalised=False) for e in ("urkl", "ufkl", "rkl", "fkl")}
+    names = list(grads)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.allclose(grads[a], grads[b]), (a, b)
+
+
+def test_anchor_values_at_known_points():
+    logp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])  # w = 2
+    expected = {
+        "urkl": 0.5 * math.log(2) ** 2,
+        "ufkl": 0.5 + math.log(2),
+        "rkl": 0.5 * (math.log(2) + 1) ** 2,
+        "fkl": 0.5,
+        "k3": 0.5 + math.log(2) - 1,
+    }
+    for estimator, value in expected.items():
+        assert anchor_per_token(logp, ref, estimator).item() == pytest.approx(value)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        anchor_per_token(logp, ref, "bogus")
+
+
+def test_ufkl_gradient_equals_trl_k3():
+    logp = torch.randn(3, 4, requires_grad=True)
+    ref = torch.randn(3, 4)
+    (g_ufkl,) = torch.autograd.grad(anchor_per_token(logp, ref, "ufkl").sum(), logp)
+    # TRL GRPOTrainer's per-token KL, as written in trl/trainer/grpo_trainer.py
+    trl_kl = torch.exp(ref - logp) - (ref - logp) - 1
+    (g_trl,) = torch.autograd.grad(trl_kl.sum(), logp)
+    torch.testing.assert_close(g_ufkl, g_trl)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SPEC 2.1: the outcome term
+# ---------------------------------------------------------------------------------------------------------------------
+def test_outcome_on_policy_is_reinforce():
+    logp = torch.randn(2, 3, requires_grad=True)
+    adv = torch.tensor([1.5, -0.5])
+    loss, rho = outcome_per_token(logp, adv)
+    torch.testing.assert_close(loss, -adv[:, None] * logp)
+    assert torch.equal(rho, torch.ones(2, 3))
+
+
+def test_outcome_off_policy_clipping_and_dual_clip():
+    old = torch.zeros(1, 4)
+    ratios = torch.tensor([[0.5, 1.1, 1.5, 5.0]])
+    logp = ratios.log()
+    pos, rho = outcome_per_token(logp, torch.tensor([1.0]), old, epsilon_low=0.2, epsilon_high=0.2, dual_clip=3.0)
+    # A > 0: min(r, clip(r)) * A
+    torch.testing.assert_close(pos, -torch.tensor([[0.5, 1.1, 1.2, 1.2]]))
+    torch.testing.assert_close(rho, ratios)
+    neg, _ = outcome_per_token(logp, torch.tensor([-1.0]), old, epsilon_low=0.2, epsilon_high=0.2, dual_clip=3.0)
+    # A < 0: max(min(rA, clip(r)A), cA): 0.5 -> clip 0.8; 5.0 -> dual clip 3
+    torch.testing.assert_close(neg, torch.tensor([[0.8, 1.1, 1.5, 3.0]]))
+    no_dual, _ = outcome_per_token(logp, torch.tensor([-1.0]), old, dual_clip=None)
+    assert no_dual[0, 3].item() == pytest.approx(5.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SPEC 2.2: the positive-advantage gate; SPEC 2.3: the schedule
+# ---------------------------------------------------------------------------------------------------------------------
+def test_gate_values():
+    adv = torch.tensor([1.2, 0.0, -0.7, 1e-9])
+    assert positive_advantage_gate(adv).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert positive_advantage_gate(adv, enabled=False).tolist() == [1.0] * 4
+
+
+def _batch(b=4, t=5, v=7):
+    student = torch.randn(b, t, v, requires_grad=True)
+    teacher = torch.randn(b, t, v)
+    ids = torch.randint(0, v, (b, t))
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, 3:] = 0
+    return student, teacher, ids, mask
+
+
+def test_no_distillation_for_non_positive_advantages_or_all_equal_groups():
+    student, teacher, ids, mask = _batch()
+    # group 1 (rows 0-1) all-equal rewards -> A = 0; group 2 has one negative and one positive rollout
+    adv = torch.tensor([0.0, 0.0, -0.7, 0.7])
+    loss_a, metrics = sdpg_loss_reference(student, teacher, ids, mask, adv, distill_coef=1.0, kl_coef=0.0)
+    (g_a,) = torch.autograd.grad(loss_a, student)
+    teacher_changed = teacher.clone()
+    teacher_changed[:3] = torch.randn(3, 5, 7) * 5  # only non-positive rows' teacher changes
+    loss_b, _ = sdpg_loss_reference(student, teacher_changed, ids, mask, adv, distill_coef=1.0, kl_coef=0.0)
+    (g_b,) = torch.autograd.grad(loss_b, student)
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(g_a, g_b)
+    assert metrics["gate_ratio"] == 0.25
+    # ... while the positive row's teacher does matter
+    teacher_changed[3] = torch.randn(5, 7) * 5
+    loss_c, _ = sdpg_loss_reference(student, teacher_changed, ids, mask, adv, distill_coef=1.0, kl_coef=0.0)
+    assert not torch.allclose(loss_a, loss_c)
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [(0, 0.0), (25, 0.5), (50, 1.0), (100, 300 / 350), (225, 0.5), (399, 1 / 350), (400, 0.0)],
+)
+def test_beta_schedule_paper_windows(step, expected):
+    """The paper's run: T = 400, T_warm = 50, T_decay = 350, so the decay starts exactly at the end of warmup."""
+    assert beta_schedule(step, 400, 1.0, 50, 350) == pytest.approx(expected)
+
+
+def test_beta_schedule_switches_and_overlap():
+    assert beta_schedule(0, 10, 2e-3, 0, 0) == 2e-3  # no warmup, no decay
+    assert beta_schedule(10, 10, 2e-3, 0, 5) == 0.0
+    assert beta_schedule(3, 10, 2e-3, 5, 0) == pytest.approx(2e-3 * 3 / 5)
+    # overlapping windows (T_warm + T_decay > T): the peak stays below beta_base
+    peak = max(beta_schedule(k, 100, 1.0, 80, 80) for k in range(101))
+    assert peak < 1.0
+    assert peak == pytest.approx(max(min(1, k / 80) * min(1, (100 - k) / 80) for k in range(101)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole objective (SPEC 2)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_reference_loss_equals_hand_computation():
+    student, teacher, ids, mask = _batch()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    ref = torch.randn(4, 5) - 2.0
+    loss, metrics = sdpg_loss_reference(
+        student, teacher, ids, mask, adv, distill_coef=0.3, kl_coef=0.05, kl_estimator="urkl", ref_per_token_logps=ref
+    )
+    log_p = student.detach().log_softmax(-1)
+    log_q = teacher.log_softmax(-1)
+    total, n_tokens = 0.0, int(mask.sum())
+    for i in range(4):
+        for t in range(5):
+            if not mask[i, t]:
+                continue
+            a = ids[i, t]
+            lp = log_p[i, t, a].item()
+            kl = sum(log_p[i, t, v].exp().item() * (log_p[i, t, v] - log_q[i, t, v]).item() for v in range(7))
+            gate = 1.0 if adv[i] > 0 else 0.0
+            total += -adv[i].item() * lp + 0.3 * gate * kl + 0.05 * 0.5 * (lp - ref[i, t].item()) ** 2
+    assert loss.item() == pytest.approx(total / n_tokens, rel=1e-6)
+    assert metrics["gate_ratio"] == 0.5
+    assert set(metrics) == {"opd_kl", "gate_ratio", "teacher_minus_student_logp", "anchor", "kl"}
+
+
+def test_reference_off_policy_weights_distillation_and_anchor_by_rho():
+    student, teacher, ids, mask = _batch()
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    logp = student.detach().log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    ref = logp - 0.3
+    on, _ = sdpg_loss_reference(student, teacher, ids, mask, adv, distill_coef=1.0, kl_coef=1.0,
+                                ref_per_token_logps=ref, old_per_token_logps=logp)  # fmt: skip
+    off, _ = sdpg_loss_reference(student, teacher, ids, mask, adv, distill_coef=1.0, kl_coef=1.0,
+                                 ref_per_token_logps=ref, old_per_token_logps=logp - 0.1)  # fmt: skip
+    # rho = e^0.1 is inside the clip range: outcome scales by rho, and so do the distillation and the anchor
+    assert off.item() == pytest.approx(math.exp(0.1) * on.item(), rel=1e-6)

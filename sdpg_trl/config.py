@@ -74,6 +74,12 @@ class SDPGConfig(GRPOConfig):
             Only used when old log-probs differ from the current ones (`num_iterations > 1`, stale batches, vLLM).
         loss_type (`str`, *optional*, defaults to `"dapo"`):
             Must be `"dapo"`: SPEC 2 normalises every term by the number of completion tokens.
+        use_bias_correction_kl (`bool`, *optional*, defaults to `False`):
+            Must stay `False`: GRPO's importance-weighted KL is not one of SPEC 2.4's anchors (`kl_estimator` is).
+            Off-policy, the anchor is weighted by the detached ratio as SPEC 2.4 says.
+
+    GRPO options that add a term SDPG's loss does not carry (`importance_sampling_level="sequence"`,
+    `top_entropy_quantile < 1`, an entropy bonus, `off_policy_mask_threshold`) are refused with an error.
     """
 
     distill_coef: float = field(
@@ -100,6 +106,9 @@ class SDPGConfig(GRPOConfig):
     # Paper defaults for fields GRPOConfig already has.
     beta: float = field(default=1e-3, metadata={"help": "alpha: coefficient of the reference anchor."})
     delta: float | None = field(default=3.0, metadata={"help": "Dual-clip constant c for negative advantages."})
+    use_bias_correction_kl: bool = field(
+        default=False, metadata={"help": "Unsupported (must stay False): the anchor is chosen by kl_estimator."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,6 +135,7 @@ class SDPGConfig(GRPOConfig):
             ("entropy_coef", 0.0),
             ("use_adaptive_entropy", False),
             ("off_policy_mask_threshold", None),
+            ("use_bias_correction_kl", False),
         ):
             if getattr(self, name) != supported:
                 raise ValueError(f"SDPGConfig.{name} must stay {supported!r}: SDPG's loss does not implement it.")

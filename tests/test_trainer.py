@@ -1,0 +1,317 @@
+"""SDPGTrainer against the plain-PyTorch reference and against stock GRPOTrainer, plus real training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_dataset
+from peft import LoraConfig
+from trl import GRPOConfig, GRPOTrainer
+
+from sdpg_trl import SDPGConfig, SDPGTrainer
+from sdpg_trl.losses import beta_schedule, sdpg_loss_reference
+from sdpg_trl.teacher import build_teacher_prompt
+
+TEMPERATURE = 0.8
+
+
+def parity_reward(completions, **kwargs):
+    """A cheap reward with spread inside each group, so advantages (and the gate) are non-trivial."""
+    return [float(len(c[0]["content"]) % 2) for c in completions]
+
+
+def make_args(tmp_path, **overrides) -> SDPGConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+        max_steps=2, logging_steps=1, report_to="none", save_strategy="no", bf16=False, use_cpu=True,
+        temperature=TEMPERATURE, distill_warmup_steps=0, distill_decay_steps=0, distill_coef=0.5, beta=0.1,
+        learning_rate=1e-2, seed=0,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return SDPGConfig(**kwargs)
+
+
+def make_trainer(tmp_path, model, tokenizer, **overrides) -> SDPGTrainer:
+    return SDPGTrainer(
+        model=model, reward_funcs=parity_reward, args=make_args(tmp_path, **overrides),
+        train_dataset=make_dataset(), processing_class=tokenizer,
+    )  # fmt: skip
+
+
+def hand_batch(tokenizer, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A GRPO-style batch: left-padded prompts and teacher prompts, right-padded completions, mixed advantages."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    prompt_ids = torch.randint(6, vocab, (4, 5), generator=g)
+    prompt_mask = torch.ones(4, 5, dtype=torch.long)
+    prompt_mask[0, :2] = 0
+    teacher_prompt_ids = torch.randint(6, vocab, (4, 9), generator=g)
+    teacher_prompt_mask = torch.ones(4, 9, dtype=torch.long)
+    teacher_prompt_mask[1, :3] = 0
+    completion_ids = torch.randint(6, vocab, (4, 7), generator=g)
+    completion_mask = torch.ones(4, 7, dtype=torch.long)
+    completion_mask[2, 4:] = 0
+    completion_mask[3, 6:] = 0
+    for ids, mask in ((prompt_ids, prompt_mask), (teacher_prompt_ids, teacher_prompt_mask),
+                      (completion_ids, completion_mask)):  # fmt: skip
+        ids[mask == 0] = tokenizer.pad_token_id
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "teacher_prompt_ids": teacher_prompt_ids, "teacher_prompt_mask": teacher_prompt_mask,
+        "completion_ids": completion_ids, "completion_mask": completion_mask,
+        "advantages": torch.tensor([0.9, -0.3, 1.2, -1.8]),
+        "num_items_in_batch": completion_mask.sum(),
+        "ref_per_token_logps": -torch.rand(4, 7, generator=g) * 4 - 2,
+    }  # fmt: skip
+
+
+def completion_logits(model, prompt_ids, prompt_mask, batch) -> torch.Tensor:
+    """(B, C, V) temperature-scaled logits predicting the completion tokens, from the model's ordinary forward."""
+    ids = torch.cat([prompt_ids, batch["completion_ids"]], dim=1)
+    mask = torch.cat([prompt_mask, batch["completion_mask"]], dim=1)
+    c = batch["completion_ids"].size(1)
+    return model(input_ids=ids, attention_mask=mask).logits[:, -c - 1 : -1] / TEMPERATURE
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def trainer_loss_and_grads(trainer, batch):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), grads(trainer.model)
+
+
+def reference_loss_and_grads(trainer, batch, model=None):
+    model = model or trainer.model
+    model.zero_grad()
+    student = completion_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch)
+    with torch.no_grad():
+        teacher = completion_logits(model, batch["teacher_prompt_ids"], batch["teacher_prompt_mask"], batch)
+    loss, metrics = sdpg_loss_reference(
+        student, teacher, batch["completion_ids"], batch["completion_mask"], batch["advantages"],
+        distill_coef=trainer.args.distill_coef, kl_coef=trainer.args.beta, kl_estimator=trainer.args.kl_estimator,
+        gate=trainer.args.distill_positive_only, ref_per_token_logps=batch.get("ref_per_token_logps"),
+        old_per_token_logps=batch.get("old_per_token_logps"),
+    )  # fmt: skip
+    loss.backward()
+    return loss.detach(), grads(model), metrics
+
+
+def assert_grads_close(a: dict, b: dict, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The chunked trainer loss equals the plain reference (SPEC 2, SPEC 5)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])  # 5 does not divide the 19 distilled tokens; 64 > all of them
+@pytest.mark.parametrize("estimator", ["urkl", "ufkl"])
+def test_trainer_loss_equals_reference(tmp_path, tokenizer, tiny_model_dir, chunk_size, estimator):
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, distill_chunk_size=chunk_size, kl_estimator=estimator)
+    batch = hand_batch(tokenizer)
+    loss, g_trainer = trainer_loss_and_grads(trainer, batch)
+    ref_loss, g_ref, ref_metrics = reference_loss_and_grads(trainer, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_trainer, g_ref)
+    logged = {k.removeprefix("sdpg/"): v[-1] for k, v in trainer._metrics["train"].items()}
+    for key in ("opd_kl", "gate_ratio", "teacher_minus_student_logp", "anchor", "kl"):
+        assert logged[key] == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-6), key
+    assert logged["distill_coef"] == trainer.args.distill_coef
+    assert ref_metrics["opd_kl"] > 0
+
+
+def test_trainer_loss_equals_reference_off_policy_and_ungated(tmp_path, tokenizer, tiny_model_dir):
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, distill_positive_only=False, distill_chunk_size=3)
+    batch = hand_batch(tokenizer, seed=1)
+    with torch.no_grad():
+        logits = completion_logits(trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch)
+        logps = logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    # Ratios both inside and outside the clip range, for both advantage signs.
+    batch["old_per_token_logps"] = logps + torch.linspace(-0.5, 0.5, logps.numel()).view_as(logps)
+    loss, g_trainer = trainer_loss_and_grads(trainer, batch)
+    ref_loss, g_ref, _ = reference_loss_and_grads(trainer, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_trainer, g_ref)
+
+
+def test_peft_teacher_uses_the_adapter(tmp_path, tokenizer, tiny_model_dir):
+    """With LoRA the teacher is the same adapted model: the loss still equals the reference on the adapted logits."""
+    peft_trainer = SDPGTrainer(
+        model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path, beta=0.0),
+        train_dataset=make_dataset(), processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )  # fmt: skip
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter change the model
+        for name, p in peft_trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = hand_batch(tokenizer)
+    loss, g_trainer = trainer_loss_and_grads(peft_trainer, batch)
+    ref_loss, g_ref, _ = reference_loss_and_grads(peft_trainer, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_trainer, g_ref)
+    with peft_trainer.model.disable_adapter():
+        base_loss, _, _ = reference_loss_and_grads(peft_trainer, batch)
+    assert not torch.allclose(base_loss, ref_loss)  # so the adapter really is part of what was compared
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SPEC 2.4 consequence: beta_base = 0 and ufkl is GRPO with the same KL coefficient and aggregation
+# ---------------------------------------------------------------------------------------------------------------------
+def test_zero_distillation_ufkl_gradient_equals_stock_grpo(tmp_path, tokenizer, tiny_model_dir):
+    sdpg = make_trainer(tmp_path / "sdpg", tiny_model_dir, tokenizer, distill_coef=0.0, kl_estimator="ufkl", beta=0.2)
+    grpo_args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+        report_to="none", bf16=False, use_cpu=True, temperature=TEMPERATURE, beta=0.2, loss_type="dapo",
+        use_bias_correction_kl=False,  # TRL's default multiplies the k3 term by a differentiable ratio
+    )  # fmt: skip
+    grpo = GRPOTrainer(
+        model=tiny_model_dir, reward_funcs=parity_reward, args=grpo_args, train_dataset=make_dataset(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    batch = hand_batch(tokenizer)
+    _, g_sdpg = trainer_loss_and_grads(sdpg, batch)
+    _, g_grpo = trainer_loss_and_grads(grpo, batch)
+    assert_grads_close(g_sdpg, g_grpo)
+    # and the distillation does change the gradient once switched on
+    sdpg.args.distill_coef = 0.5
+    _, g_distilled = trainer_loss_and_grads(sdpg, batch)
+    assert not all(torch.allclose(g_distilled[n], g_grpo[n]) for n in g_grpo)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data path: teacher prompt = student prompt + hint, tokenised with the same chat template
+# ---------------------------------------------------------------------------------------------------------------------
+def test_teacher_inputs_built_from_context_column(tmp_path, tokenizer, tiny_model_dir):
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, teacher_template=" hint : {context}")
+    rows = [row for row in make_dataset(2) for _ in range(4)]
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(rows)
+    for i, row in enumerate(rows):
+        ids = out["teacher_prompt_ids"][i][out["teacher_prompt_mask"][i].bool()].tolist()
+        expected = tokenizer.apply_chat_template(
+            build_teacher_prompt(row["prompt"], row["privileged_context"], " hint : {context}", "c"),
+            add_generation_prompt=True, tokenize=True, return_dict=False,
+        )  # fmt: skip
+        assert ids == list(expected)
+        assert "hint" in tokenizer.decode(ids) and row["privileged_context"].split()[-2] in tokenizer.decode(ids)
+        # left padding, so the completion that follows sits right after the prompt's last token
+        assert out["teacher_prompt_mask"][i, -1] == 1
+
+
+def test_build_teacher_prompt_shapes():
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    teacher = build_teacher_prompt(prompt, "4", "\nhint: {context}", "ctx")
+    assert teacher[0] == prompt[0] and teacher[1]["content"] == "2+2?\nhint: 4"
+    assert prompt[1]["content"] == "2+2?"  # the student's prompt is not mutated
+    assert build_teacher_prompt("2+2?", "4", " [{context}]", "ctx") == "2+2? [4]"
+    with pytest.raises(ValueError, match="'ctx'"):
+        build_teacher_prompt("2+2?", None, "{context}", "ctx")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real training runs
+# ---------------------------------------------------------------------------------------------------------------------
+SDPG_METRICS = ("sdpg/opd_kl", "sdpg/distill_coef", "sdpg/gate_ratio", "sdpg/anchor", "sdpg/teacher_minus_student_logp")
+
+
+def test_train_full_finetuning_updates_weights_and_logs(tmp_path, tokenizer, tiny_model_dir):
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, max_steps=3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert len(changed) == len(before)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for key in (*SDPG_METRICS, "kl", "entropy", "reward"):
+        assert all(key in h for h in logs), key
+    assert any(h["sdpg/opd_kl"] > 0 for h in logs)
+
+
+def test_train_peft_lora_updates_adapter_only(tmp_path, tokenizer, tiny_model_dir):
+    trainer = SDPGTrainer(
+        model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path, max_steps=2),
+        train_dataset=make_dataset(), processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    assert lora and any(not torch.equal(before[n], after[n]) for n in lora)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    assert all(key in trainer.state.log_history[0] for key in SDPG_METRICS)
+
+
+def test_schedule_follows_optimizer_steps_and_survives_resume(tmp_path, tokenizer, tiny_model_dir):
+    overrides = dict(max_steps=4, distill_warmup_steps=2, distill_decay_steps=2, save_strategy="steps", save_steps=2)
+    expected = [beta_schedule(k, 4, 0.5, 2, 2) for k in range(4)]  # 0, 0.25, 0.5, 0.25
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, **overrides)
+    trainer.train()
+    full = [h["sdpg/distill_coef"] for h in trainer.state.log_history if "loss" in h]
+    assert full == pytest.approx(expected)
+
+    resumed = make_trainer(tmp_path, tiny_model_dir, tokenizer, **overrides)
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-2"))
+    tail = [h["sdpg/distill_coef"] for h in resumed.state.log_history if "loss" in h and h["step"] > 2]
+    assert tail == pytest.approx(expected[2:])
+    saved = json.load(open(os.path.join(tmp_path, "checkpoint-2", "trainer_state.json")))
+    assert saved["global_step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input fails early and names what is wrong
+# ---------------------------------------------------------------------------------------------------------------------
+def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_model_dir):
+    with pytest.raises(ValueError, match="'privileged_context'"):
+        SDPGTrainer(
+            model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path),
+            train_dataset=make_dataset().remove_columns("privileged_context"), processing_class=tokenizer,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="'hint'"):
+        make_trainer(tmp_path, tiny_model_dir, tokenizer, context_column="hint")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"teacher_template": "no placeholder"}, "teacher_template"),
+        ({"teacher_template": "{context} and {answer}"}, "teacher_template"),
+        ({"teacher_template": "{context"}, "teacher_template"),
+        ({"kl_estimator": "js"}, "kl_estimator"),
+        ({"distill_coef": -1e-3}, "distill_coef"),
+        ({"beta": -0.1}, "beta"),
+        ({"distill_warmup_steps": -1}, "distill_warmup_steps"),
+        ({"distill_chunk_size": 0}, "distill_chunk_size"),
+        ({"loss_type": "grpo"}, "loss_type"),
+        ({"delta": 0.5}, "delta"),
+        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=rf"SDPGConfig\.{field}"):
+        make_args(tmp_path, **overrides)
+
+
+def test_plain_grpo_config_is_rejected(tmp_path, tokenizer, tiny_model_dir):
+    with pytest.raises(TypeError, match="SDPGConfig"):
+        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True),
+                    train_dataset=make_dataset(), processing_class=tokenizer)  # fmt: skip
+
+
+def test_paper_defaults():
+    args = SDPGConfig(output_dir="unused", bf16=False, use_cpu=True)
+    assert (args.distill_coef, args.beta, args.distill_warmup_steps, args.distill_decay_steps) == (1e-3, 1e-3, 50, 350)
+    assert args.kl_estimator == "urkl" and args.distill_positive_only and args.loss_type == "dapo"
+    assert "{context}" in args.teacher_template

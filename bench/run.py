@@ -1,0 +1,123 @@
+"""Run the whole benchmark, one fresh process per configuration, and write docs/PERFORMANCE.md with a plot.
+
+    python -m bench.run                      # full sweep (about 25 minutes on 2 CPU cores)
+    python -m bench.run --lengths 256 --vocabs 49152 --no-train-step   # a quick look
+    python -m bench.run --report-only        # re-render the doc from bench/results/results.json
+
+Each configuration runs `bench.loss_step` (or `bench.train_step`) in a subprocess, so peak memory is that
+configuration's alone, and under an address-space limit, so an out-of-memory peer fails cleanly instead of waking the
+kernel's OOM killer on a shared machine. Raw results land in bench/results/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.loss_step import METHODS
+from bench.report import write_report
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "results.json"
+#: Timed updates per completion length on CPU: a 4096-token update at 151k vocabulary takes minutes on 2 cores.
+CPU_ITERS = {256: 3, 1024: 3, 4096: 1}
+
+
+def mem_total_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+
+
+def run_child(module: str, args: list[str], mem_limit: int, timeout_s: float) -> dict:
+    """Run `python -m module args` in a fresh process; its last stdout line is a JSON result."""
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+
+    cmd = [sys.executable, "-m", module, *args]
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=limit_memory, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout_s:.0f} s"}
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        oom = "memory" in proc.stderr.lower() or "alloc" in proc.stderr.lower()
+        return {"error": ("out of memory: " if oom else "") + tail[0][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def describe(result: dict) -> str:
+    if "error" in result:
+        return f"FAILED ({result['error']})"
+    if "median_step_s" in result:
+        return f"{result['median_step_s']:.2f} s/step, peak {result['peak_gib']:.2f} GiB"
+    return f"{result['median_s']:.2f} s, peak +{result['peak_delta_gib']:.2f} GiB (abs {result['peak_gib']:.2f})"
+
+
+def loss_step_sweep(args: argparse.Namespace, mem_limit: int) -> list[dict]:
+    """Every method at every (vocabulary, length); methods of one shape run back to back so they see similar load."""
+    configs = [(v, t, m) for v in args.vocabs for t in args.lengths for m in args.methods]
+    results = []
+    for i, (vocab, length, method) in enumerate(configs, 1):
+        iters = args.iters or CPU_ITERS.get(length, 3)
+        print(f"[{i}/{len(configs)}] {method:5s} vocab={vocab} T={length} batch={args.batch} ...", end=" ", flush=True)
+        start = time.perf_counter()
+        child_args = ["--method", method, "--vocab", str(vocab), "--length", str(length)]
+        child_args += ["--batch", str(args.batch), "--iters", str(iters)]
+        result = run_child("bench.loss_step", child_args, mem_limit, args.timeout)
+        result |= {"kind": "loss_step", "method": method, "vocab": vocab, "length": length, "batch_size": args.batch}
+        print(f"{describe(result)}  [{time.perf_counter() - start:.0f} s wall]", flush=True)
+        results.append(result)
+    return results
+
+
+def train_step_runs(args: argparse.Namespace, mem_limit: int) -> list[dict]:
+    """Whole training steps (generation included) on the demo model, GRPO then SDPG."""
+    results = []
+    for method in ("grpo", "sdpg"):
+        print(f"[train step] {method} on the demo model ...", end=" ", flush=True)
+        start = time.perf_counter()
+        result = run_child("bench.train_step", ["--method", method], mem_limit, args.timeout)
+        result |= {"kind": "train_step", "method": method}
+        print(f"{describe(result)}  [{time.perf_counter() - start:.0f} s wall]", flush=True)
+        results.append(result)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[49152, 151936])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--batch", type=int, default=1, help="rows per update (row 0 has positive advantage)")
+    parser.add_argument("--iters", type=int, default=None, help=f"timed updates per config (default {CPU_ITERS})")
+    parser.add_argument("--mem-limit-gib", type=float, default=mem_total_bytes() * 0.8 / 2**30)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--no-train-step", action="store_true", help="skip the whole-step runs on the demo model")
+    parser.add_argument("--report-only", action="store_true", help="re-render the doc from saved results")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
+    args = parser.parse_args()
+
+    if not args.report_only:
+        mem_limit = int(args.mem_limit_gib * 2**30)
+        results = loss_step_sweep(args, mem_limit)
+        if not args.no_train_step:
+            results += train_step_runs(args, mem_limit)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({"results": results, "mem_limit_gib": args.mem_limit_gib}, indent=1))
+    saved = json.loads(RESULTS.read_text())
+    write_report(saved["results"], saved["mem_limit_gib"], args.doc)
+    print(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()

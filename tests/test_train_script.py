@@ -1,0 +1,83 @@
+"""`sdpg-train` end to end on the tiny model: parsing, data, rewards, in-training mean@k, saving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdpg_trl.scripts.train import main
+
+
+def _argv(model_dir: str, output_dir: str, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", model_dir,
+        "--output_dir", output_dir,
+        "--dataset_name", "arithmetic",
+        "--arithmetic_num_train", "8",
+        "--arithmetic_num_eval", "2",
+        "--reward_funcs", "lenient_math_accuracy_reward",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "4",
+        "--num_generations", "4",
+        "--max_completion_length", "6",
+        "--distill_coef", "0.1",
+        "--distill_warmup_steps", "0",
+        "--distill_decay_steps", "0",
+        "--logging_steps", "1",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--use_cpu", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_train_script_runs_sdpg_with_in_training_eval(tiny_model_dir, tmp_path):
+    trainer = main(_argv(tiny_model_dir, str(tmp_path), "--eval_every_steps", "1", "--eval_k", "2",
+                         "--eval_max_new_tokens", "3", "--eval_reward_func", "lenient_math_accuracy_reward"))  # fmt: skip
+
+    history = trainer.state.log_history
+    assert trainer.state.global_step == 2
+    # Evaluations at steps 0 (before training), 1 and 2, each a real accuracy in [0, 1].
+    evals = [entry for entry in history if "eval/accuracy" in entry]
+    assert [entry["step"] for entry in evals] == [0, 1, 2]
+    assert all(0.0 <= entry["eval/accuracy"] <= 1.0 for entry in evals)
+    assert all(entry["eval/completion_length"] <= 3 for entry in evals)
+    # Training metrics stay in their own entries: the eval logging did not swallow them.
+    train_entries = [entry for entry in history if "loss" in entry]
+    assert len(train_entries) == 2
+    assert all("rewards/lenient_math_accuracy_reward/mean" in entry for entry in train_entries)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_train_script_applies_lora_from_model_config(tiny_model_dir, tmp_path):
+    trainer = main(_argv(tiny_model_dir, str(tmp_path), "--max_steps", "1", "--use_peft", "true", "--lora_r", "4",
+                         "--lora_target_modules", "q_proj", "v_proj"))  # fmt: skip
+
+    assert trainer.state.global_step == 1
+    assert (tmp_path / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--reward_funcs", "no_such_reward"), "no_such_reward"),
+        (("--dataset_name", "missing.parquet", "--dataset_source", "aime24"), "missing.parquet"),
+        (("--arithmetic_level", "9"), "level"),
+        (("--eval_reward_func", "nope"), "nope"),
+    ],
+)
+def test_train_script_rejects_bad_input_before_loading_the_model(tmp_path, extra, message):
+    # The model path does not exist: each error must come from the inputs, before any model loading.
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        main(_argv(str(tmp_path / "no-model"), str(tmp_path), *extra))
+
+
+def test_train_script_needs_a_held_out_set_for_in_training_eval(tmp_path):
+    data = tmp_path / "aime.json"
+    data.write_text(json.dumps([{"problem": "What is 1 + 1?", "answer": "2"}]))
+    extra = ("--dataset_name", str(data), "--dataset_source", "aime24", "--eval_every_steps", "1")
+    with pytest.raises(ValueError, match="held-out set"):
+        main(_argv(str(tmp_path / "no-model"), str(tmp_path), *extra))

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
 # ChunkedDivergenceFunction's `beta` that selects the reverse KL(student || teacher).
 _REVERSE_KL = 1.0
+# Vocabulary tile width of TRL's chunked log-prob kernel (the value TRL's own fused LM head uses).
+_VOCAB_TILE = 32768
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +154,28 @@ def chunked_reverse_kl(
     if not chunks:
         return student_hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def sampled_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """`log softmax(hidden @ weight.T + bias)[target]` per token, in vocabulary tiles, without grad (for metrics).
+
+    Args:
+        hidden: `(N, H)`; weight: `(V, H)`; bias: `(V,)` or None; targets: `(N,)` token ids.
+    Returns: `(N,)` float32.
+    """
+    return ChunkedLogProbFunction.apply(
+        hidden, weight, bias, targets, temperature, _VOCAB_TILE, final_logit_softcapping, logit_scale, ()
+    )[0]
 
 
 def sdpg_objective(

@@ -27,6 +27,7 @@ from .losses import (
     k3_kl,
     outcome_per_token,
     positive_advantage_gate,
+    sampled_token_logps,
     sdpg_objective,
 )
 from .teacher import build_teacher_prompt, check_context_column
@@ -116,10 +117,10 @@ class SDPGTrainer(GRPOTrainer):
                 torch.no_grad(),
                 disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
                 self._capture_hidden(model) as teacher_hidden,
+                self.accelerator.autocast(),
             ):
-                teacher_logps, _, _ = self._get_per_token_logps_and_entropies(
-                    model, teacher_ids, teacher_mask, num_completion
-                )
+                # Only the hidden states are needed: keep one logit row instead of projecting every position.
+                model(input_ids=teacher_ids, attention_mask=teacher_mask, use_cache=False, logits_to_keep=1)
 
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
@@ -131,18 +132,23 @@ class SDPGTrainer(GRPOTrainer):
 
         # Full-vocabulary reverse KL on the distilled tokens only; zero elsewhere (the gate would zero it anyway).
         opd = torch.zeros_like(per_token_logps)
+        gap = torch.zeros_like(per_token_logps)  # teacher minus student log-prob of sampled tokens, for the logs
         distilled = torch.zeros_like(mask, dtype=torch.bool)
         if rows.numel() > 0:
             distilled[rows] = mask[rows].bool()
             selected = distilled[rows]
+            where = distilled.nonzero(as_tuple=True)
             weight, bias = self._lm_head_params(model)
+            head = dict(temperature=self.temperature, logit_scale=self._logit_scale,
+                        final_logit_softcapping=self._final_logit_softcapping)  # fmt: skip
+            teacher_selected = self._completion_hidden(teacher_hidden, num_completion)[selected]
             kl = chunked_reverse_kl(
-                self._completion_hidden(student_hidden, num_completion)[rows][selected],
-                self._completion_hidden(teacher_hidden, num_completion)[selected],
-                weight, bias, temperature=self.temperature, chunk_size=self.args.distill_chunk_size,
-                logit_scale=self._logit_scale, final_logit_softcapping=self._final_logit_softcapping,
+                self._completion_hidden(student_hidden, num_completion)[rows][selected], teacher_selected,
+                weight, bias, chunk_size=self.args.distill_chunk_size, **head,
             )  # fmt: skip
-            opd = opd.index_put((distilled.nonzero(as_tuple=True)), kl)
+            opd = opd.index_put(where, kl)
+            teacher_logps = sampled_token_logps(teacher_selected, weight, bias, completion_ids[where], **head)
+            gap = gap.index_put(where, teacher_logps - per_token_logps.detach()[where])
 
         outcome, rho = outcome_per_token(
             per_token_logps, advantages, inputs.get("old_per_token_logps"),
@@ -173,9 +179,6 @@ class SDPGTrainer(GRPOTrainer):
             metrics["sdpg/distill_coef"].append(distill_coef)
             metrics["sdpg/gate_ratio"].append(self.accelerator.gather(gate).mean().item())
             metrics["sdpg/opd_kl"].append(self._global_masked_mean(opd, distilled))
-            gap = torch.zeros_like(per_token_logps)
-            if rows.numel() > 0:
-                gap[rows] = teacher_logps - per_token_logps[rows]
             metrics["sdpg/teacher_minus_student_logp"].append(self._global_masked_mean(gap, distilled))
             if anchor is not None:
                 metrics["sdpg/anchor"].append(self._global_masked_mean(anchor, mask))

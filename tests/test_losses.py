@@ -15,6 +15,7 @@ from sdpg_trl.losses import (
     chunked_reverse_kl,
     full_vocab_reverse_kl,
     outcome_per_token,
+    sampled_token_logps,
     positive_advantage_gate,
     sdpg_loss_reference,
 )
@@ -96,6 +97,16 @@ def test_chunked_kl_matches_explicit_kl_values_and_gradients(chunk_size, tempera
     torch.testing.assert_close(chunked.double(), explicit, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_chunked, g_explicit):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_sampled_token_logps_matches_log_softmax():
+    torch.set_default_dtype(torch.float32)
+    hidden, weight, bias = torch.randn(6, 8), torch.randn(40000, 8), torch.randn(40000)  # more than one vocab tile
+    targets = torch.randint(0, 40000, (6,))
+    got = sampled_token_logps(hidden, weight, bias, targets, temperature=0.7)
+    logits = (hidden.double() @ weight.double().T + bias.double()) / 0.7
+    expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_chunked_kl_on_no_tokens_is_empty():

@@ -131,7 +131,11 @@ def test_trainer_loss_equals_reference(tmp_path, tokenizer, tiny_model_dir, chun
 
 
 def test_trainer_loss_equals_reference_off_policy_and_ungated(tmp_path, tokenizer, tiny_model_dir):
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, distill_positive_only=False, distill_chunk_size=3)
+    """Also under gradient checkpointing, which recomputes the student forward whose hidden states the KL uses."""
+    trainer = make_trainer(
+        tmp_path, tiny_model_dir, tokenizer, distill_positive_only=False, distill_chunk_size=3,
+        gradient_checkpointing=True,
+    )  # fmt: skip
     batch = hand_batch(tokenizer, seed=1)
     with torch.no_grad():
         logits = completion_logits(trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch)

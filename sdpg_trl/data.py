@@ -19,10 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-COLUMNS = ("prompt", "privileged_context", "answer", "reference_solution")
+FEATURES = Features(
+    {
+        "prompt": List({"role": Value("string"), "content": Value("string")}),
+        "privileged_context": Value("string"),
+        "answer": Value("string"),
+        "reference_solution": Value("string"),
+    }
+)
+COLUMNS = tuple(FEATURES)
 ARITHMETIC = "arithmetic"  # name of the built-in generator wherever a data set is chosen by name
 
 
@@ -134,13 +142,13 @@ def arithmetic_dataset(num_train: int = 512, num_test: int = 64, level: int = 1,
         )
     rows = [make_row(q, str(a), s) for q, (a, s) in problems.items()]
     return DatasetDict(
-        train=Dataset.from_list(rows[:num_train]) if num_train else _empty(),
-        test=Dataset.from_list(rows[num_train:]) if num_test else _empty(),
+        train=_to_dataset(rows[:num_train]), test=_to_dataset(rows[num_train : num_train + num_test])
     )
 
 
-def _empty() -> Dataset:
-    return Dataset.from_dict({column: [] for column in COLUMNS})
+def _to_dataset(rows: list[dict]) -> Dataset:
+    # Column-wise, because `Dataset.from_list` cannot build an empty split with the schema's features.
+    return Dataset.from_dict({column: [row[column] for row in rows] for column in COLUMNS}, features=FEATURES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +261,8 @@ def load_math_dataset(
         solution = example[solution_column] if solution_column else ""
         return make_row(question, _answer_text(answer), solution or "")
 
-    return raw.map(to_row, remove_columns=raw.column_names)
+    # Explicit features: otherwise `answer` would keep the source's type (AMC23's float) instead of text.
+    return raw.map(to_row, remove_columns=raw.column_names, features=FEATURES)
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sized
 from typing import Any
 
+from datasets import Dataset
+
 
 def build_teacher_prompt(prompt: str | list[dict[str, Any]], context: Any, template: str, column: str) -> Any:
     """Student prompt + `template.format(context=context)`.
@@ -54,3 +56,9 @@ def check_context_column(dataset: Any, column: str, name: str) -> None:
             f"{name} has no privileged-context column {column!r} (SDPGConfig.context_column); "
             f"its columns are {list(columns)}."
         )
+    if isinstance(dataset, Dataset):  # map-style: cheap to check every value now rather than mid-training
+        for index, context in enumerate(dataset[column]):
+            if not isinstance(context, str) or not context.strip():
+                raise ValueError(
+                    f"{name} row {index} has no privileged context in column {column!r}: {context!r}."
+                )

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from conftest import make_dataset
+from datasets import Dataset
 from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
@@ -284,6 +285,13 @@ def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_
         )  # fmt: skip
     with pytest.raises(ValueError, match="'hint'"):
         make_trainer(tmp_path, tiny_model_dir, tokenizer, context_column="hint")
+    rows = make_dataset().to_list()
+    rows[2]["privileged_context"] = " "
+    with pytest.raises(ValueError, match="row 2 has no privileged context in column 'privileged_context'"):
+        SDPGTrainer(
+            model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path),
+            train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(

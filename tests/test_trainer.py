@@ -83,7 +83,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 def trainer_loss_and_grads(trainer, batch):
     trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
@@ -174,10 +174,14 @@ def test_peft_teacher_uses_the_adapter(tmp_path, tokenizer, tiny_model_dir):
 # SPEC 2.4 consequence: beta_base = 0 and ufkl is GRPO with the same KL coefficient and aggregation
 # ---------------------------------------------------------------------------------------------------------------------
 def test_zero_distillation_ufkl_gradient_equals_stock_grpo(tmp_path, tokenizer, tiny_model_dir):
-    sdpg = make_trainer(tmp_path / "sdpg", tiny_model_dir, tokenizer, distill_coef=0.0, kl_estimator="ufkl", beta=0.2)
+    # Accumulation and generation windows that differ, so that DAPO's normaliser is exercised too.
+    windows = dict(gradient_accumulation_steps=2, steps_per_generation=4)
+    sdpg = make_trainer(
+        tmp_path / "sdpg", tiny_model_dir, tokenizer, distill_coef=0.0, kl_estimator="ufkl", beta=0.2, **windows
+    )
     grpo_args = GRPOConfig(
         output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-        report_to="none", bf16=False, use_cpu=True, temperature=TEMPERATURE, beta=0.2, loss_type="dapo",
+        report_to="none", bf16=False, use_cpu=True, temperature=TEMPERATURE, beta=0.2, loss_type="dapo", **windows,
         use_bias_correction_kl=False,  # TRL's default multiplies the k3 term by a differentiable ratio
     )  # fmt: skip
     grpo = GRPOTrainer(

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from sdpg_trl.models import CACHE_ENV, cache_dir, smollm2_checkpoint
+from sdpg_trl.models import CACHE_ENV
 from sdpg_trl.scripts.demo import CURVES, main
 
 
@@ -18,22 +18,6 @@ def cached_tiny_smollm2(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     shutil.copytree(tiny_model_dir, tmp_path / "cache" / "smollm2-135m-instruct")
     return tmp_path / "cache" / "smollm2-135m-instruct"
-
-
-def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
-    assert cache_dir() == tmp_path / "mine"
-    monkeypatch.delenv(CACHE_ENV)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "sdpg_trl"
-
-
-def test_a_converted_checkpoint_is_reused(cached_tiny_smollm2, monkeypatch):
-    def convert(*args):
-        raise AssertionError("the cached checkpoint should have been reused")
-
-    monkeypatch.setattr("sdpg_trl.models.convert_gguf", convert)
-    assert smollm2_checkpoint() == cached_tiny_smollm2
 
 
 def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, capsys):

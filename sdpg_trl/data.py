@@ -241,9 +241,9 @@ def load_math_dataset(
         where = str(Path(name_or_path).expanduser())
         raw = load_dataset(builder, data_files=where, split="train")
     else:
-        hub_id = spec.hub_id if name_or_path in SOURCES else name_or_path
-        where = hub_id
-        raw = load_dataset(hub_id, spec.config, split=split or spec.split)
+        where = spec.hub_id if name_or_path in SOURCES else name_or_path
+        config = spec.config if where == spec.hub_id else None  # another repo's configs are its own
+        raw = load_dataset(where, config, split=split or spec.split)
     # A source's worked solutions are optional (a local copy may lack them); a column the caller named is not.
     if not explicit_solution and solution_column not in raw.column_names:
         solution_column = None

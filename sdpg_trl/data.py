@@ -117,7 +117,7 @@ LEVELS: tuple[Callable[[random.Random], tuple[str, int, str]], ...] = (
 )
 
 
-def arithmetic_dataset(num_train: int = 512, num_test: int = 64, level: int = 1, seed: int = 0) -> DatasetDict:
+def arithmetic_dataset(num_train: int = 256, num_test: int = 64, level: int = 1, seed: int = 0) -> DatasetDict:
     """Seeded arithmetic/word problems with exact answers and one-line worked solutions, as `train` and `test`.
 
     No question appears in both splits (the held-out split really is held out), so `num_train + num_test` must not
@@ -137,7 +137,7 @@ def arithmetic_dataset(num_train: int = 512, num_test: int = 64, level: int = 1,
             break
     if len(problems) < num_train + num_test:
         raise ValueError(
-            f"level {level} produced only {len(problems)} distinct problems; ask for fewer than "
+            f"level {level} has only {len(problems)} distinct problems, fewer than "
             f"num_train + num_test = {num_train + num_test}."
         )
     rows = [make_row(q, str(a), s) for q, (a, s) in problems.items()]
@@ -292,7 +292,7 @@ class DataArguments:
         default=None, metadata={"help": "Column layout of eval_dataset_name.", "choices": sorted(SOURCES)}
     )
     arithmetic_level: int = field(default=1, metadata={"help": f"Generator difficulty, 1 to {len(LEVELS)}."})
-    arithmetic_num_train: int = field(default=512, metadata={"help": "Generated training problems."})
+    arithmetic_num_train: int = field(default=256, metadata={"help": "Generated training problems."})
     arithmetic_num_eval: int = field(default=64, metadata={"help": "Generated held-out problems."})
     arithmetic_seed: int = field(default=0, metadata={"help": "Seed of the generator."})
 

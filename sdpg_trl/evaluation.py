@@ -11,6 +11,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from trl.models.utils import unwrap_model_for_generation
 
 from .rewards import get_reward_funcs, math_accuracy_reward
 
@@ -120,42 +121,44 @@ def evaluate_mean_at_k(
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    problems = []
     # fork_rng: seeding here must not change the sampling of a training run this evaluation interrupts.
     devices = [model.device] if model.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), state.split_between_processes(list(range(len(dataset)))) as mine:
+        # Padding gives every process the same number of problems, hence of `generate` calls: sharded models
+        # (ZeRO-3, FSDP) need all processes in each forward. The repeated problem is dropped after the gather.
+        indices = list(range(len(dataset)))
+        with torch.random.fork_rng(devices=devices), state.split_between_processes(indices, apply_padding=True) as mine:
             torch.manual_seed(seed + state.process_index)
-            jobs = [(index, sample) for index in mine for sample in range(k)]
-            texts: dict[int, list[str]] = {index: [] for index in mine}
-            lengths: dict[int, list[int]] = {index: [] for index in mine}
+            jobs = [slot for slot in range(len(mine)) for _ in range(k)]  # a slot is one of this process's problems
+            texts: list[list[str]] = [[] for _ in mine]
+            lengths: list[list[int]] = [[] for _ in mine]
             bar = tqdm(total=len(jobs), desc="mean@k eval", unit="sample", disable=not progress or not state.is_main_process)
             for start in range(0, len(jobs), batch_size):
                 batch = jobs[start : start + batch_size]
                 prompts = [
-                    tokenizer.apply_chat_template(dataset[index]["prompt"], add_generation_prompt=True, tokenize=False)
-                    for index, _ in batch
+                    tokenizer.apply_chat_template(dataset[mine[slot]]["prompt"], add_generation_prompt=True, tokenize=False)
+                    for slot in batch
                 ]
                 # The chat template already holds the special tokens; adding them again would double the BOS.
                 inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-                output = model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **sampling
-                )
-                completion_ids = output[:, inputs["input_ids"].shape[1] :]
-                for (index, _), ids in zip(batch, completion_ids, strict=True):
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **sampling)
+                for slot, ids in zip(batch, output[:, inputs["input_ids"].shape[1] :], strict=True):
                     # Count tokens up to and including the first EOS: what a trainer would count as the response.
                     eos = (ids == tokenizer.eos_token_id).nonzero()
                     length = int(eos[0]) + 1 if len(eos) else len(ids)
-                    texts[index].append(tokenizer.decode(ids[:length], skip_special_tokens=True))
-                    lengths[index].append(length)
+                    texts[slot].append(tokenizer.decode(ids[:length], skip_special_tokens=True))
+                    lengths[slot].append(length)
                 bar.update(len(batch))
             bar.close()
-            scored = [_score(index, dataset[index], texts[index], lengths[index], reward_func) for index in mine]
+            scored = [
+                _score(index, dataset[index], texts[slot], lengths[slot], reward_func) for slot, index in enumerate(mine)
+            ]
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    problems = gather_object(scored) if state.num_processes > 1 else scored
-    return _summary(problems, k, temperature, max_new_tokens)
+    if state.num_processes > 1:
+        scored = list({problem["index"]: problem for problem in reversed(gather_object(scored))}.values())
+    return _summary(scored, k, temperature, max_new_tokens)
 
 
 def evaluate_mean_at_k_vllm(
@@ -213,8 +216,16 @@ class MeanAtKCallback(TrainerCallback):
         self.results: list[dict] = []  # (step, report without completions), for callers that want more than logs
 
     def _evaluate(self) -> None:
-        trainer = self.trainer
-        report = evaluate_mean_at_k(trainer.model, trainer.processing_class, self.dataset, **self.eval_kwargs)
+        trainer, args = self.trainer, self.trainer.args
+        # As GRPOTrainer does for its rollouts: gathers ZeRO-3 shards, and turns gradient checkpointing (which
+        # disables the KV cache) off while generating.
+        with unwrap_model_for_generation(
+            trainer.model_wrapped,
+            trainer.accelerator,
+            gather_deepspeed3_params=args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        ) as model:
+            report = evaluate_mean_at_k(model, trainer.processing_class, self.dataset, **self.eval_kwargs)
         self.results.append({"step": trainer.state.global_step, **{k: v for k, v in report.items() if k != "problems"}})
         # Transformers' own Trainer.log, not GRPOTrainer.log: the latter flushes the buffered training metrics into
         # whatever it logs, which would move them from the next training log entry into this one. Trainer.log also

@@ -123,6 +123,12 @@ def test_bad_files_fail_naming_the_column_and_the_file(tmp_path):
         load_math_dataset("someone/unknown-set")
 
 
+def test_default_data_arguments_fit_every_level():
+    for level in range(1, len(LEVELS) + 1):
+        args = DataArguments(arithmetic_level=level)
+        assert (len(train_dataset(args)), len(held_out_dataset(args))) == (256, 64)
+
+
 def test_data_arguments_pick_train_and_held_out_sets(tmp_path):
     args = DataArguments(arithmetic_num_train=30, arithmetic_num_eval=6, arithmetic_seed=1)
     assert len(train_dataset(args)) == 30 and len(held_out_dataset(args)) == 6

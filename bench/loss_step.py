@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--vocab", type=int, required=True)
     parser.add_argument("--length", type=int, required=True, help="completion tokens per row")
-    parser.add_argument("--batch", type=int, default=1, help="rows; advantages alternate +1, -1 from row 0")
+    parser.add_argument("--batch", type=int, default=2, help="rows; advantages alternate +1, -1 from row 0")
     parser.add_argument("--iters", type=int, default=3, help="timed updates (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help=f"untimed {WARMUP_LEN}-token updates first")
     args = parser.parse_args()

@@ -93,12 +93,25 @@ def train_step_runs(args: argparse.Namespace, mem_limit: int) -> list[dict]:
     return results
 
 
+def result_key(result: dict) -> tuple:
+    return result["kind"], result["method"], result.get("vocab"), result.get("length")
+
+
+def save_results(new: list[dict], mem_limit_gib: float) -> None:
+    """Merge `new` into the saved results, replacing runs of the same configuration, so partial re-runs
+    (`--no-train-step`, one length, one method) update the report instead of erasing the rest of it."""
+    saved = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else []
+    merged = {result_key(r): r for r in saved} | {result_key(r): r for r in new}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"results": list(merged.values()), "mem_limit_gib": mem_limit_gib}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[49152, 151936])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--batch", type=int, default=1, help="rows per update (row 0 has positive advantage)")
+    parser.add_argument("--batch", type=int, default=2, help="rows per update; advantages alternate +1, -1")
     parser.add_argument("--iters", type=int, default=None, help=f"timed updates per config (default {CPU_ITERS})")
     parser.add_argument("--mem-limit-gib", type=float, default=mem_total_bytes() * 0.8 / 2**30)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
@@ -112,8 +125,7 @@ def main() -> None:
         results = loss_step_sweep(args, mem_limit)
         if not args.no_train_step:
             results += train_step_runs(args, mem_limit)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"results": results, "mem_limit_gib": args.mem_limit_gib}, indent=1))
+        save_results(results, args.mem_limit_gib)
     saved = json.loads(RESULTS.read_text())
     write_report(saved["results"], saved["mem_limit_gib"], args.doc)
     print(f"wrote {args.doc}")

@@ -65,6 +65,9 @@ def build_trainer(method: str, output_dir: str, steps: int, batch: int, completi
         loss_type="dapo",
         beta=KL_COEF,
         temperature=1.0,
+        # TRL defaults to gradient checkpointing, which also turns the KV cache off during generation; a 135M model
+        # needs neither, and cached generation keeps the (unchanged) sampling from swamping the update's cost.
+        gradient_checkpointing=False,
         bf16=False,
         fp16=False,
         logging_steps=1,

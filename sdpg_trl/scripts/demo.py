@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: the demo only writes files
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..models import smollm2_checkpoint  # noqa: E402
 from .train import make_parser, train  # noqa: E402
@@ -66,6 +67,7 @@ def plot_curves(log_history: list[dict], output_dir: Path) -> list[Path]:
                 ax.plot(steps, values, marker="o", label=label)
         if ax.lines:
             ax.set(title=title, xlabel="optimiser step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()

@@ -20,14 +20,14 @@ from sdpg_trl.losses import (
     sdpg_loss_reference,
 )
 
-torch.set_default_dtype(torch.float64)
-
-
 @pytest.fixture(autouse=True)
-def _seed():
+def _float64_and_seed():
+    """Exact-arithmetic tests run in fp64; the default is restored so other test modules keep fp32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     yield
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

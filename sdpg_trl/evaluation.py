@@ -213,7 +213,6 @@ class MeanAtKCallback(TrainerCallback):
             raise ValueError(f"eval_every must be >= 1 step, got {eval_every}.")
         self.trainer, self.dataset, self.eval_every = trainer, dataset, eval_every
         self.eval_on_start, self.eval_kwargs = eval_on_start, eval_kwargs
-        self.results: list[dict] = []  # (step, report without completions), for callers that want more than logs
 
     def _evaluate(self) -> None:
         trainer, args = self.trainer, self.trainer.args
@@ -226,7 +225,6 @@ class MeanAtKCallback(TrainerCallback):
             gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
         ) as model:
             report = evaluate_mean_at_k(model, trainer.processing_class, self.dataset, **self.eval_kwargs)
-        self.results.append({"step": trainer.state.global_step, **{k: v for k, v in report.items() if k != "problems"}})
         # Transformers' own Trainer.log, not GRPOTrainer.log: the latter flushes the buffered training metrics into
         # whatever it logs, which would move them from the next training log entry into this one. Trainer.log also
         # clears `should_log`, which would cancel this step's training log entry, hence the restore.

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from test_multiprocess import free_port
 
 from sdpg_trl.scripts.train import main
 
@@ -81,3 +86,23 @@ def test_train_script_needs_a_held_out_set_for_in_training_eval(tmp_path):
     extra = ("--dataset_name", str(data), "--dataset_source", "aime24", "--eval_every_steps", "1")
     with pytest.raises(ValueError, match="held-out set"):
         main(_argv(str(tmp_path / "no-model"), str(tmp_path), *extra))
+
+
+def test_accelerate_launch_runs_the_module_with_a_recipe(tiny_model_dir, tmp_path):
+    """The documented `accelerate launch ... -m sdpg_trl.scripts.train --config recipes/...` path, on 2 CPU processes
+    (DDP over gloo), with the mean@k evaluation split over both processes."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo_cpu.yaml"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    overrides = _argv(tiny_model_dir, str(tmp_path), "--eval_every_steps", "1", "--eval_k", "1",
+                      "--eval_max_new_tokens", "3", "--arithmetic_num_eval", "3")  # fmt: skip
+    cmd = [*launch, "-m", "sdpg_trl.scripts.train", "--config", str(recipe), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # Main-process log lines: evaluations at steps 0, 1 and 2, then the training summary; the model is saved.
+    assert result.stdout.count("'eval/accuracy'") == 3, result.stdout[-2000:]
+    assert "train_runtime" in result.stdout
+    assert (tmp_path / "model.safetensors").is_file()

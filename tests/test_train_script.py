@@ -37,12 +37,17 @@ def _argv(model_dir: str, output_dir: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_train_script_runs_sdpg_with_in_training_eval(tiny_model_dir, tmp_path):
-    trainer = main(_argv(tiny_model_dir, str(tmp_path), "--eval_every_steps", "1", "--eval_k", "2",
-                         "--eval_max_new_tokens", "3", "--eval_reward_func", "lenient_math_accuracy_reward"))  # fmt: skip
+def _state(output_dir) -> dict:
+    return json.loads((output_dir / "trainer_state.json").read_text())
 
-    history = trainer.state.log_history
-    assert trainer.state.global_step == 2
+
+def test_train_script_runs_sdpg_with_in_training_eval(tiny_model_dir, tmp_path):
+    assert main(_argv(tiny_model_dir, str(tmp_path), "--eval_every_steps", "1", "--eval_k", "2",
+                      "--eval_max_new_tokens", "3", "--eval_reward_func", "lenient_math_accuracy_reward")) is None  # fmt: skip
+
+    state = _state(tmp_path)
+    history = state["log_history"]
+    assert state["global_step"] == 2
     # Evaluations at steps 0 (before training), 1 and 2, each a real accuracy in [0, 1].
     evals = [entry for entry in history if "eval/accuracy" in entry]
     assert [entry["step"] for entry in evals] == [0, 1, 2]
@@ -57,10 +62,10 @@ def test_train_script_runs_sdpg_with_in_training_eval(tiny_model_dir, tmp_path):
 
 
 def test_train_script_applies_lora_from_model_config(tiny_model_dir, tmp_path):
-    trainer = main(_argv(tiny_model_dir, str(tmp_path), "--max_steps", "1", "--use_peft", "true", "--lora_r", "4",
-                         "--lora_target_modules", "q_proj", "v_proj"))  # fmt: skip
+    main(_argv(tiny_model_dir, str(tmp_path), "--max_steps", "1", "--use_peft", "true", "--lora_r", "4",
+               "--lora_target_modules", "q_proj", "v_proj"))  # fmt: skip
 
-    assert trainer.state.global_step == 1
+    assert _state(tmp_path)["global_step"] == 1
     assert (tmp_path / "adapter_config.json").is_file()
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
 

@@ -79,11 +79,11 @@ def run(args: EvaluateArguments) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Console entry point `sdpg-evaluate`; `argv` defaults to the command line."""
-    parser = TrlParser(EvaluateArguments)
-    (args,) = parser.parse_args_and_config(args=argv)
-    return run(args)
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point `sdpg-evaluate`; `argv` defaults to the command line. Use `run` to get the report back."""
+    # Returns None: console scripts pass the return value to sys.exit, which treats an object as a failure.
+    (args,) = TrlParser(EvaluateArguments).parse_args_and_config(args=argv)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -92,16 +92,17 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
         )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history, for drawing curves after the run
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
 
 
-def main(argv: list[str] | None = None) -> SDPGTrainer:
-    """Console entry point `sdpg-train`; `argv` defaults to the command line."""
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    return train(script_args, training_args, model_args)
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point `sdpg-train`; `argv` defaults to the command line. Use `train` to get the trainer back."""
+    # Returns None: console scripts pass the return value to sys.exit, which treats an object as a failure.
+    train(*make_parser().parse_args_and_config(args=argv))
 
 
 if __name__ == "__main__":

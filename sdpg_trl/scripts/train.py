@@ -102,7 +102,8 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
 def main(argv: list[str] | None = None) -> None:
     """Console entry point `sdpg-train`; `argv` defaults to the command line. Use `train` to get the trainer back."""
     # Returns None: console scripts pass the return value to sys.exit, which treats an object as a failure.
-    train(*make_parser().parse_args_and_config(args=argv))
+    trainer = train(*make_parser().parse_args_and_config(args=argv))
+    trainer.end()  # finish the trackers and tear down the process group, as TRL's scripts do
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def loss_step_sweep(args: argparse.Namespace, mem_limit: int) -> list[dict]:
         child_args = ["--method", method, "--vocab", str(vocab), "--length", str(length)]
         child_args += ["--batch", str(args.batch), "--iters", str(iters)]
         result = run_child("bench.loss_step", child_args, mem_limit, args.timeout)
-        result |= {"kind": "loss_step", "method": method, "vocab": vocab, "length": length, "batch_size": args.batch}
+        result |= {"kind": "loss_step", "vocab": vocab, "length": length, "batch_size": args.batch}
+        result["method"] = args.save_as or method
         print(f"{describe(result)}  [{time.perf_counter() - start:.0f} s wall]", flush=True)
         results.append(result)
     return results
@@ -83,11 +84,11 @@ def loss_step_sweep(args: argparse.Namespace, mem_limit: int) -> list[dict]:
 def train_step_runs(args: argparse.Namespace, mem_limit: int) -> list[dict]:
     """Whole training steps (generation included) on the demo model, GRPO then SDPG."""
     results = []
-    for method in ("grpo", "sdpg"):
+    for method in ("sdpg",) if args.save_as else ("grpo", "sdpg"):
         print(f"[train step] {method} on the demo model ...", end=" ", flush=True)
         start = time.perf_counter()
         result = run_child("bench.train_step", ["--method", method], mem_limit, args.timeout)
-        result |= {"kind": "train_step", "method": method}
+        result |= {"kind": "train_step", "method": args.save_as or method}
         print(f"{describe(result)}  [{time.perf_counter() - start:.0f} s wall]", flush=True)
         results.append(result)
     return results
@@ -116,6 +117,9 @@ def main() -> None:
     parser.add_argument("--mem-limit-gib", type=float, default=mem_total_bytes() * 0.8 / 2**30)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--no-train-step", action="store_true", help="skip the whole-step runs on the demo model")
+    parser.add_argument(
+        "--save-as", choices=("sdpg_patch",), help="record the loss-step runs under this name (e.g. with the patch applied)"
+    )
     parser.add_argument("--report-only", action="store_true", help="re-render the doc from saved results")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
     args = parser.parse_args()

@@ -95,9 +95,9 @@ def build_trainer(method: str, output_dir: str, steps: int, batch: int, completi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=("grpo", "sdpg"), required=True)
-    parser.add_argument("--steps", type=int, default=4, help="optimiser steps; the first is warmup")
+    parser.add_argument("--steps", type=int, default=3, help="optimiser steps; the first is warmup")
     parser.add_argument("--batch", type=int, default=4, help="rollouts per step (one group)")
-    parser.add_argument("--completion-len", type=int, default=128)
+    parser.add_argument("--completion-len", type=int, default=64)
     args = parser.parse_args()
 
     timer = StepTimer()

@@ -1,8 +1,10 @@
 """Run the whole benchmark, one fresh process per configuration, and write docs/PERFORMANCE.md with a plot.
 
-    python -m bench.run                      # full sweep (about 25 minutes on 2 CPU cores)
+    python -m bench.run                      # full sweep (about an hour on 2 shared CPU cores)
     python -m bench.run --lengths 256 --vocabs 49152 --no-train-step   # a quick look
+    python -m bench.run --no-loss-step       # only the whole training steps on the demo model
     python -m bench.run --report-only        # re-render the doc from bench/results/results.json
+    git apply bench/proposed.patch && python -m bench.run --methods sdpg --save-as sdpg_patch   # the patch's rows
 
 Each configuration runs `bench.loss_step` (or `bench.train_step`) in a subprocess, so peak memory is that
 configuration's alone, and under an address-space limit, so an out-of-memory peer fails cleanly instead of waking the
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--mem-limit-gib", type=float, default=mem_total_bytes() * 0.8 / 2**30)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--no-train-step", action="store_true", help="skip the whole-step runs on the demo model")
+    parser.add_argument("--no-loss-step", action="store_true", help="only the whole-step runs on the demo model")
     parser.add_argument(
         "--save-as", choices=("sdpg_patch",), help="record the loss-step runs under this name (e.g. with the patch applied)"
     )
@@ -126,7 +129,7 @@ def main() -> None:
 
     if not args.report_only:
         mem_limit = int(args.mem_limit_gib * 2**30)
-        results = loss_step_sweep(args, mem_limit)
+        results = [] if args.no_loss_step else loss_step_sweep(args, mem_limit)
         if not args.no_train_step:
             results += train_step_runs(args, mem_limit)
         save_results(results, args.mem_limit_gib)

@@ -46,8 +46,8 @@ class SDPGConfig(GRPOConfig):
             The gate `m_i = 1[A_i > 0]`: distil only rollouts the verifier endorses within their group. `False`
             distils every rollout (the OPCD-style ablation).
         distill_chunk_size (`int`, *optional*, defaults to `1024`):
-            Completion tokens per call of the chunked hidden-state x LM-head divergence. Bounds the transient memory
-            of the KL to about `2 * distill_chunk_size * 32768` fp32 values, whatever the vocabulary size.
+            Distilled tokens per call of the fused log-prob + full-vocabulary KL pass over the LM head. Its transient
+            memory is a few `distill_chunk_size x 8192` fp32 vocabulary tiles, whatever the vocabulary size.
 
         > SDPG: privileged context (SPEC 1)
 

@@ -7,13 +7,17 @@ Shapes: `B` rollouts, `T` completion positions, `V` vocabulary, `H` hidden size,
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from trl.kernels import ChunkedLogProbFunction
-from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-# ChunkedDivergenceFunction's `beta` that selects the reverse KL(student || teacher).
-_REVERSE_KL = 1.0
+# TRL's tile helpers (trl is pinned): fp32 projections and gradient GEMMs from bf16/fp16 inputs, and ZeRO-3 gathering.
+from trl.kernels.chunked_divergence import _compute_dtype, _project
+from trl.kernels.chunked_logprob import _addmm_fp32
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
 # Vocabulary tile width of TRL's chunked log-prob kernel (the value TRL's own fused LM head uses).
 _VOCAB_TILE = 32768
 
@@ -109,55 +113,7 @@ def full_vocab_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Te
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def chunked_reverse_kl(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    logit_scale: float = 1.0,
-    final_logit_softcapping: float | None = None,
-) -> torch.Tensor:
-    """SPEC 2.2 and 5: the same per-token KL as `full_vocab_reverse_kl`, from final hidden states.
-
-    Neither view's `(N, V)` logits exist: TRL's `ChunkedDivergenceFunction` projects `[tokens, 32768]` vocabulary
-    tiles through the LM head and recomputes them in backward; calling it on `chunk_size` tokens at a time bounds its
-    buffers to `2 * chunk_size * 32768` floats. The gradient is path-wise through the student only.
-
-    Args:
-        student_hidden: `(N, H)` student final hidden states, with grad.
-        teacher_hidden: `(N, H)` teacher final hidden states at the same completion positions.
-        weight: `(V, H)` LM-head weight (shared by both views: same model).
-        bias: `(V,)` LM-head bias or None.
-    Returns: `(N,)` float32 per-token `KL(p || SG[q])`.
-    """
-    teacher_hidden = teacher_hidden.detach()
-    chunks = [
-        ChunkedDivergenceFunction.apply(
-            student_hidden[start : start + chunk_size],
-            weight,
-            bias,
-            teacher_hidden[start : start + chunk_size],
-            weight.detach(),
-            None if bias is None else bias.detach(),
-            _REVERSE_KL,
-            temperature,
-            logit_scale,
-            final_logit_softcapping,
-            logit_scale,
-            final_logit_softcapping,
-        )[0]
-        for start in range(0, student_hidden.shape[0], chunk_size)
-    ]
-    if not chunks:
-        return student_hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def sampled_token_logps(
+def chunked_logps_and_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -166,16 +122,169 @@ def sampled_token_logps(
     temperature: float = 1.0,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
-) -> torch.Tensor:
-    """`log softmax(hidden @ weight.T + bias)[target]` per token, in vocabulary tiles, without grad (for metrics).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target (with grad) and entropy (without), in vocabulary tiles: TRL's fused-head kernel on
+    exactly the given tokens (its fused head projects every position of the sequence on devices without Triton).
 
     Args:
         hidden: `(N, H)`; weight: `(V, H)`; bias: `(V,)` or None; targets: `(N,)` token ids.
-    Returns: `(N,)` float32.
+    Returns: `(N,)` float32 log-probs and `(N,)` float32 entropies.
     """
-    return ChunkedLogProbFunction.apply(
-        hidden, weight, bias, targets, temperature, _VOCAB_TILE, final_logit_softcapping, logit_scale, ()
-    )[0]
+    with maybe_gather_lm_head_ctx(weight, bias):
+        outputs = ChunkedLogProbFunction.apply(
+            hidden, weight, bias, targets, temperature, _VOCAB_TILE, final_logit_softcapping, logit_scale, ("entropy",)
+        )
+    return outputs[0], outputs[1]
+
+
+# Why not `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`: it gives the same per-token KL, but next to
+# TRL's log-prob kernel it projects the student a second time; one shared pass is ~30% less head work
+# (`python -m bench.head_kernels`). Its tile helpers are reused above.
+class _FusedPolicyDistillation(torch.autograd.Function):
+    """One pass over vocabulary tiles giving, per distilled token, everything SDPG needs from the LM head.
+
+    Forward: the student's sampled-token log-prob and entropy (what TRL's fused head gives GRPO), the teacher's
+    sampled-token log-prob (a metric), and the full-vocabulary reverse KL(p || SG[q]) (SPEC 2.2), from online softmax
+    statistics. Backward recomputes both tiles once and applies
+    `dL/dz = g_logp * (onehot(y) - p) + g_kl * p * (log p - log q - KL)` to the student only.
+
+    Shapes: hidden `(N, H)`, weight `(V, H)`, bias `(V,)` or None, labels `(N,)` -> four `(N,)` fp32 tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, teacher_hidden, weight, bias, labels, transform, vocab_chunk):
+        dtype = _compute_dtype(student_hidden)
+        n, vocab = student_hidden.shape[0], weight.shape[0]
+        f32 = {"device": student_hidden.device, "dtype": torch.float32}
+        s_max, t_max = torch.full((n,), -math.inf, **f32), torch.full((n,), -math.inf, **f32)
+        s_sum, s_x_sum, s_gap, t_sum, s_label, t_label = (torch.zeros(n, **f32) for _ in range(6))
+        h_s, h_t = student_hidden.to(dtype), teacher_hidden.to(dtype)
+        with maybe_gather_lm_head_ctx(weight, bias):
+            for start in range(0, vocab, vocab_chunk):
+                end = min(start + vocab_chunk, vocab)
+                s, _ = _logit_tile(h_s, weight, bias, start, end, transform, dtype)
+                t, _ = _logit_tile(h_t, weight, bias, start, end, transform, dtype)
+                rows, cols = _labels_in_tile(labels, start, end)
+                s_label[rows], t_label[rows] = s[rows, cols], t[rows, cols]
+                # Online softmax: rescale the running sums whenever a tile raises the running max.
+                new_s_max, new_t_max = torch.maximum(s_max, s.amax(-1)), torch.maximum(t_max, t.amax(-1))
+                s_rescale, t_rescale = torch.exp(s_max - new_s_max), torch.exp(t_max - new_t_max)
+                e_s = torch.exp(s - new_s_max.unsqueeze(1))
+                s_sum = s_sum * s_rescale + e_s.sum(-1)
+                s_x_sum = s_x_sum * s_rescale + (e_s * s).sum(-1)
+                s_gap = s_gap * s_rescale + (e_s * (s - t)).sum(-1)
+                t_sum = t_sum * t_rescale + torch.exp(t - new_t_max.unsqueeze(1)).sum(-1)
+                s_max, t_max = new_s_max, new_t_max
+        s_lse, t_lse = s_max + s_sum.log(), t_max + t_sum.log()
+        kl = s_gap / s_sum - s_lse + t_lse
+        entropy, teacher_logps = s_lse - s_x_sum / s_sum, t_label - t_lse
+        ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, labels, s_lse, t_lse, kl)
+        ctx.transform, ctx.vocab_chunk, ctx.dtype = transform, vocab_chunk, dtype
+        ctx.mark_non_differentiable(entropy, teacher_logps)
+        return s_label - s_lse, entropy, kl, teacher_logps
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy, grad_kl, _grad_teacher_logps):
+        student_hidden, teacher_hidden, weight, bias, labels, s_lse, t_lse, kl = ctx.saved_tensors
+        dtype = ctx.dtype
+        grad_logps = torch.zeros_like(kl) if grad_logps is None else grad_logps.float()
+        grad_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.float()
+        need_weight = ctx.needs_input_grad[2]
+        need_bias = bias is not None and ctx.needs_input_grad[3]
+        h_s, h_t = student_hidden.to(dtype), teacher_hidden.to(dtype)
+        f32 = {"device": weight.device, "dtype": torch.float32}  # gradients accumulate in fp32, as in TRL's kernels
+        grad_hidden = torch.zeros(student_hidden.shape, **f32)
+        grad_weight = torch.zeros(weight.shape, **f32) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], **f32) if need_bias else None
+        with maybe_gather_lm_head_ctx(weight, bias):
+            for start in range(0, weight.shape[0], ctx.vocab_chunk):
+                end = min(start + ctx.vocab_chunk, weight.shape[0])
+                s, dz_draw = _logit_tile(h_s, weight, bias, start, end, ctx.transform, dtype)
+                t, _ = _logit_tile(h_t, weight, bias, start, end, ctx.transform, dtype)
+                log_p, log_q = s - s_lse.unsqueeze(1), t - t_lse.unsqueeze(1)
+                p = log_p.exp()
+                grad_z = p * (grad_kl.unsqueeze(1) * (log_p - log_q - kl.unsqueeze(1)) - grad_logps.unsqueeze(1))
+                rows, cols = _labels_in_tile(labels, start, end)
+                grad_z[rows, cols] += grad_logps[rows]
+                grad_raw = grad_z * dz_draw
+                grad_tile = grad_raw.to(dtype)
+                _addmm_fp32(grad_hidden, grad_tile, weight[start:end].to(dtype))
+                if need_weight:
+                    _addmm_fp32(grad_weight[start:end], grad_tile.t(), h_s)
+                if need_bias:
+                    grad_bias[start:end] += grad_raw.sum(0)
+        return (
+            grad_hidden.to(student_hidden.dtype),
+            None,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _logit_tile(hidden, weight, bias, start, end, transform, dtype):
+    """fp32 logits `(N, end - start)` of one vocabulary tile after scale, softcap and temperature, and their
+    derivative with respect to the raw projection (a scalar, or a tile when softcapping)."""
+    scale, softcap, inv_temperature = transform
+    z = torch.empty((hidden.shape[0], end - start), device=hidden.device, dtype=torch.float32)
+    _project(z, hidden, weight, bias, start, end, dtype)  # TRL's: fp32 output even from bf16 inputs
+    z = z * scale
+    if softcap is None:
+        return z * inv_temperature, scale * inv_temperature
+    capped = torch.tanh(z / softcap)
+    return softcap * capped * inv_temperature, (1 - capped.square()) * scale * inv_temperature
+
+
+def _labels_in_tile(labels, start, end):
+    """(rows, columns within the tile) of the labels that fall in vocabulary tile [start, end)."""
+    rows = ((labels >= start) & (labels < end)).nonzero().squeeze(1)
+    return rows, labels[rows] - start
+
+
+def fused_policy_distillation(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    vocab_chunk_size: int = 8192,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC 2.1, 2.2 and 5 for the distilled tokens in one LM-head pass: student log-prob of the sampled token
+    and entropy, reverse KL(p || SG[q]), and the teacher's log-prob of the sampled token (no grad).
+
+    Sharing the student's vocabulary projection between the outcome term and the KL is the point: the LM head runs
+    twice per view (forward, recompute in backward) instead of TRL's fused head plus a separate divergence pass.
+    Transient memory is a few `chunk_size x vocab_chunk_size` fp32 tiles.
+
+    Args:
+        student_hidden: `(N, H)` student final hidden states, with grad. teacher_hidden: `(N, H)`, detached here.
+        weight: `(V, H)` LM-head weight shared by both views. bias: `(V,)` or None. labels: `(N,)` sampled tokens.
+    Returns: `(logps, entropy, kl, teacher_logps)`, each `(N,)` fp32; only `logps` and `kl` carry gradients.
+    """
+    transform = (logit_scale, final_logit_softcapping, 1.0 / temperature)
+    outputs = [
+        _FusedPolicyDistillation.apply(
+            student_hidden[start : start + chunk_size],
+            teacher_hidden[start : start + chunk_size].detach(),
+            weight,
+            bias,
+            labels[start : start + chunk_size],
+            transform,
+            vocab_chunk_size,
+        )
+        for start in range(0, student_hidden.shape[0], chunk_size)
+    ]
+    if not outputs:
+        empty = student_hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty, empty
+    return tuple(torch.cat(parts) for parts in zip(*outputs))
 
 
 def sdpg_objective(

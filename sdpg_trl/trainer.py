@@ -23,11 +23,11 @@ from .config import SDPGConfig
 from .losses import (
     anchor_per_token,
     beta_schedule,
-    chunked_reverse_kl,
+    chunked_logps_and_entropy,
+    fused_policy_distillation,
     k3_kl,
     outcome_per_token,
     positive_advantage_gate,
-    sampled_token_logps,
     sdpg_objective,
 )
 from .teacher import build_teacher_prompt, check_context_column
@@ -122,33 +122,43 @@ class SDPGTrainer(GRPOTrainer):
                 # Only the hidden states are needed: keep one logit row instead of projecting every position.
                 model(input_ids=teacher_ids, attention_mask=teacher_mask, use_cache=False, logits_to_keep=1)
 
+        # Student: one forward for its hidden states (one logit row, like the teacher). The LM head then runs once
+        # per token: TRL's chunked log-prob kernel on the tokens that are not distilled, and on the distilled ones
+        # the fused pass that takes the log-prob, the entropy and the KL from one projection of each view.
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        with self._capture_hidden(model) as student_hidden:
-            per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, num_completion,
-                compute_entropy=True, compute_aux_loss=self.aux_loss_enabled,
-            )  # fmt: skip
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        with self._capture_hidden(model) as student_hidden, self.accelerator.autocast():
+            outputs = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **router
+            )
+        aux_loss = outputs.aux_loss if self.aux_loss_enabled else None
+        hidden = self._completion_hidden(student_hidden, num_completion)
+        weight, bias = self._lm_head_params(model)
+        head = dict(temperature=self.temperature, logit_scale=self._logit_scale,
+                    final_logit_softcapping=self._final_logit_softcapping)  # fmt: skip
 
-        # Full-vocabulary reverse KL on the distilled tokens only; zero elsewhere (the gate would zero it anyway).
-        opd = torch.zeros_like(per_token_logps)
-        gap = torch.zeros_like(per_token_logps)  # teacher minus student log-prob of sampled tokens, for the logs
         distilled = torch.zeros_like(mask, dtype=torch.bool)
-        if rows.numel() > 0:
-            distilled[rows] = mask[rows].bool()
-            selected = distilled[rows]
-            where = distilled.nonzero(as_tuple=True)
-            weight, bias = self._lm_head_params(model)
-            head = dict(temperature=self.temperature, logit_scale=self._logit_scale,
-                        final_logit_softcapping=self._final_logit_softcapping)  # fmt: skip
-            teacher_selected = self._completion_hidden(teacher_hidden, num_completion)[selected]
-            kl = chunked_reverse_kl(
-                self._completion_hidden(student_hidden, num_completion)[rows][selected], teacher_selected,
-                weight, bias, chunk_size=self.args.distill_chunk_size, **head,
+        distilled[rows] = mask[rows].bool()
+        # Zeros attached to the graph, so a batch with no valid token still backpropagates (as TRL's fused head does).
+        per_token_logps = hidden[..., 0].float() * 0.0
+        entropies, opd, gap = (torch.zeros_like(per_token_logps, requires_grad=False) for _ in range(3))
+        scored = mask.bool() & ~distilled
+        if scored.any():
+            where = scored.nonzero(as_tuple=True)
+            logps, entropy = chunked_logps_and_entropy(hidden[where], weight, bias, completion_ids[where], **head)
+            per_token_logps = per_token_logps.index_put(where, logps)
+            entropies = entropies.index_put(where, entropy)
+        if distilled.any():
+            where = distilled.nonzero(as_tuple=True)  # row-major, so it lines up with the teacher rows `rows`
+            logps, entropy, kl, teacher_logps = fused_policy_distillation(
+                hidden[where], self._completion_hidden(teacher_hidden, num_completion)[distilled[rows]],
+                weight, bias, completion_ids[where], chunk_size=self.args.distill_chunk_size, **head,
             )  # fmt: skip
+            per_token_logps = per_token_logps.index_put(where, logps)
+            entropies = entropies.index_put(where, entropy)
             opd = opd.index_put(where, kl)
-            teacher_logps = sampled_token_logps(teacher_selected, weight, bias, completion_ids[where], **head)
-            gap = gap.index_put(where, teacher_logps - per_token_logps.detach()[where])
+            gap = gap.index_put(where, teacher_logps - logps.detach())
 
         outcome, rho = outcome_per_token(
             per_token_logps, advantages, inputs.get("old_per_token_logps"),

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from sdpg_trl.losses import (
     anchor_per_token,
     beta_schedule,
-    chunked_reverse_kl,
+    chunked_logps_and_entropy,
     full_vocab_reverse_kl,
+    fused_policy_distillation,
     outcome_per_token,
-    sampled_token_logps,
     positive_advantage_gate,
     sdpg_loss_reference,
 )
@@ -76,42 +76,72 @@ def test_proposition_3_1_surrogate_gradient_and_zero_mean_advantage():
     assert grad_kl.abs().max() > 1e-3  # non-trivial case
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 5, 64])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_kl_matches_explicit_kl_values_and_gradients(chunk_size, temperature):
+def _explicit_head(hidden, weight, bias, temperature, logit_scale, softcap):
+    """fp64 temperature-scaled logits `(N, V)` of an LM head with optional scale and softcap, written out."""
+    z = (hidden.double() @ weight.double().T + bias.double()) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "vocab_chunk", "temperature", "logit_scale", "softcap"),
+    [(1, 7, 1.0, 1.0, None), (4, 16, 0.7, 1.0, None), (64, 64, 1.0, 0.5, 5.0), (3, 50, 0.8, 1.0, 2.0)],
+)
+def test_fused_pass_matches_explicit_head_values_and_gradients(chunk_size, vocab_chunk, temperature, logit_scale,
+                                                               softcap):  # fmt: skip
+    """SPEC 2.1 + 2.2 from hidden states in tiles (token chunks and vocabulary tiles that do and do not divide the
+    sizes) against the same quantities from explicit full fp64 logits: values and gradients."""
     torch.set_default_dtype(torch.float32)  # the kernel accumulates in fp32
     n, hidden, vocab = 10, 8, 50
     weight = torch.randn(vocab, hidden, requires_grad=True)
     bias = torch.randn(vocab, requires_grad=True)
     h_s = torch.randn(n, hidden, requires_grad=True)
-    h_t = torch.randn(n, hidden)
+    h_t = torch.randn(n, hidden, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,))
+    head = dict(temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=softcap)
+    logps, entropy, kl, teacher_logps = fused_policy_distillation(
+        h_s, h_t, weight, bias, labels, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk, **head
+    )
+    c_logp, c_kl = torch.linspace(-1.0, 1.0, n), torch.arange(1.0, n + 1)  # arbitrary upstream gradients
+    g_fused = torch.autograd.grad((c_logp * logps + c_kl * kl).sum(), (h_s, weight, bias))
 
-    chunked = chunked_reverse_kl(h_s, h_t, weight, bias, temperature=temperature, chunk_size=chunk_size)
-    g_chunked = torch.autograd.grad((chunked * torch.arange(1.0, n + 1)).sum(), (h_s, weight, bias))
+    z_s = _explicit_head(h_s, weight, bias, temperature, logit_scale, softcap)
+    z_t = _explicit_head(h_t.detach(), weight.detach(), bias.detach(), temperature, logit_scale, softcap)
+    log_p, log_q = z_s.log_softmax(-1), z_t.log_softmax(-1)
+    e_logps = log_p.gather(-1, labels[:, None]).squeeze(-1)
+    e_kl = full_vocab_reverse_kl(z_s, z_t)
+    g_explicit = torch.autograd.grad((c_logp * e_logps + c_kl * e_kl).sum(), (h_s, weight, bias))
 
-    # The explicit computation runs in fp64, so the comparison measures the kernel's fp32 error only.
-    w64, b64, hs64 = weight.double(), bias.double(), h_s.double()
-    explicit = full_vocab_reverse_kl((hs64 @ w64.T + b64) / temperature, (h_t.double() @ w64.T + b64) / temperature)
-    g_explicit = torch.autograd.grad((explicit * torch.arange(1.0, n + 1)).sum(), (h_s, weight, bias))
-
-    torch.testing.assert_close(chunked.double(), explicit, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_chunked, g_explicit):
+    torch.testing.assert_close(logps.double(), e_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kl.double(), e_kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(-1).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher_logps.double(), log_q.gather(-1, labels[:, None]).squeeze(-1), rtol=1e-5,
+                               atol=1e-4)  # fmt: skip
+    for a, b in zip(g_fused, g_explicit):  # fp32 gradients of fp32 leaves; the explicit ones went through fp64
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    assert h_t.grad is None and kl.min() > 0
 
 
-def test_sampled_token_logps_matches_log_softmax():
+def test_fused_pass_on_no_tokens_is_empty():
+    outputs = fused_policy_distillation(torch.zeros(0, 4), torch.zeros(0, 4), torch.randn(6, 4), None,
+                                        torch.zeros(0, dtype=torch.long))  # fmt: skip
+    assert [o.shape for o in outputs] == [(0,)] * 4
+
+
+def test_chunked_logps_and_entropy_matches_log_softmax():
     torch.set_default_dtype(torch.float32)
-    hidden, weight, bias = torch.randn(6, 8), torch.randn(40000, 8), torch.randn(40000)  # more than one vocab tile
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight, bias = torch.randn(40000, 8), torch.randn(40000)  # more than one of TRL's 32768-wide tiles
     targets = torch.randint(0, 40000, (6,))
-    got = sampled_token_logps(hidden, weight, bias, targets, temperature=0.7)
+    logps, entropy = chunked_logps_and_entropy(hidden, weight, bias, targets, temperature=0.7)
     logits = (hidden.double() @ weight.double().T + bias.double()) / 0.7
-    expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
-
-
-def test_chunked_kl_on_no_tokens_is_empty():
-    out = chunked_reverse_kl(torch.zeros(0, 4), torch.zeros(0, 4), torch.randn(6, 4))
-    assert out.shape == (0,)
+    log_p = logits.log_softmax(-1)
+    torch.testing.assert_close(logps.double(), log_p.gather(-1, targets[:, None]).squeeze(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(-1).detach(), rtol=1e-5, atol=1e-4)
+    (grad,) = torch.autograd.grad(logps.sum(), hidden)
+    (expected,) = torch.autograd.grad(log_p.gather(-1, targets[:, None]).sum(), hidden)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

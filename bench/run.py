@@ -89,7 +89,8 @@ def train_step_runs(args: argparse.Namespace, mem_limit: int) -> list[dict]:
     for method in ("sdpg",) if args.save_as else ("grpo", "sdpg"):
         print(f"[train step] {method} on the demo model ...", end=" ", flush=True)
         start = time.perf_counter()
-        result = run_child("bench.train_step", ["--method", method], mem_limit, args.timeout)
+        step_args = ["--method", method, "--steps", str(args.train_steps)]
+        result = run_child("bench.train_step", step_args, mem_limit, args.timeout)
         result |= {"kind": "train_step", "method": args.save_as or method}
         print(f"{describe(result)}  [{time.perf_counter() - start:.0f} s wall]", flush=True)
         results.append(result)
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--no-train-step", action="store_true", help="skip the whole-step runs on the demo model")
     parser.add_argument("--no-loss-step", action="store_true", help="only the whole-step runs on the demo model")
+    parser.add_argument("--train-steps", type=int, default=6, help="whole steps per method; the first is warmup")
     parser.add_argument(
         "--save-as", choices=("sdpg_patch",), help="record the loss-step runs under this name (e.g. with the patch applied)"
     )

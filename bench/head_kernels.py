@@ -1,8 +1,8 @@
 """Cost of each LM-head kernel an update uses, in isolation: where SDPG's extra time goes.
 
 Times forward + backward (process CPU and wall seconds, best of 2 after a warmup) for N tokens, hidden 256:
-one plain projection (the unit), TRL's chunked log-prob kernel (GRPO's fused head), TRL's chunked divergence (the
-committed SDPG's KL), and, when `bench/proposed.patch` is applied, SDPG's fused log-prob + KL pass.
+one plain projection (the unit), TRL's chunked log-prob kernel (GRPO's fused head), TRL's chunked divergence (SDPG's
+KL before 90a969b), and SDPG's fused log-prob + KL pass (`sdpg_trl.losses.fused_policy_distillation`, since 90a969b).
 
 Usage: python -m bench.head_kernels [--tokens 1024 --vocab 49152]
 """
@@ -17,7 +17,7 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
 from bench.harness import device, timed
-from sdpg_trl import losses
+from sdpg_trl.losses import fused_policy_distillation
 
 HIDDEN = 256
 
@@ -46,20 +46,16 @@ def kernels(tokens: int, vocab: int, dev: torch.device) -> dict[str, Callable[[]
         out = ChunkedDivergenceFunction.apply(student, weight, None, teacher, weight.detach(), None, 1.0)
         out[0].sum().backward()
 
-    found = {
+    def fused_pass():
+        logps, _, kl, _ = fused_policy_distillation(student, teacher, weight, None, targets)
+        (logps.sum() + kl.sum()).backward()
+
+    return {
         "projection (unit)": projection,
         "TRL log-prob + entropy (GRPO head)": trl_logprob,
-        "TRL divergence (committed SDPG KL)": trl_divergence,
+        "TRL divergence (SDPG's KL before 90a969b)": trl_divergence,
+        "SDPG fused log-prob + KL (90a969b)": fused_pass,
     }
-    fused = getattr(losses, "fused_policy_distillation", None)  # present once bench/proposed.patch is applied
-    if fused is not None:
-
-        def fused_pass():
-            logps, _, kl, _ = fused(student, teacher, weight, None, targets)
-            (logps.sum() + kl.sum()).backward()
-
-        found["fused log-prob + KL (proposed.patch)"] = fused_pass
-    return found
 
 
 def main() -> None:
@@ -71,7 +67,7 @@ def main() -> None:
     print(f"{args.tokens} tokens, vocab {args.vocab}, hidden {HIDDEN}, {dev}; forward + backward")
     for name, fn in kernels(args.tokens, args.vocab, dev).items():
         wall, cpu = best_of(fn, dev)
-        print(f"  {name:40s} CPU {cpu:6.2f} s   wall {wall:6.2f} s", flush=True)
+        print(f"  {name:44s} CPU {cpu:6.2f} s   wall {wall:6.2f} s", flush=True)
 
 
 if __name__ == "__main__":

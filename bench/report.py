@@ -16,7 +16,7 @@ import trl
 LABELS = {
     "grpo": "TRL GRPOTrainer",
     "sdpg": "SDPGTrainer (chunked)",
-    "sdpg_patch": "SDPGTrainer + bench/proposed.patch",
+    "sdpg_patch": "SDPGTrainer, one head pass (proposed patch)",
     "naive": "naive SDPG (full logits)",
     "sdpo": "TRL SDPOTrainer full_logits",
 }
@@ -40,6 +40,12 @@ def machine() -> str:
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"trl {trl.__version__}"
     )
+
+
+def label(result: dict) -> str:
+    """Method name, with the commit of sdpg_trl it measured for SDPG rows (the trainer changes between runs)."""
+    name = LABELS[result["method"]]
+    return f"{name} @ {result['commit']}" if result["method"].startswith("sdpg") and result.get("commit") else name
 
 
 def by_key(results: list[dict]) -> dict[tuple, dict]:
@@ -66,12 +72,12 @@ def loss_step_table(results: list[dict], mem_limit_gib: float) -> list[str]:
         base = table.get((vocab, length, "grpo"), {})
         if "error" in r:
             lines.append(
-                f"| {vocab} | {length} | {LABELS[method]} | failed: {r['error'][:80]} | | | "
+                f"| {vocab} | {length} | {label(r)} | failed: {r['error'][:80]} | | | "
                 f"> {mem_limit_gib:.1f} limit | | | |"
             )
             continue
         lines.append(
-            f"| {vocab} | {length} | {LABELS[method]} | {r['median_s']:.2f} "
+            f"| {vocab} | {length} | {label(r)} | {r['median_s']:.2f} "
             f"| {fmt_ratio(ratio(r['median_s'], base.get('median_s')))} "
             f"| {fmt_ratio(ratio(r['median_cpu_s'], base.get('median_cpu_s')))} "
             f"| {r['peak_delta_gib']:.2f} | {fmt_ratio(ratio(r['peak_delta_gib'], base.get('peak_delta_gib')))} "
@@ -92,11 +98,11 @@ def train_step_table(results: list[dict]) -> list[str]:
     ]
     for method, r in steps.items():
         if "error" in r:
-            lines.append(f"| {LABELS[method]} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {label(r)} | failed: {r['error'][:80]} | | | | | |")
             continue
         times = ", ".join(f"{t:.1f}" for t in r["step_times_s"])
         lines.append(
-            f"| {LABELS[method]} | {r['median_step_s']:.2f} "
+            f"| {label(r)} | {r['median_step_s']:.2f} "
             f"| {fmt_ratio(ratio(r['median_step_s'], base.get('median_step_s')))} "
             f"| {fmt_ratio(ratio(r['median_step_cpu_s'], base.get('median_step_cpu_s')))} | {times} "
             f"| {r['mean_completion_len']:.1f} | {r['peak_delta_gib']:.2f} |"
@@ -120,12 +126,12 @@ def targets_table(results: list[dict], mem_limit_gib: float) -> list[str]:
         t_cpu = ratio(r["median_cpu_s"], base["median_cpu_s"])
         mem = ratio(r["peak_delta_gib"], base["peak_delta_gib"])
         lines.append(
-            f"| {LABELS[method]}: update time <= {TIME_TARGET}x GRPO, V={vocab}, T={length} "
+            f"| {label(r)}: update time <= {TIME_TARGET}x GRPO, V={vocab}, T={length} "
             f"| wall {t_wall:.2f}x, CPU {t_cpu:.2f}x "
             f"| {verdict(max(t_wall, t_cpu) <= TIME_TARGET)} |"
         )
         lines.append(
-            f"| {LABELS[method]}: peak memory <= {MEMORY_TARGET}x GRPO, V={vocab}, T={length} | {mem:.2f}x "
+            f"| {label(r)}: peak memory <= {MEMORY_TARGET}x GRPO, V={vocab}, T={length} | {mem:.2f}x "
             f"| {verdict(mem <= MEMORY_TARGET)} |"
         )
     vocab, length = max(k[0] for k in table), max(k[1] for k in table)
@@ -151,7 +157,7 @@ def targets_table(results: list[dict], mem_limit_gib: float) -> list[str]:
             wall = ratio(steps[method]["median_step_s"], steps["grpo"]["median_step_s"])
             cpu = ratio(steps[method]["median_step_cpu_s"], steps["grpo"]["median_step_cpu_s"])
             lines.append(
-                f"| {LABELS[method]}: whole step with generation <= {STEP_TARGET}x GRPO (demo) "
+                f"| {label(steps[method])}: whole step with generation <= {STEP_TARGET}x GRPO (demo) "
                 f"| wall {wall:.2f}x, CPU {cpu:.2f}x | {verdict(max(wall, cpu) <= STEP_TARGET)} |"
             )
     return lines
@@ -173,12 +179,12 @@ def plot(results: list[dict], path: Path) -> None:
             if not points:
                 continue
             lengths = [p[0] for p in points]
-            label = f"{LABELS[method]}, V={vocab // 1000}k"
+            name = f"{label(points[0][1])}, V={vocab // 1000}k"
             ax_t.plot(
-                lengths, [ratio(p[1]["median_cpu_s"], p[2].get("median_cpu_s")) for p in points], style, label=label
+                lengths, [ratio(p[1]["median_cpu_s"], p[2].get("median_cpu_s")) for p in points], style, label=name
             )
             ax_m.plot(
-                lengths, [ratio(p[1]["peak_delta_gib"], p[2].get("peak_delta_gib")) for p in points], style, label=label
+                lengths, [ratio(p[1]["peak_delta_gib"], p[2].get("peak_delta_gib")) for p in points], style, label=name
             )
     for ax, target, title in ((ax_t, TIME_TARGET, "update CPU time / GRPO"), (ax_m, MEMORY_TARGET, "peak memory / GRPO")):
         ax.axhline(1.0, color="grey", lw=0.8)

@@ -4,7 +4,7 @@
     python -m bench.run --lengths 256 --vocabs 49152 --no-train-step   # a quick look
     python -m bench.run --no-loss-step       # only the whole training steps on the demo model
     python -m bench.run --report-only        # re-render the doc from bench/results/results.json
-    git apply bench/proposed.patch && python -m bench.run --methods sdpg --save-as sdpg_patch   # the patch's rows
+    python -m bench.run --methods sdpg --save-as sdpg_patch   # a modified trainer's rows, next to the committed ones
 
 Each configuration runs `bench.loss_step` (or `bench.train_step`) in a subprocess, so peak memory is that
 configuration's alone, and under an address-space limit, so an out-of-memory peer fails cleanly instead of waking the
@@ -57,6 +57,13 @@ def run_child(module: str, args: list[str], mem_limit: int, timeout_s: float) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def git_commit() -> str | None:
+    """Short commit of the checkout, recorded with each result: the trainer it measured."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "sdpg_trl"], cwd=REPO).returncode != 0
+    return (proc.stdout.strip() + ("+local" if dirty else "")) if proc.returncode == 0 else None
+
+
 def describe(result: dict) -> str:
     if "error" in result:
         return f"FAILED ({result['error']})"
@@ -78,6 +85,7 @@ def loss_step_sweep(args: argparse.Namespace, mem_limit: int) -> list[dict]:
         result = run_child("bench.loss_step", child_args, mem_limit, args.timeout)
         result |= {"kind": "loss_step", "vocab": vocab, "length": length, "batch_size": args.batch}
         result["method"] = args.save_as or method
+        result["commit"] = git_commit()
         print(f"{describe(result)}  [{time.perf_counter() - start:.0f} s wall]", flush=True)
         results.append(result)
     return results
@@ -91,7 +99,7 @@ def train_step_runs(args: argparse.Namespace, mem_limit: int) -> list[dict]:
         start = time.perf_counter()
         step_args = ["--method", method, "--steps", str(args.train_steps)]
         result = run_child("bench.train_step", step_args, mem_limit, args.timeout)
-        result |= {"kind": "train_step", "method": args.save_as or method}
+        result |= {"kind": "train_step", "method": args.save_as or method, "commit": git_commit()}
         print(f"{describe(result)}  [{time.perf_counter() - start:.0f} s wall]", flush=True)
         results.append(result)
     return results

@@ -35,10 +35,13 @@ def make_args(tmp_path, **overrides) -> SDPGConfig:
     return SDPGConfig(**kwargs)
 
 
-def make_trainer(tmp_path, model, tokenizer, **overrides) -> SDPGTrainer:
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def make_trainer(tmp_path, model, tokenizer, peft_config=None, **overrides) -> SDPGTrainer:
     return SDPGTrainer(
         model=model, reward_funcs=parity_reward, args=make_args(tmp_path, **overrides),
-        train_dataset=make_dataset(), processing_class=tokenizer,
+        train_dataset=make_dataset(), processing_class=tokenizer, peft_config=peft_config,
     )  # fmt: skip
 
 
@@ -151,11 +154,7 @@ def test_trainer_loss_equals_reference_off_policy_and_ungated(tmp_path, tokenize
 
 def test_peft_teacher_uses_the_adapter(tmp_path, tokenizer, tiny_model_dir):
     """With LoRA the teacher is the same adapted model: the loss still equals the reference on the adapted logits."""
-    peft_trainer = SDPGTrainer(
-        model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path, beta=0.0),
-        train_dataset=make_dataset(), processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )  # fmt: skip
+    peft_trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, peft_config=LORA, beta=0.0)
     with torch.no_grad():  # LoRA B starts at zero; make the adapter change the model
         for name, p in peft_trainer.model.named_parameters():
             if "lora_B" in name:
@@ -248,11 +247,7 @@ def test_train_full_finetuning_updates_weights_and_logs(tmp_path, tokenizer, tin
 
 
 def test_train_peft_lora_updates_adapter_only(tmp_path, tokenizer, tiny_model_dir):
-    trainer = SDPGTrainer(
-        model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path, max_steps=2),
-        train_dataset=make_dataset(), processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )  # fmt: skip
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, peft_config=LORA, max_steps=2)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     after = dict(trainer.model.named_parameters())

@@ -32,7 +32,7 @@ from .losses import (
 )
 from .teacher import build_teacher_prompt, check_context_column
 
-# LM-head output transforms TRL's fused head knows but the divergence needs passed explicitly; SDPG reads the two
+# LM-head output transforms TRL's fused head knows but SDPG's head kernels need passed explicitly; SDPG reads the two
 # common ones and refuses the rest rather than distil from wrongly scaled logits.
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
 
@@ -231,8 +231,8 @@ class SDPGTrainer(GRPOTrainer):
     def _capture_hidden(self, model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
         """Collect the backbone's last hidden state during a forward through the (wrapped) model.
 
-        The forward must go through `model` itself so that DDP/DeepSpeed/FSDP see it; a hook on the backbone lets
-        the one student forward feed both TRL's fused log-prob head and the KL, with no second forward.
+        The forward must go through `model` itself so that DDP/DeepSpeed/FSDP see it; a hook on the backbone hands
+        its hidden states to the LM-head kernels, which give log-probs and the KL without a second forward.
         """
         captured: list[torch.Tensor] = []
         backbone = self._causal_lm(model).base_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -276,6 +277,18 @@ def test_schedule_follows_optimizer_steps_and_survives_resume(tmp_path, tokenize
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input fails early and names what is wrong
 # ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_without_hardware_support_warns(tmp_path, tokenizer, tiny_model_dir, monkeypatch, caplog, native):
+    monkeypatch.setattr("sdpg_trl.trainer.cpu_has_native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="sdpg_trl.trainer"):
+        make_trainer(tmp_path, tiny_model_dir, tokenizer, bf16=True)
+    assert ("SDPGConfig.bf16" in caplog.text) is not native
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdpg_trl.trainer"):
+        make_trainer(tmp_path, tiny_model_dir, tokenizer, bf16=False)
+    assert "SDPGConfig.bf16" not in caplog.text
+
+
 def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_model_dir):
     with pytest.raises(ValueError, match="'privileged_context'"):
         SDPGTrainer(

@@ -65,6 +65,13 @@ def test_paper_recipes_follow_spec_4():
     assert lora_model.use_peft and lora_model.lora_r == 16 and lora.bf16
 
 
+def test_demo_recipe_trains_in_float32_and_evaluates_the_final_model():
+    script, demo, _ = _parse(RECIPES / "demo_cpu.yaml", "--model_name_or_path", "local/model")
+    # GRPOConfig defaults to bf16, which a CPU without native bf16 emulates: 283 s per demo step instead of 25 s.
+    assert demo.bf16 is False and demo.use_cpu and not demo.gradient_checkpointing
+    assert script.eval_every_steps and demo.max_steps % script.eval_every_steps == 0
+
+
 def test_unknown_recipe_keys_are_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((RECIPES / "demo_cpu.yaml").read_text() + "\ndistil_coef: 0.1\n")  # typo of distill_coef

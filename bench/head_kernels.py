@@ -47,7 +47,7 @@ def kernels(tokens: int, vocab: int, dev: torch.device) -> dict[str, Callable[[]
         out[0].sum().backward()
 
     def fused_pass():
-        logps, _, kl, _ = fused_policy_distillation(student, teacher, weight, None, targets)
+        logps, _, kl, _, _ = fused_policy_distillation(student, teacher, weight, None, targets)
         (logps.sum() + kl.sum()).backward()
 
     return {

@@ -2,18 +2,50 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import string
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import GRPOConfig
 
 KL_ESTIMATORS = ("k3", "urkl", "ufkl", "rkl", "fkl")
+TEACHER_MODEL_KINDS = ("live", "base", "ema")  # TRL SDPOTrainer's names
 
 DEFAULT_TEACHER_TEMPLATE = (
     "\n\n---\nPrivileged hint (for you only): {context}\n\n"
     "Work the problem out yourself with rigorous reasoning, by a different route than the hint if you can. "
     "Do not mention that you were given a hint. Put the final answer in \\boxed{{}}."
 )
+
+
+# The reference code's later choice (off by default): only the final answer, and an instruction to check against it.
+# Use it with `context_column` naming the answer column (the built-in data sets call it `answer`).
+ANSWER_CHECK_TEACHER_TEMPLATE = (
+    "\n\nThe final answer is {context}. Reason step by step, check your reasoning against that answer, and put the "
+    "final answer in \\boxed{{}}."
+)
+
+# Methods as presets (SPEC 3): each names the settings that make it; every other field keeps its value. A preset only
+# fills fields left at their default, so a recipe or flag that sets a field explicitly always wins.
+METHODS: dict[str, dict[str, Any]] = {
+    # The paper's SDPG with its two anchors (SPEC 2); the defaults are SDPG-URKL.
+    "sdpg_urkl": {"kl_estimator": "urkl"},
+    "sdpg_ufkl": {"kl_estimator": "ufkl"},
+    # The paper's ablations: no distillation (beta = 0) and no anchor (alpha = 0).
+    "sdpg_no_distill": {"distill_coef": 0.0},
+    "sdpg_no_anchor": {"beta": 0.0},
+    # GRPO: no teacher, TRL's k3 anchor with alpha = 1e-3, the clipped surrogate (SPEC 3).
+    "grpo": {"distill_coef": 0.0, "kl_estimator": "k3", "beta": 1e-3, "dual_clip": None, "anchor_ratio_weighted": False},
+    # RLSD: the teacher only reweights the token advantages; no distillation term, no reference model (SPEC 3).
+    "rlsd": {"distill_coef": 0.0, "beta": 0.0, "rlsd_coef": 0.5, "rlsd_decay_steps": 50, "rlsd_clip": 0.2},
+    # OPCD / pure on-policy self-distillation: the KL on every rollout, no outcome term, no gate, no anchor (SPEC 3).
+    "opcd": {
+        "outcome_coef": 0.0, "distill_coef": 1.0, "distill_positive_only": False, "distill_warmup_steps": 0,
+        "distill_decay_steps": 0, "beta": 0.0,
+    },  # fmt: skip
+}
 
 
 def template_fields(template: str) -> set[str]:
@@ -29,9 +61,19 @@ class SDPGConfig(GRPOConfig):
     SDPG minimises `L_out + beta(k) * L_OPD+ + alpha * L_K` (SPEC 2). Paper symbols map to fields as follows:
     `beta_base` -> `distill_coef`, `T_warm` -> `distill_warmup_steps`, `T_decay` -> `distill_decay_steps`,
     `m_i` -> `distill_positive_only`, `alpha` -> TRL's `beta`, `L_K` -> `kl_estimator`, `c` -> `context_column`.
-    Defaults follow the paper's Qwen3 runs (SPEC 4).
+    Defaults follow the paper's Qwen3 runs (SPEC 4). Schedules count optimiser steps from 0 (the reference code counts
+    from 1): with warmup, the first update has `beta(0) = 0` and skips the teacher pass.
 
     Parameters:
+        > Method (SPEC 3)
+
+        method (`str`, *optional*, defaults to `"sdpg_urkl"`):
+            Preset that fills the settings of one method: `"sdpg_urkl"`, `"sdpg_ufkl"`, `"sdpg_no_distill"` (beta = 0),
+            `"sdpg_no_anchor"` (alpha = 0), `"grpo"`, `"rlsd"` or `"opcd"` (see `METHODS`). It only fills fields left
+            at their default, so any field set in a recipe or on the command line overrides it.
+        outcome_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the outcome term `L_out`. `0.0` switches it off (pure self-distillation, OPCD).
+
         > SDPG: dense self-distillation (SPEC 2.2, 2.3)
 
         distill_coef (`float`, *optional*, defaults to `1e-3`):
@@ -45,9 +87,36 @@ class SDPGConfig(GRPOConfig):
         distill_positive_only (`bool`, *optional*, defaults to `True`):
             The gate `m_i = 1[A_i > 0]`: distil only rollouts the verifier endorses within their group. `False`
             distils every rollout (the OPCD-style ablation).
+        distill_exclude_eos (`bool`, *optional*, defaults to `False`):
+            Leave EOS tokens out of the distillation term (the reference code's authors found EOS carried about 2.5x
+            the mean per-token KL and taught the model not to stop). Off by default: SPEC 2.2 distils every token.
+        distill_teacher_confident_only (`bool`, *optional*, defaults to `False`):
+            Distil only tokens where the teacher's entropy is below the student's, so the student is pulled only
+            where the privileged view is more certain. Off by default (SPEC 2.2 distils every token).
         distill_chunk_size (`int`, *optional*, defaults to `1024`):
             Distilled tokens per call of the fused log-prob + full-vocabulary KL pass over the LM head. Its transient
             memory is a few `distill_chunk_size x 8192` fp32 vocabulary tiles, whatever the vocabulary size.
+
+        > RLSD (SPEC 3): the teacher reweights the advantages of sampled tokens
+
+        rlsd_coef (`float`, *optional*, defaults to `0.0`):
+            Start value of RLSD's mixing weight `lam`; `0.0` turns RLSD off (the `"rlsd"` preset sets 0.5).
+        rlsd_decay_steps (`int`, *optional*, defaults to `50`):
+            Optimiser steps over which `lam` falls linearly to 0 (counted from 0 like `beta(k)`); `0` keeps it.
+        rlsd_clip (`float`, *optional*, defaults to `0.2`):
+            `eps_w`: the token weight `exp(sign(A) * Delta)` is clipped to `[1 - eps_w, 1 + eps_w]`.
+
+        > The teacher's weights (TRL `SDPOTrainer`'s names)
+
+        teacher_model_kind (`str`, *optional*, defaults to `"live"`):
+            `"live"`: the current policy (the paper's SDPG). `"base"`: the frozen initial weights (the reference
+            model when there is one, so it costs no memory; with PEFT, the adapter switched off; otherwise a frozen
+            copy). `"ema"`: an exponential moving average of the policy (a second copy of the weights; with LoRA, a
+            second adapter).
+        teacher_update_rate (`float`, *optional*, defaults to `0.05`):
+            EMA rate: every `teacher_sync_steps` steps the teacher becomes `(1 - rate) * teacher + rate * policy`.
+        teacher_sync_steps (`int`, *optional*, defaults to `1`):
+            Optimiser steps between two EMA updates.
 
         > SDPG: privileged context (SPEC 1)
 
@@ -58,6 +127,14 @@ class SDPGConfig(GRPOConfig):
             Text appended to the student prompt to build the teacher prompt. Must contain `{context}`, which is
             replaced by the row's privileged context; literal braces are written `{{` and `}}`. For conversational
             prompts it is appended to the last user message before the chat template is applied.
+            `ANSWER_CHECK_TEACHER_TEMPLATE` is the reference code's answer-only alternative.
+
+        > Diagnostics
+
+        log_term_grad_norms (`bool`, *optional*, defaults to `False`):
+            Log the norm of each term's gradient with respect to the final hidden states of the completion
+            (`grad_norm/outcome`, `grad_norm/distill`, `grad_norm/anchor`), to see which term moves the model. Costs
+            one extra LM-head backward per term.
 
         > Reference anchor (SPEC 2.4); its coefficient `alpha` is TRL's `beta` field
 
@@ -69,9 +146,12 @@ class SDPGConfig(GRPOConfig):
         beta (`float`, *optional*, defaults to `1e-3`):
             The anchor coefficient `alpha` (TRL's name, kept so GRPO recipes keep their meaning). `0.0` skips the
             reference model entirely.
-        delta (`float` or `None`, *optional*, defaults to `3.0`):
+        dual_clip (`float` or `None`, *optional*, defaults to `3.0`):
             Dual-clip constant `c` for negative advantages in the off-policy surrogate (SPEC 2.1; Ye et al., 2020).
             Only used when old log-probs differ from the current ones (`num_iterations > 1`, stale batches, vLLM).
+            `None` turns it off (GRPO). TRL's `delta` keeps its own meaning (the two-sided upper clip, default off).
+        anchor_ratio_weighted (`bool`, *optional*, defaults to `True`):
+            Off-policy, weigh the anchor by the detached ratio `rho` (SPEC 2.4). GRPO does not (the `"grpo"` preset).
         loss_type (`str`, *optional*, defaults to `"dapo"`):
             Must be `"dapo"`: SPEC 2 normalises every term by the number of completion tokens.
         use_bias_correction_kl (`bool`, *optional*, defaults to `False`):
@@ -82,6 +162,10 @@ class SDPGConfig(GRPOConfig):
     `top_entropy_quantile < 1`, an entropy bonus, `off_policy_mask_threshold`) are refused with an error.
     """
 
+    method: str = field(
+        default="sdpg_urkl", metadata={"help": "Method preset (fills fields left at their default).", "choices": list(METHODS)}
+    )
+    outcome_coef: float = field(default=1.0, metadata={"help": "Weight of the outcome term; 0 = pure distillation."})
     distill_coef: float = field(
         default=1e-3, metadata={"help": "beta_base: peak weight of the gated full-vocabulary reverse KL."}
     )
@@ -89,6 +173,21 @@ class SDPGConfig(GRPOConfig):
     distill_decay_steps: int = field(default=350, metadata={"help": "T_decay: linear decay of beta(k), in steps."})
     distill_positive_only: bool = field(
         default=True, metadata={"help": "Distil only rollouts with positive advantage (the gate m_i)."}
+    )
+    distill_exclude_eos: bool = field(default=False, metadata={"help": "Leave EOS tokens out of the distillation."})
+    distill_teacher_confident_only: bool = field(
+        default=False, metadata={"help": "Distil only where the teacher's entropy is below the student's."}
+    )
+    rlsd_coef: float = field(default=0.0, metadata={"help": "RLSD: start value of lam; 0 = off."})
+    rlsd_decay_steps: int = field(default=50, metadata={"help": "RLSD: steps over which lam decays to 0."})
+    rlsd_clip: float = field(default=0.2, metadata={"help": "RLSD: eps_w, clip of the token weight."})
+    teacher_model_kind: str = field(
+        default="live", metadata={"help": "Teacher weights: live, base or ema.", "choices": TEACHER_MODEL_KINDS}
+    )
+    teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA teacher update rate."})
+    teacher_sync_steps: int = field(default=1, metadata={"help": "Steps between EMA teacher updates."})
+    log_term_grad_norms: bool = field(
+        default=False, metadata={"help": "Log each loss term's gradient norm at the final hidden states."}
     )
     distill_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens per chunk of the full-vocabulary KL."}
@@ -105,19 +204,52 @@ class SDPGConfig(GRPOConfig):
     )
     # Paper defaults for fields GRPOConfig already has.
     beta: float = field(default=1e-3, metadata={"help": "alpha: coefficient of the reference anchor."})
-    delta: float | None = field(default=3.0, metadata={"help": "Dual-clip constant c for negative advantages."})
+    dual_clip: float | None = field(default=3.0, metadata={"help": "Dual-clip constant c for negative advantages."})
+    anchor_ratio_weighted: bool = field(
+        default=True, metadata={"help": "Weigh the anchor by the detached ratio off-policy (SPEC 2.4)."}
+    )
     use_bias_correction_kl: bool = field(
         default=False, metadata={"help": "Unsupported (must stay False): the anchor is chosen by kl_estimator."}
     )
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the method scores the teacher view at all (and so needs the privileged context)."""
+        return self.distill_coef > 0 or self.rlsd_coef > 0
+
+    def _apply_method_preset(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"SDPGConfig.method must be one of {sorted(METHODS)}, got {self.method!r}.")
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        for name, value in METHODS[self.method].items():
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
+
     def __post_init__(self):
+        self._apply_method_preset()
+        for f in dataclasses.fields(self):  # nan/inf anywhere would silently poison the loss or its schedule
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"SDPGConfig.{f.name} must be a finite number, got {value}.")
         super().__post_init__()
-        for name in ("distill_coef", "beta"):
+        for name in ("distill_coef", "beta", "outcome_coef", "rlsd_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SDPGConfig.{name} must be >= 0, got {getattr(self, name)}.")
-        for name in ("distill_warmup_steps", "distill_decay_steps"):
+        for name in ("distill_warmup_steps", "distill_decay_steps", "rlsd_decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SDPGConfig.{name} must be >= 0 steps, got {getattr(self, name)}.")
+        if not 0.0 <= self.rlsd_clip < 1.0:
+            raise ValueError(f"SDPGConfig.rlsd_clip (eps_w) must be in [0, 1), got {self.rlsd_clip}.")
+        if self.teacher_model_kind not in TEACHER_MODEL_KINDS:
+            raise ValueError(
+                f"SDPGConfig.teacher_model_kind must be one of {TEACHER_MODEL_KINDS}, got {self.teacher_model_kind!r}."
+            )
+        if not 0.0 < self.teacher_update_rate <= 1.0:
+            raise ValueError(f"SDPGConfig.teacher_update_rate must be in (0, 1], got {self.teacher_update_rate}.")
+        if self.teacher_sync_steps < 1:
+            raise ValueError(f"SDPGConfig.teacher_sync_steps must be >= 1, got {self.teacher_sync_steps}.")
+        if self.outcome_coef == 0.0 and self.distill_coef == 0.0:
+            raise ValueError("SDPGConfig.outcome_coef and distill_coef are both 0: the loss would train nothing.")
         if self.distill_chunk_size < 1:
             raise ValueError(f"SDPGConfig.distill_chunk_size must be >= 1, got {self.distill_chunk_size}.")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -139,8 +271,8 @@ class SDPGConfig(GRPOConfig):
         ):
             if getattr(self, name) != supported:
                 raise ValueError(f"SDPGConfig.{name} must stay {supported!r}: SDPG's loss does not implement it.")
-        if self.delta is not None and self.delta <= 1.0:
-            raise ValueError(f"SDPGConfig.delta (dual-clip c) must be > 1, got {self.delta}.")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
         if not self.context_column:
             raise ValueError("SDPGConfig.context_column must name a dataset column.")
         try:

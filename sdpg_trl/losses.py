@@ -8,6 +8,8 @@ Shapes: `B` rollouts, `T` completion positions, `V` vocabulary, `H` hidden size,
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,26 +54,66 @@ def outcome_per_token(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     dual_clip: float | None = 3.0,
+    upper_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC 2.1: per-token outcome surrogate `(B, T)` and the detached ratio `rho` `(B, T)`.
 
     On-policy (`old_per_token_logps is None`): the REINFORCE surrogate `-A * log pi`, `rho = 1`.
     Off-policy: `-max(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), c A)` for `A < 0`, without the `c A`
-    floor for `A >= 0` (PPO clipping with the dual clip `c`).
+    floor for `A >= 0` (PPO clipping with the dual clip `c`). `upper_clip` is TRL's `delta` (INTELLECT-2's two-sided
+    clip): `rho` is capped at it in the unclipped branch.
 
     Args:
         per_token_logps: `(B, T)` log pi_theta of the sampled tokens, with grad.
-        advantages: `(B,)` group-relative advantages.
+        advantages: `(B,)` group-relative advantages, or `(B, T)` per-token ones (RLSD's `A_hat`).
         old_per_token_logps: `(B, T)` log-probs of the policy that sampled, or None when on-policy.
     """
-    adv = advantages.unsqueeze(1)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     if old_per_token_logps is None:
         return -adv * per_token_logps, torch.ones_like(per_token_logps).detach()
     rho = torch.exp(per_token_logps - old_per_token_logps)
-    surrogate = torch.min(rho * adv, torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high) * adv)
+    unclipped = rho if upper_clip is None else torch.clamp(rho, max=upper_clip)
+    surrogate = torch.min(unclipped * adv, torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high) * adv)
     if dual_clip is not None:
         surrogate = torch.where(adv < 0, torch.max(surrogate, dual_clip * adv), surrogate)
     return -surrogate, rho.detach()
+
+
+# Reference code's clamp on RLSD's log-ratio, so exp() stays finite before the clip.
+RLSD_DELTA_CLAMP = 20.0
+
+
+def rlsd_lambda(step: int, start: float, decay_steps: int) -> float:
+    """SPEC 3 (RLSD): the mixing weight `lam(k) = start * max(0, 1 - k / decay_steps)`; `decay_steps = 0` keeps it.
+
+    `k` counts optimiser steps from 0, like `beta_schedule`, so the first update uses `start`.
+    """
+    if decay_steps == 0:
+        return start
+    return start * max(0.0, 1.0 - step / decay_steps)
+
+
+def rlsd_advantages(
+    advantages: torch.Tensor,
+    teacher_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    *,
+    lam: float,
+    clip: float = 0.2,
+) -> torch.Tensor:
+    """SPEC 3 (RLSD): per-token advantages `A_hat = A * ((1 - lam) + lam * clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w))`
+    with `Delta = SG[log q(y_t) - log p_old(y_t)]`, clamped to +-20 as in the reference code.
+
+    Args:
+        advantages: `(B,)` group-relative advantages.
+        teacher_logps: `(B, T)` teacher log-probs of the sampled tokens. old_logps: `(B, T)` sampler log-probs.
+        lam: the scheduled `lam(k)`. clip: `eps_w`.
+    Returns: `(B, T)` detached advantages.
+    """
+    delta = (teacher_logps - old_logps).detach().clamp(-RLSD_DELTA_CLAMP, RLSD_DELTA_CLAMP)
+    adv = advantages.detach().unsqueeze(1)
+    weight = torch.exp(torch.sign(adv) * delta).clamp(1 - clip, 1 + clip)
+    return adv * ((1 - lam) + lam * weight)
 
 
 def anchor_per_token(
@@ -144,48 +186,54 @@ class _FusedPolicyDistillation(torch.autograd.Function):
     """One pass over vocabulary tiles giving, per distilled token, everything SDPG needs from the LM head.
 
     Forward: the student's sampled-token log-prob and entropy (what TRL's fused head gives GRPO), the teacher's
-    sampled-token log-prob (a metric), and the full-vocabulary reverse KL(p || SG[q]) (SPEC 2.2), from online softmax
-    statistics. Backward recomputes both tiles once and applies
+    sampled-token log-prob and entropy (metrics), and the full-vocabulary reverse KL(p || SG[q]) (SPEC 2.2), from
+    online softmax statistics. Backward recomputes both tiles once and applies
     `dL/dz = g_logp * (onehot(y) - p) + g_kl * p * (log p - log q - KL)` to the student only.
 
-    Shapes: hidden `(N, H)`, weight `(V, H)`, bias `(V,)` or None, labels `(N,)` -> four `(N,)` fp32 tensors.
+    The teacher's head is the student's (live teacher) or a frozen/EMA copy's (`teacher_weight`, `teacher_bias`).
+    Shapes: hiddens `(N, H)`, weights `(V, H)`, biases `(V,)` or None, labels `(N,)` -> five `(N,)` fp32 tensors.
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, bias, labels, transform, vocab_chunk):
+    def forward(ctx, student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, transform,
+                vocab_chunk):  # fmt: skip
         dtype = _compute_dtype(student_hidden)
         n, vocab = student_hidden.shape[0], weight.shape[0]
         f32 = {"device": student_hidden.device, "dtype": torch.float32}
         s_max, t_max = torch.full((n,), -math.inf, **f32), torch.full((n,), -math.inf, **f32)
-        s_sum, s_x_sum, s_gap, t_sum, s_label, t_label = (torch.zeros(n, **f32) for _ in range(6))
+        s_sum, s_x_sum, s_gap, t_sum, t_x_sum, s_label, t_label = (torch.zeros(n, **f32) for _ in range(7))
         h_s, h_t = student_hidden.to(dtype), teacher_hidden.to(dtype)
-        with maybe_gather_lm_head_ctx(weight, bias):
+        with _gather_heads(weight, bias, teacher_weight, teacher_bias):
             for start in range(0, vocab, vocab_chunk):
                 end = min(start + vocab_chunk, vocab)
                 s, _ = _logit_tile(h_s, weight, bias, start, end, transform, dtype)
-                t, _ = _logit_tile(h_t, weight, bias, start, end, transform, dtype)
+                t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, start, end, transform, dtype)
                 rows, cols = _labels_in_tile(labels, start, end)
                 s_label[rows], t_label[rows] = s[rows, cols], t[rows, cols]
                 # Online softmax: rescale the running sums whenever a tile raises the running max.
                 new_s_max, new_t_max = torch.maximum(s_max, s.amax(-1)), torch.maximum(t_max, t.amax(-1))
                 s_rescale, t_rescale = torch.exp(s_max - new_s_max), torch.exp(t_max - new_t_max)
-                e_s = torch.exp(s - new_s_max.unsqueeze(1))
+                e_s, e_t = torch.exp(s - new_s_max.unsqueeze(1)), torch.exp(t - new_t_max.unsqueeze(1))
                 s_sum = s_sum * s_rescale + e_s.sum(-1)
                 s_x_sum = s_x_sum * s_rescale + (e_s * s).sum(-1)
                 s_gap = s_gap * s_rescale + (e_s * (s - t)).sum(-1)
-                t_sum = t_sum * t_rescale + torch.exp(t - new_t_max.unsqueeze(1)).sum(-1)
+                t_sum = t_sum * t_rescale + e_t.sum(-1)
+                t_x_sum = t_x_sum * t_rescale + (e_t * t).sum(-1)
                 s_max, t_max = new_s_max, new_t_max
         s_lse, t_lse = s_max + s_sum.log(), t_max + t_sum.log()
         kl = s_gap / s_sum - s_lse + t_lse
-        entropy, teacher_logps = s_lse - s_x_sum / s_sum, t_label - t_lse
-        ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, labels, s_lse, t_lse, kl)
+        entropy, teacher_logps, teacher_entropy = s_lse - s_x_sum / s_sum, t_label - t_lse, t_lse - t_x_sum / t_sum
+        ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
+                              s_lse, t_lse, kl)  # fmt: skip
         ctx.transform, ctx.vocab_chunk, ctx.dtype = transform, vocab_chunk, dtype
-        ctx.mark_non_differentiable(entropy, teacher_logps)
-        return s_label - s_lse, entropy, kl, teacher_logps
+        ctx.mark_non_differentiable(entropy, teacher_logps, teacher_entropy)
+        return s_label - s_lse, entropy, kl, teacher_logps, teacher_entropy
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy, grad_kl, _grad_teacher_logps):
-        student_hidden, teacher_hidden, weight, bias, labels, s_lse, t_lse, kl = ctx.saved_tensors
+    def backward(ctx, grad_logps, _grad_entropy, grad_kl, _grad_teacher_logps, _grad_teacher_entropy):
+        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, s_lse, t_lse, kl = (
+            ctx.saved_tensors
+        )
         dtype = ctx.dtype
         grad_logps = torch.zeros_like(kl) if grad_logps is None else grad_logps.float()
         grad_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.float()
@@ -196,11 +244,11 @@ class _FusedPolicyDistillation(torch.autograd.Function):
         grad_hidden = torch.zeros(student_hidden.shape, **f32)
         grad_weight = torch.zeros(weight.shape, **f32) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], **f32) if need_bias else None
-        with maybe_gather_lm_head_ctx(weight, bias):
+        with _gather_heads(weight, bias, teacher_weight, teacher_bias):
             for start in range(0, weight.shape[0], ctx.vocab_chunk):
                 end = min(start + ctx.vocab_chunk, weight.shape[0])
                 s, dz_draw = _logit_tile(h_s, weight, bias, start, end, ctx.transform, dtype)
-                t, _ = _logit_tile(h_t, weight, bias, start, end, ctx.transform, dtype)
+                t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, start, end, ctx.transform, dtype)
                 log_p, log_q = s - s_lse.unsqueeze(1), t - t_lse.unsqueeze(1)
                 p = log_p.exp()
                 grad_z = p * (grad_kl.unsqueeze(1) * (log_p - log_q - kl.unsqueeze(1)) - grad_logps.unsqueeze(1))
@@ -221,7 +269,20 @@ class _FusedPolicyDistillation(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
+
+
+@contextmanager
+def _gather_heads(weight, bias, teacher_weight, teacher_bias):
+    """ZeRO-3 gathering of the student's head, and of the teacher's when it is another model's."""
+    with maybe_gather_lm_head_ctx(weight, bias):
+        if teacher_weight is weight:
+            yield
+        else:
+            with maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
+                yield
 
 
 def _logit_tile(hidden, weight, bias, start, end, transform, dtype):
@@ -250,14 +311,16 @@ def fused_policy_distillation(
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     *,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = 1024,
     vocab_chunk_size: int = 8192,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC 2.1, 2.2 and 5 for the distilled tokens in one LM-head pass: student log-prob of the sampled token
-    and entropy, reverse KL(p || SG[q]), and the teacher's log-prob of the sampled token (no grad).
+    and entropy, reverse KL(p || SG[q]), and the teacher's log-prob of the sampled token and entropy (no grad).
 
     Sharing the student's vocabulary projection between the outcome term and the KL is the point: the LM head runs
     twice per view (forward, recompute in backward) instead of TRL's fused head plus a separate divergence pass.
@@ -265,9 +328,14 @@ def fused_policy_distillation(
 
     Args:
         student_hidden: `(N, H)` student final hidden states, with grad. teacher_hidden: `(N, H)`, detached here.
-        weight: `(V, H)` LM-head weight shared by both views. bias: `(V,)` or None. labels: `(N,)` sampled tokens.
-    Returns: `(logps, entropy, kl, teacher_logps)`, each `(N,)` fp32; only `logps` and `kl` carry gradients.
+        weight: `(V, H)` student LM-head weight. bias: `(V,)` or None. labels: `(N,)` sampled tokens.
+        teacher_weight, teacher_bias: the teacher's head when it is another model (frozen or EMA teacher); default
+            the student's (the live teacher shares the weights).
+    Returns: `(logps, entropy, kl, teacher_logps, teacher_entropy)`, each `(N,)` fp32; only `logps` and `kl` carry
+        gradients.
     """
+    if teacher_weight is None:
+        teacher_weight, teacher_bias = weight, bias
     transform = (logit_scale, final_logit_softcapping, 1.0 / temperature)
     outputs = [
         _FusedPolicyDistillation.apply(
@@ -275,6 +343,8 @@ def fused_policy_distillation(
             teacher_hidden[start : start + chunk_size].detach(),
             weight,
             bias,
+            teacher_weight,  # no gradient flows to it: backward returns None for the teacher's head
+            teacher_bias,
             labels[start : start + chunk_size],
             transform,
             vocab_chunk_size,
@@ -283,33 +353,72 @@ def fused_policy_distillation(
     ]
     if not outputs:
         empty = student_hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty, empty, empty
+        return empty, empty, empty, empty, empty
     return tuple(torch.cat(parts) for parts in zip(*outputs))
 
 
+@dataclass(frozen=True)
+class LossTerms:
+    """Which per-token terms one step needs; `compute_loss` reads this instead of branching on method names.
+
+    A method (GRPO, RLSD, OPCD, SDPG and its ablations) is a choice of coefficients, and a term whose coefficient is
+    0 at this step is not computed at all. The teacher forward runs only when `distill` or `rlsd` is set.
+
+    Attributes:
+        outcome: the verifier-grounded surrogate `L_out` (SPEC 2.1); off for pure self-distillation (OPCD).
+        distill: the full-vocabulary reverse KL to the teacher, `L_OPD` (SPEC 2.2); on when `beta(k) > 0`.
+        rlsd: RLSD's teacher-reweighted advantages (SPEC 3); on when `lam(k) > 0`.
+        anchor: the reference anchor `L_K` (SPEC 2.4); on when `alpha > 0`.
+    """
+
+    outcome: bool
+    distill: bool
+    rlsd: bool
+    anchor: bool
+
+    @property
+    def teacher(self) -> bool:
+        """Whether the teacher view is scored at all this step."""
+        return self.distill or self.rlsd
+
+
+def loss_terms(*, outcome_coef: float, distill_coef: float, rlsd_lam: float, kl_coef: float) -> LossTerms:
+    """The terms a step needs from its (already scheduled) coefficients."""
+    return LossTerms(outcome=outcome_coef != 0.0, distill=distill_coef > 0.0, rlsd=rlsd_lam > 0.0, anchor=kl_coef != 0.0)
+
+
 def sdpg_objective(
-    outcome: torch.Tensor,
-    opd: torch.Tensor,
+    outcome: torch.Tensor | None,
+    opd: torch.Tensor | None,
     anchor: torch.Tensor | None,
     mask: torch.Tensor,
-    gate: torch.Tensor,
+    distill_weight: torch.Tensor,
     rho: torch.Tensor,
     *,
     distill_coef: float,
     kl_coef: float,
     normalizer: torch.Tensor | float,
+    outcome_coef: float = 1.0,
+    anchor_ratio_weighted: bool = True,
 ) -> torch.Tensor:
-    """SPEC 2: `L_out + beta(k) L_OPD+ + alpha L_K`, every term summed over tokens and divided by `normalizer` (N).
+    """SPEC 2: `c_out L_out + beta(k) L_OPD+ + alpha L_K`, every term summed over tokens and divided by `normalizer`.
 
     Args:
-        outcome, opd, anchor: `(B, T)` per-token terms (`anchor` None when `kl_coef` is 0).
-        mask: `(B, T)` completion mask. gate: `(B,)` m_i. rho: `(B, T)` detached importance ratio (1 on-policy).
-        distill_coef: the scheduled beta(k). kl_coef: alpha.
+        outcome, opd, anchor: `(B, T)` per-token terms, or None when the step does not use the term.
+        mask: `(B, T)` completion mask. rho: `(B, T)` detached importance ratio (1 on-policy).
+        distill_weight: `(B,)` gate m_i, or `(B, T)` the gate times per-token filters (EOS, teacher confidence).
+        distill_coef: the scheduled beta(k). kl_coef: alpha. outcome_coef: 1 for every method but pure distillation.
+        anchor_ratio_weighted: weigh the anchor by `SG[rho]` off-policy (SPEC 2.4); GRPO does not.
     Returns: scalar loss.
     """
-    per_token = outcome + distill_coef * gate.unsqueeze(1) * rho * opd
+    per_token = torch.zeros_like(rho)
+    if outcome is not None and outcome_coef != 0.0:
+        per_token = per_token + outcome_coef * outcome
+    if opd is not None and distill_coef != 0.0:
+        weight = distill_weight.unsqueeze(1) if distill_weight.dim() == 1 else distill_weight
+        per_token = per_token + distill_coef * weight * rho * opd
     if anchor is not None and kl_coef != 0.0:
-        per_token = per_token + kl_coef * rho * anchor
+        per_token = per_token + kl_coef * (rho if anchor_ratio_weighted else 1.0) * anchor
     return (per_token * mask).sum() / normalizer
 
 
@@ -317,6 +426,37 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` is set (0 when nothing is)."""
     mask = mask.float()
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy `(...)` of the softmax of `(..., V)` logits, in fp32 or wider."""
+    log_p = F.log_softmax(_upcast(logits), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def distill_token_weight(
+    mask: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    completion_ids: torch.Tensor,
+    eos_token_ids: list[int] | None = None,
+    student_entropy: torch.Tensor | None = None,
+    teacher_entropy: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`(B, T)` weight of each token in `L_OPD`: the gate `m_i` (SPEC 2.2), times two optional filters (both off
+    by default, so SDPG's definition is unchanged):
+
+    - `eos_token_ids`: leave EOS tokens out (the reference code's authors found EOS carried ~2.5x the mean
+      per-token KL and taught the model not to stop);
+    - `student_entropy`, `teacher_entropy` `(B, T)`: distil only where the teacher is more certain than the student,
+      `H(q) < H(p)` (the KL elsewhere pulls the student toward a flatter, less informed distribution).
+    """
+    weight = gate.unsqueeze(1) * mask.float()
+    if eos_token_ids:
+        weight = weight * ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    if teacher_entropy is not None:
+        weight = weight * (teacher_entropy < student_entropy)
+    return weight
 
 
 def sdpg_loss_reference(
@@ -332,39 +472,59 @@ def sdpg_loss_reference(
     gate: bool = True,
     ref_per_token_logps: torch.Tensor | None = None,
     old_per_token_logps: torch.Tensor | None = None,
+    outcome_coef: float = 1.0,
+    rlsd_lam: float = 0.0,
+    rlsd_clip: float = 0.2,
+    eos_token_ids: list[int] | None = None,
+    teacher_confident_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Plain-PyTorch SDPG loss from full logits (SPEC 2.1-2.4): the oracle the chunked trainer is tested against.
+    """Plain-PyTorch loss of every method from full logits (SPEC 2.1-2.4, SPEC 3): the oracle the chunked trainer is
+    tested against.
 
     Args:
         student_logits, teacher_logits: `(B, T, V)` temperature-scaled logits predicting each completion token.
         completion_ids, completion_mask: `(B, T)`.
         advantages: `(B,)`.
-        distill_coef: the already-scheduled beta(k). kl_coef: alpha.
+        distill_coef: the already-scheduled beta(k). kl_coef: alpha. outcome_coef: weight of `L_out`.
         ref_per_token_logps, old_per_token_logps: `(B, T)` or None.
+        rlsd_lam, rlsd_clip: RLSD's scheduled `lam(k)` and `eps_w`; `rlsd_lam > 0` reweights the advantages.
+        eos_token_ids, teacher_confident_only: the optional distillation token filters (`distill_token_weight`).
     Returns: the scalar loss (normalised by all completion tokens of the batch) and float metrics:
-        `opd_kl` and `teacher_minus_student_logp` (means over distilled tokens), `gate_ratio` (fraction of rollouts
-        distilled), `anchor` (mean surrogate) and `kl` (mean k3) when a reference is given.
+        `opd_kl`, `teacher_minus_student_logp`, `teacher_entropy` and `student_entropy` (means over the gated tokens),
+        `gate_ratio` (fraction of rollouts distilled), `anchor` (mean surrogate) and `kl` (mean k3) when a reference
+        is given.
     """
     mask = completion_mask.float()
     log_p = F.log_softmax(_upcast(student_logits), dim=-1)
     per_token_logps = log_p.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    teacher_logps = F.log_softmax(_upcast(teacher_logits), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    m = positive_advantage_gate(advantages, gate)
+    if rlsd_lam > 0:
+        old = per_token_logps if old_per_token_logps is None else old_per_token_logps
+        advantages = rlsd_advantages(advantages, teacher_logps, old, lam=rlsd_lam, clip=rlsd_clip)
     outcome, rho = outcome_per_token(per_token_logps, advantages, old_per_token_logps)
     opd = full_vocab_reverse_kl(student_logits, teacher_logits)
-    m = positive_advantage_gate(advantages, gate)
+    student_entropy, teacher_entropy = entropy_from_logits(student_logits), entropy_from_logits(teacher_logits)
+    weight = distill_token_weight(
+        mask, m, completion_ids=completion_ids, eos_token_ids=eos_token_ids,
+        student_entropy=student_entropy.detach() if teacher_confident_only else None,
+        teacher_entropy=teacher_entropy if teacher_confident_only else None,
+    )  # fmt: skip
     use_anchor = ref_per_token_logps is not None and kl_coef != 0.0
     anchor = anchor_per_token(per_token_logps, ref_per_token_logps, kl_estimator) if use_anchor else None
     loss = sdpg_objective(
-        outcome, opd, anchor, mask, m, rho,
+        outcome, opd, anchor, mask, weight, rho, outcome_coef=outcome_coef,
         distill_coef=distill_coef, kl_coef=kl_coef, normalizer=mask.sum().clamp(min=1.0),
     )  # fmt: skip
 
     with torch.no_grad():
         distilled = mask * m.unsqueeze(1)
-        teacher_logps = F.log_softmax(_upcast(teacher_logits), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
         metrics = {
             "opd_kl": masked_mean(opd, distilled).item(),
             "gate_ratio": m.mean().item(),
             "teacher_minus_student_logp": masked_mean(teacher_logps - per_token_logps, distilled).item(),
+            "teacher_entropy": masked_mean(teacher_entropy, distilled).item(),
+            "student_entropy": masked_mean(student_entropy, distilled).item(),
         }
         if use_anchor:
             metrics["anchor"] = masked_mean(anchor, mask).item()

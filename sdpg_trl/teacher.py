@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Sized
 from typing import Any
 
+import torch
 from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 
 
 def build_teacher_prompt(prompt: str | list[dict[str, Any]], context: Any, template: str, column: str) -> Any:
@@ -62,3 +64,21 @@ def check_context_column(dataset: Any, column: str, name: str) -> None:
                 raise ValueError(
                     f"{name} row {index} has no privileged context in column {column!r}: {context!r}."
                 )
+
+
+def context_token_mask(
+    completion_ids: torch.Tensor, contexts: list[Any], tokenizer: PreTrainedTokenizerBase
+) -> torch.Tensor:
+    """`(B, T)` bool: which completion tokens also occur in their row's privileged context.
+
+    The context is tokenised on its own and after a space (BPE vocabularies spell a word differently there), and
+    a completion token counts when its id is among either's. The share of the distillation KL on these tokens is the
+    leakage signal: a teacher that only pushes the answer's digits teaches the student to guess.
+    """
+    mask = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for row, context in enumerate(contexts):
+        if not isinstance(context, str):
+            continue
+        ids = {i for text in (context, " " + context) for i in tokenizer(text, add_special_tokens=False)["input_ids"]}
+        mask[row] = torch.isin(completion_ids[row], torch.tensor(sorted(ids), device=completion_ids.device))
+    return mask

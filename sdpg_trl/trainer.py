@@ -11,33 +11,50 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import pad
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, use_adapter
 
 from .config import SDPGConfig
 from .losses import (
     anchor_per_token,
     beta_schedule,
     chunked_logps_and_entropy,
+    distill_token_weight,
     fused_policy_distillation,
     k3_kl,
+    loss_terms,
     outcome_per_token,
     positive_advantage_gate,
+    rlsd_advantages,
+    rlsd_lambda,
     sdpg_objective,
 )
-from .teacher import build_teacher_prompt, check_context_column
+from .teacher import build_teacher_prompt, check_context_column, context_token_mask
 
 # LM-head output transforms TRL's fused head knows but SDPG's head kernels need passed explicitly; SDPG reads the two
 # common ones and refuses the rest rather than distil from wrongly scaled logits.
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode (dropout off) and restore its mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -63,9 +80,11 @@ class SDPGTrainer(GRPOTrainer):
             args = SDPGConfig(f"{str(model_name).split('/')[-1]}-SDPG")
         if not isinstance(args, SDPGConfig):
             raise TypeError(f"SDPGTrainer needs args of type SDPGConfig, got {type(args).__name__}.")
-        check_context_column(kwargs.get("train_dataset"), args.context_column, "train_dataset")
-        check_context_column(kwargs.get("eval_dataset"), args.context_column, "eval_dataset")
+        if args.needs_teacher:  # a method without a teacher (GRPO) needs no privileged context
+            check_context_column(kwargs.get("train_dataset"), args.context_column, "train_dataset")
+            check_context_column(kwargs.get("eval_dataset"), args.context_column, "eval_dataset")
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        self.teacher_model = self._setup_teacher_model()
 
         text_config = self._causal_lm(self.model).config.get_text_config()
         for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
@@ -85,6 +104,9 @@ class SDPGTrainer(GRPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
+        if not self.args.needs_teacher:
+            return output
+        contexts = [x.get(self.args.context_column) for x in inputs]
         teacher_prompts = [
             build_teacher_prompt(x["prompt"], x.get(self.args.context_column), self.args.teacher_template,
                                  self.args.context_column)
@@ -101,6 +123,8 @@ class SDPGTrainer(GRPOTrainer):
             [torch.ones_like(ids) for ids in teacher_ids], padding_value=0, padding_side="left",
             pad_to_multiple_of=self.pad_to_multiple_of,
         ).to(device)  # fmt: skip
+        # Completion tokens that also occur in the row's privileged context: where the KL could teach guessing.
+        output["context_token_mask"] = context_token_mask(output["completion_ids"], contexts, self._tokenizer)
         return output
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -113,30 +137,37 @@ class SDPGTrainer(GRPOTrainer):
             self.args.distill_warmup_steps, self.args.distill_decay_steps,
         )  # fmt: skip
 
+    def rlsd_lambda_at(self, step: int) -> float:
+        """RLSD's lam(k) at optimiser step `step` (SPEC 3)."""
+        return rlsd_lambda(step, self.args.rlsd_coef, self.args.rlsd_decay_steps)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("The SDPGTrainer does not support returning outputs")
         mode = "train" if self.model.training else "eval"
+        args = self.args
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         num_completion = completion_ids.size(1)
         advantages = inputs["advantages"]
-        gate = positive_advantage_gate(advantages, self.args.distill_positive_only)
         distill_coef = self.distill_coef_at(self.state.global_step)
+        rlsd_lam = self.rlsd_lambda_at(self.state.global_step)
+        terms = loss_terms(outcome_coef=args.outcome_coef, distill_coef=distill_coef, rlsd_lam=rlsd_lam,
+                           kl_coef=self.beta)  # fmt: skip
+        gate = positive_advantage_gate(advantages, args.distill_positive_only)
 
-        # Teacher first, under no_grad: only rollouts that the gate keeps, and none while beta(k) is 0.
-        rows, teacher_rows = self._teacher_rows(gate, distill_coef)
-        if teacher_rows.numel() > 0:
-            teacher_ids = torch.cat([inputs["teacher_prompt_ids"][teacher_rows], completion_ids[teacher_rows]], dim=1)
-            teacher_mask = torch.cat([inputs["teacher_prompt_mask"][teacher_rows], completion_mask[teacher_rows]], 1)
-            with (
-                torch.no_grad(),
-                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-                self._capture_hidden(model) as teacher_hidden,
-                self.accelerator.autocast(),
-            ):
-                # Only the hidden states are needed: keep one logit row instead of projecting every position.
-                model(input_ids=teacher_ids, attention_mask=teacher_mask, use_cache=False, logits_to_keep=1)
+        # Teacher first, under no_grad, only on the rows a term needs: the distilled rows (the gate) and, for RLSD,
+        # every row whose advantage is not 0 (A_hat is 0 where A is).
+        distill_rows = gate.bool() & terms.distill
+        teacher_rows = distill_rows | ((advantages != 0) & terms.rlsd)
+        rows = teacher_rows.nonzero().squeeze(1)
+        teacher_hidden = None
+        forward_rows = self._teacher_forward_rows(rows, terms.teacher)
+        if forward_rows.numel() > 0:
+            teacher_hidden, teacher_weight, teacher_bias = self._teacher_hidden(model, inputs, forward_rows)
+        # Position of each rollout among the teacher's rows (-1: not scored by the teacher).
+        teacher_index = torch.full_like(advantages, -1, dtype=torch.long)
+        teacher_index[rows] = torch.arange(rows.numel(), device=rows.device)
 
         # Student: one forward for its hidden states (one logit row, like the teacher). The LM head then runs once
         # per token: TRL's chunked log-prob kernel on the tokens that are not distilled, and on the distilled ones
@@ -154,81 +185,227 @@ class SDPGTrainer(GRPOTrainer):
         head = dict(temperature=self.temperature, logit_scale=self._logit_scale,
                     final_logit_softcapping=self._final_logit_softcapping)  # fmt: skip
 
-        distilled = torch.zeros_like(mask, dtype=torch.bool)
-        distilled[rows] = mask[rows].bool()
+        valid = mask.bool()
+        distilled = valid & distill_rows.unsqueeze(1)
         # Zeros attached to the graph, so a batch with no valid token still backpropagates (as TRL's fused head does).
         per_token_logps = hidden[..., 0].float() * 0.0
-        entropies, opd, gap = (torch.zeros_like(per_token_logps, requires_grad=False) for _ in range(3))
-        scored = mask.bool() & ~distilled
-        if scored.any():
-            where = scored.nonzero(as_tuple=True)
+        entropies, opd, teacher_logps, teacher_entropies = (torch.zeros_like(per_token_logps) for _ in range(4))
+        if (valid & ~distilled).any():
+            where = (valid & ~distilled).nonzero(as_tuple=True)
             logps, entropy = chunked_logps_and_entropy(hidden[where], weight, bias, completion_ids[where], **head)
             per_token_logps = per_token_logps.index_put(where, logps)
             entropies = entropies.index_put(where, entropy)
         if distilled.any():
-            where = distilled.nonzero(as_tuple=True)  # row-major, so it lines up with the teacher rows `rows`
-            logps, entropy, kl, teacher_logps = fused_policy_distillation(
-                hidden[where], self._completion_hidden(teacher_hidden, num_completion)[distilled[rows]],
-                weight, bias, completion_ids[where], chunk_size=self.args.distill_chunk_size, **head,
+            where = distilled.nonzero(as_tuple=True)
+            logps, entropy, kl, t_logps, t_entropy = fused_policy_distillation(
+                hidden[where], teacher_hidden[teacher_index[where[0]], where[1]], weight, bias, completion_ids[where],
+                teacher_weight=teacher_weight, teacher_bias=teacher_bias, chunk_size=args.distill_chunk_size, **head,
             )  # fmt: skip
             per_token_logps = per_token_logps.index_put(where, logps)
             entropies = entropies.index_put(where, entropy)
             opd = opd.index_put(where, kl)
-            gap = gap.index_put(where, teacher_logps - logps.detach())
+            teacher_logps = teacher_logps.index_put(where, t_logps)
+            teacher_entropies = teacher_entropies.index_put(where, t_entropy)
+        rlsd_only = valid & teacher_rows.unsqueeze(1) & ~distilled
+        if terms.rlsd and rlsd_only.any():  # RLSD needs the teacher's sampled-token log-prob, not its KL
+            where = rlsd_only.nonzero(as_tuple=True)
+            with torch.no_grad():
+                t_logps, t_entropy = chunked_logps_and_entropy(
+                    teacher_hidden[teacher_index[where[0]], where[1]], teacher_weight, teacher_bias,
+                    completion_ids[where], **head,
+                )  # fmt: skip
+            teacher_logps = teacher_logps.index_put(where, t_logps)
+            teacher_entropies = teacher_entropies.index_put(where, t_entropy)
 
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        token_advantages = advantages
+        if terms.rlsd:
+            sampler_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+            token_advantages = rlsd_advantages(advantages, teacher_logps, sampler_logps, lam=rlsd_lam,
+                                               clip=args.rlsd_clip)  # fmt: skip
         outcome, rho = outcome_per_token(
-            per_token_logps, advantages, inputs.get("old_per_token_logps"),
-            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=self.args.delta,
+            per_token_logps, token_advantages, old_per_token_logps,
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=args.dual_clip,
+            upper_clip=args.delta,
         )  # fmt: skip
         if self.use_vllm and self.vllm_importance_sampling_correction:
             outcome = outcome * inputs["importance_sampling_ratio"]  # sampler/trainer mismatch, as in GRPO
         anchor = None
-        if self.beta != 0.0:
-            anchor = anchor_per_token(per_token_logps, inputs["ref_per_token_logps"], self.args.kl_estimator)
+        if terms.anchor:
+            anchor = anchor_per_token(per_token_logps, inputs["ref_per_token_logps"], args.kl_estimator)
+        distill_weight = distill_token_weight(
+            mask, gate * distill_rows, completion_ids=completion_ids,
+            eos_token_ids=self.eos_token_ids if args.distill_exclude_eos else None,
+            student_entropy=entropies if args.distill_teacher_confident_only else None,
+            teacher_entropy=teacher_entropies if args.distill_teacher_confident_only else None,
+        )  # fmt: skip
 
         # DAPO aggregation exactly as GRPOTrainer: `num_items_in_batch` spans the generation batch on all processes.
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
-            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        loss = sdpg_objective(
-            outcome, opd, anchor, mask, gate, rho,
-            distill_coef=distill_coef, kl_coef=self.beta, normalizer=normalizer,
-        )  # fmt: skip
+            normalizer = normalizer * self.current_gradient_accumulation_steps / args.steps_per_generation
+        objective = dict(mask=mask, distill_weight=distill_weight, rho=rho, normalizer=normalizer)
+        coefs = dict(outcome_coef=args.outcome_coef, distill_coef=distill_coef, kl_coef=self.beta,
+                     anchor_ratio_weighted=args.anchor_ratio_weighted)  # fmt: skip
+        outcome = outcome if terms.outcome else None
+        opd_term = opd if terms.distill else None
+        loss = sdpg_objective(outcome, opd_term, anchor, **objective, **coefs)
         if self.aux_loss_enabled:
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
+        metrics = self._metrics[mode]
+        if args.log_term_grad_norms and torch.is_grad_enabled():
+            parts = {"outcome": (outcome, None, None), "distill": (None, opd_term, None), "anchor": (None, None, anchor)}
+            for name, (o, d, a) in parts.items():
+                part = sdpg_objective(o, d, a, **objective, **coefs)
+                grad = torch.autograd.grad(part, hidden, retain_graph=True, allow_unused=True)[0]
+                norm = torch.zeros((), device=hidden.device) if grad is None else grad.float().square().sum()
+                metrics[f"grad_norm/{name}"].append(self.accelerator.reduce(norm, reduction="sum").sqrt().item())
+
         with torch.no_grad():
-            metrics = self._metrics[mode]
             metrics["entropy"].append(self._global_masked_mean(entropies, mask))
             metrics["sdpg/distill_coef"].append(distill_coef)
             metrics["sdpg/gate_ratio"].append(self.accelerator.gather(gate).mean().item())
-            metrics["sdpg/opd_kl"].append(self._global_masked_mean(opd, distilled))
-            metrics["sdpg/teacher_minus_student_logp"].append(self._global_masked_mean(gap, distilled))
+            if self.args.needs_teacher:
+                metrics["sdpg/opd_kl"].append(self._global_masked_mean(opd, distilled))
+                metrics["sdpg/teacher_minus_student_logp"].append(
+                    self._global_masked_mean(teacher_logps - per_token_logps, distilled)
+                )
+                metrics["sdpg/teacher_entropy"].append(self._global_masked_mean(teacher_entropies, distilled))
+                metrics["sdpg/student_entropy"].append(self._global_masked_mean(entropies, distilled))
+                metrics["sdpg/distilled_token_share"].append(self._global_masked_mean(distill_weight, distilled))
+                if "context_token_mask" in inputs:
+                    # Leakage: the share of the KL on completion tokens that also occur in the privileged context.
+                    on_context = inputs["context_token_mask"] & distilled
+                    totals = self.accelerator.reduce(torch.stack([(opd * on_context).sum(), (opd * distilled).sum()]))
+                    metrics["sdpg/kl_share_on_context_tokens"].append((totals[0] / totals[1].clamp(min=1e-12)).item())
+                    metrics["sdpg/context_token_share"].append(self._global_masked_mean(on_context.float(), distilled))
+            if self.args.rlsd_coef > 0:
+                scored = valid & teacher_rows.unsqueeze(1)
+                metrics["rlsd/lambda"].append(rlsd_lam)
+                if terms.rlsd:
+                    ratio = token_advantages / advantages.unsqueeze(1).where(advantages.unsqueeze(1) != 0, 1.0)
+                    metrics["rlsd/advantage_weight"].append(self._global_masked_mean(ratio, scored))
+                    gap = teacher_logps - (per_token_logps if old_per_token_logps is None else old_per_token_logps)
+                    metrics["rlsd/teacher_minus_sampler_logp"].append(self._global_masked_mean(gap, scored))
             if anchor is not None:
                 metrics["sdpg/anchor"].append(self._global_masked_mean(anchor, mask))
                 metrics["kl"].append(
                     self._global_masked_mean(k3_kl(per_token_logps, inputs["ref_per_token_logps"]), mask)
                 )
+            self._log_clip_ratios(metrics, rho, token_advantages, mask)
         return loss
+
+    def _log_clip_ratios(self, metrics: dict, rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> None:
+        """GRPOTrainer's `clip_ratio/*` metrics, under the same names, so SDPG runs read like GRPO runs."""
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        low = ((rho < 1 - self.epsilon_low) & (adv < 0)).float()
+        high = ((rho > 1 + self.epsilon_high) & (adv > 0)).float()
+        metrics["clip_ratio/low_mean"].append(self._global_masked_mean(low, mask))
+        metrics["clip_ratio/high_mean"].append(self._global_masked_mean(high, mask))
+        metrics["clip_ratio/region_mean"].append(self._global_masked_mean(torch.maximum(low, high), mask))
+        per_sequence = lambda x: (x * mask).sum(-1) / mask.sum(-1)  # noqa: E731  (nan for an empty row, as in TRL)
+        metrics["clip_ratio/low_min"].append(self.accelerator.gather(per_sequence(low)).nan_to_num(nan=float("inf")).min().item())
+        metrics["clip_ratio/high_max"].append(self.accelerator.gather(per_sequence(high)).nan_to_num(nan=-float("inf")).max().item())
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The teacher: which weights score the privileged view
+    # ----------------------------------------------------------------------------------------------------------------
+    def _setup_teacher_model(self) -> torch.nn.Module | None:
+        """The model whose weights score the teacher view; None when it is the policy itself.
+
+        - `live` (the paper's SDPG): the policy; no extra memory.
+        - `base`: the initial weights. With PEFT, the policy with its adapter switched off; with a reference model
+          (alpha > 0, not synced), that model, at no extra memory; otherwise a frozen copy (one more set of weights).
+        - `ema`: with pure LoRA, a second adapter kept by TRL's `PEFTAdapterEMACallback`; otherwise a copy of the
+          weights that TRL's `SyncTeacherModelCallback` moves toward the policy every `teacher_sync_steps` steps.
+        """
+        # TRL keeps its EMA teacher callbacks in its experimental package; imported here so only `ema` depends on it.
+        kind = self.args.teacher_model_kind
+        if not self.args.needs_teacher or kind == "live":
+            return None
+        if is_peft_model(self.model):
+            if kind == "ema":
+                from trl.experimental.sdpo.teacher_sync import PEFTAdapterEMACallback, is_pure_lora_training
+
+                if not is_pure_lora_training(self.model):
+                    raise ValueError("SDPGConfig.teacher_model_kind='ema' with PEFT needs pure LoRA training.")
+                self.add_callback(PEFTAdapterEMACallback(
+                    self.model, teacher_adapter_name="sdpg_ema_teacher", update_rate=self.args.teacher_update_rate,
+                    sync_steps=self.args.teacher_sync_steps, accelerator=self.accelerator,
+                ))  # fmt: skip
+            return None
+        if kind == "base" and self.ref_model is not None and not self.args.sync_ref_model:
+            return self.ref_model
+        model_init_kwargs = dict(self.args.model_init_kwargs or {})
+        if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            model_init_kwargs["device_map"] = None
+        model_init_kwargs.setdefault("dtype", self.model.dtype)
+        # Built from the checkpoint like TRL's reference model: under ZeRO-3 a deep copy would clone empty shards.
+        teacher = create_model_from_path(get_config_model_id(self.model.config), **model_init_kwargs)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        if self.is_deepspeed_enabled:
+            teacher = prepare_deepspeed(teacher, self.accelerator)
+        elif self.is_fsdp_enabled:
+            teacher = prepare_fsdp(teacher, self.accelerator)
+        else:
+            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        if kind == "ema":
+            from trl.experimental.sdpo.teacher_sync import SyncTeacherModelCallback
+
+            self.add_callback(SyncTeacherModelCallback(teacher_model=teacher, accelerator=self.accelerator))
+        return teacher
+
+    def _teacher_adapter(self, model: torch.nn.Module):
+        """With PEFT, the adapter the teacher runs with: none (`base`), the EMA one (`ema`), the policy's (`live`)."""
+        kind = self.args.teacher_model_kind
+        if self.teacher_model is not None or kind == "live" or not is_peft_model(self.accelerator.unwrap_model(model)):
+            return nullcontext()
+        return use_adapter(self.accelerator.unwrap_model(model), None if kind == "base" else "sdpg_ema_teacher")
+
+    def _teacher_hidden(
+        self, model: torch.nn.Module, inputs: dict[str, Any], rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`(R, C, H)` teacher hidden states predicting the completion tokens of `rows`, and the teacher's LM head.
+
+        The input is the teacher prompt followed by the student's completion ids unchanged (SPEC 1). Dropout is off
+        (eval mode) so the teacher's distribution does not depend on a dropout draw.
+        """
+        teacher = model if self.teacher_model is None else self.teacher_model
+        completion_ids, completion_mask = inputs["completion_ids"][rows], inputs["completion_mask"][rows]
+        ids = torch.cat([inputs["teacher_prompt_ids"][rows], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["teacher_prompt_mask"][rows], completion_mask], dim=1)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._teacher_adapter(model),
+            _eval_mode(teacher),
+            self._capture_hidden(teacher) as captured,
+            self.accelerator.autocast(),
+        ):
+            # Only the hidden states are needed: keep one logit row instead of projecting every position.
+            teacher(input_ids=ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        weight, bias = self._lm_head_params(teacher)
+        return self._completion_hidden(captured, completion_ids.size(1)), weight, bias
 
     # ----------------------------------------------------------------------------------------------------------------
     # Helpers
     # ----------------------------------------------------------------------------------------------------------------
-    def _teacher_rows(self, gate: torch.Tensor, distill_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows to distil on this process, and rows to run the teacher on.
+    def _teacher_forward_rows(self, rows: torch.Tensor, needed: bool) -> torch.Tensor:
+        """Rows to run the teacher on in this process: `rows`, or one throw-away row.
 
         Every process must run the same number of forwards (DDP broadcasts buffers, FSDP and ZeRO-3 gather weights
-        in each one), so a process with nothing to distil while another has something runs the teacher on one row
+        in each one), so a process with nothing to score while another has something runs the teacher on one row
         and discards it.
         """
-        rows = gate.nonzero().squeeze(1) if distill_coef > 0 else gate.new_zeros(0, dtype=torch.long)
-        if self.accelerator.num_processes > 1 and distill_coef > 0:
+        if self.accelerator.num_processes > 1 and needed:
             total = self.accelerator.reduce(rows.new_tensor([rows.numel()]), reduction="sum")
             if rows.numel() == 0 and total.item() > 0:
-                return rows, rows.new_zeros(1)
-        return rows, rows
+                return rows.new_zeros(1)
+        return rows
 
     def _causal_lm(self, model: torch.nn.Module) -> torch.nn.Module:
         """The transformers CausalLM inside any accelerate/DDP/PEFT wrapping."""

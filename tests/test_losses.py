@@ -88,8 +88,9 @@ def _explicit_head(hidden, weight, bias, temperature, logit_scale, softcap):
     ("chunk_size", "vocab_chunk", "temperature", "logit_scale", "softcap"),
     [(1, 7, 1.0, 1.0, None), (4, 16, 0.7, 1.0, None), (64, 64, 1.0, 0.5, 5.0), (3, 50, 0.8, 1.0, 2.0)],
 )
+@pytest.mark.parametrize("teacher_head", ["shared", "own"])  # live teacher, or a frozen/EMA copy's head
 def test_fused_pass_matches_explicit_head_values_and_gradients(chunk_size, vocab_chunk, temperature, logit_scale,
-                                                               softcap):  # fmt: skip
+                                                               softcap, teacher_head):  # fmt: skip
     """SPEC 2.1 + 2.2 from hidden states in tiles (token chunks and vocabulary tiles that do and do not divide the
     sizes) against the same quantities from explicit full fp64 logits: values and gradients."""
     torch.set_default_dtype(torch.float32)  # the kernel accumulates in fp32
@@ -100,14 +101,16 @@ def test_fused_pass_matches_explicit_head_values_and_gradients(chunk_size, vocab
     h_t = torch.randn(n, hidden, requires_grad=True)
     labels = torch.randint(0, vocab, (n,))
     head = dict(temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=softcap)
-    logps, entropy, kl, teacher_logps = fused_policy_distillation(
-        h_s, h_t, weight, bias, labels, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk, **head
+    t_weight, t_bias = (weight, bias) if teacher_head == "shared" else (torch.randn(vocab, hidden), torch.randn(vocab))
+    teacher = {} if teacher_head == "shared" else dict(teacher_weight=t_weight, teacher_bias=t_bias)
+    logps, entropy, kl, teacher_logps, teacher_entropy = fused_policy_distillation(
+        h_s, h_t, weight, bias, labels, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk, **head, **teacher
     )
     c_logp, c_kl = torch.linspace(-1.0, 1.0, n), torch.arange(1.0, n + 1)  # arbitrary upstream gradients
     g_fused = torch.autograd.grad((c_logp * logps + c_kl * kl).sum(), (h_s, weight, bias))
 
     z_s = _explicit_head(h_s, weight, bias, temperature, logit_scale, softcap)
-    z_t = _explicit_head(h_t.detach(), weight.detach(), bias.detach(), temperature, logit_scale, softcap)
+    z_t = _explicit_head(h_t.detach(), t_weight.detach(), t_bias.detach(), temperature, logit_scale, softcap)
     log_p, log_q = z_s.log_softmax(-1), z_t.log_softmax(-1)
     e_logps = log_p.gather(-1, labels[:, None]).squeeze(-1)
     e_kl = full_vocab_reverse_kl(z_s, z_t)
@@ -118,6 +121,7 @@ def test_fused_pass_matches_explicit_head_values_and_gradients(chunk_size, vocab
     torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(-1).detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(teacher_logps.double(), log_q.gather(-1, labels[:, None]).squeeze(-1), rtol=1e-5,
                                atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(teacher_entropy.double(), -(log_q.exp() * log_q).sum(-1), rtol=1e-5, atol=1e-5)
     for a, b in zip(g_fused, g_explicit):  # fp32 gradients of fp32 leaves; the explicit ones went through fp64
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
     assert h_t.grad is None and kl.min() > 0
@@ -126,7 +130,7 @@ def test_fused_pass_matches_explicit_head_values_and_gradients(chunk_size, vocab
 def test_fused_pass_on_no_tokens_is_empty():
     outputs = fused_policy_distillation(torch.zeros(0, 4), torch.zeros(0, 4), torch.randn(6, 4), None,
                                         torch.zeros(0, dtype=torch.long))  # fmt: skip
-    assert [o.shape for o in outputs] == [(0,)] * 4
+    assert [o.shape for o in outputs] == [(0,)] * 5
 
 
 def test_chunked_logps_and_entropy_matches_log_softmax():
@@ -322,7 +326,8 @@ def test_reference_loss_equals_hand_computation():
             total += -adv[i].item() * lp + 0.3 * gate * kl + 0.05 * 0.5 * (lp - ref[i, t].item()) ** 2
     assert loss.item() == pytest.approx(total / n_tokens, rel=1e-6)
     assert metrics["gate_ratio"] == 0.5
-    assert set(metrics) == {"opd_kl", "gate_ratio", "teacher_minus_student_logp", "anchor", "kl"}
+    assert set(metrics) == {"opd_kl", "gate_ratio", "teacher_minus_student_logp", "teacher_entropy", "student_entropy",
+                            "anchor", "kl"}
 
 
 def test_reference_off_policy_weights_distillation_and_anchor_by_rho():

@@ -318,7 +318,7 @@ def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_
         ({"distill_warmup_steps": -1}, "distill_warmup_steps"),
         ({"distill_chunk_size": 0}, "distill_chunk_size"),
         ({"loss_type": "grpo"}, "loss_type"),
-        ({"delta": 0.5}, "delta"),
+        ({"dual_clip": 0.5}, "dual_clip"),
         ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
         ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),
     ],

@@ -260,7 +260,9 @@ class SDPGTrainer(GRPOTrainer):
             parts = {"outcome": (outcome, None, None), "distill": (None, opd_term, None), "anchor": (None, None, anchor)}
             for name, (o, d, a) in parts.items():
                 part = sdpg_objective(o, d, a, **objective, **coefs)
-                grad = torch.autograd.grad(part, hidden, retain_graph=True, allow_unused=True)[0]
+                grad = None
+                if part.requires_grad:  # a term this step does not use is a constant 0
+                    grad = torch.autograd.grad(part, hidden, retain_graph=True, allow_unused=True)[0]
                 norm = torch.zeros((), device=hidden.device) if grad is None else grad.float().square().sum()
                 metrics[f"grad_norm/{name}"].append(self.accelerator.reduce(norm, reduction="sum").sqrt().item())
 

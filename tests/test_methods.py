@@ -317,3 +317,8 @@ def test_term_gradient_norms_are_logged(tmp_path, tokenizer, tiny_model_dir):
     trainer.args.distill_coef *= 2
     trainer_loss_and_grads(trainer, batch)
     assert logged["grad_norm/distill"][-1] == pytest.approx(2 * first, rel=1e-5)
+    # a step where no term has a gradient (all advantages 0, no anchor) logs zeros instead of failing
+    trainer.beta = 0.0
+    batch["advantages"] = torch.zeros(4)
+    trainer_loss_and_grads(trainer, batch)
+    assert logged["grad_norm/outcome"][-1] == logged["grad_norm/distill"][-1] == 0.0

@@ -9,6 +9,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 from sdpg_trl import SDPGConfig
+from sdpg_trl.config import METHODS
 from sdpg_trl.scripts.train import SDPGScriptArguments, make_parser
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -25,8 +26,8 @@ def _parse(path: Path, *extra: str):
 
 def test_the_expected_recipes_exist():
     assert {p.stem for p in TRAINING_RECIPES} >= {
-        "qwen3_4b_sdpg_urkl", "qwen3_4b_sdpg_ufkl", "qwen3_4b_grpo", "qwen3_1.7b_sdpg", "qwen3_1.7b_sdpg_lora_1gpu",
-        "demo_cpu",
+        "qwen3_4b_sdpg_urkl", "qwen3_4b_sdpg_ufkl", "qwen3_4b_grpo", "qwen3_4b_rlsd", "qwen3_4b_opcd",
+        "qwen3_4b_sdpg_no_distill", "qwen3_4b_sdpg_no_anchor", "qwen3_1.7b_sdpg", "qwen3_1.7b_sdpg_lora_1gpu", "demo_cpu",
     }  # fmt: skip
     assert {p.stem for p in ACCELERATE_CONFIGS} == {"single_gpu", "multi_gpu", "zero2", "zero3", "fsdp2"}
 
@@ -99,3 +100,13 @@ def test_accelerate_rejects_unknown_keys(tmp_path):
     bad.write_text((RECIPES / "accelerate" / "multi_gpu.yaml").read_text() + "num_proceses: 4\n")
     with pytest.raises(ValueError, match="num_proceses"):
         load_config_from_file(str(bad))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_has_a_paper_recipe_that_applies_its_preset(method):
+    _, args, model = _parse(RECIPES / f"qwen3_4b_{method}.yaml")
+    assert args.method == method and model.model_name_or_path == "Qwen/Qwen3-4B"
+    for field, value in METHODS[method].items():
+        assert getattr(args, field) == value, (method, field)
+    # the paper's shared setup (SPEC 4) is the same in every method's recipe
+    assert (args.learning_rate, args.max_steps, args.num_generations, args.max_completion_length) == (1e-6, 400, 8, 4096)

@@ -10,13 +10,17 @@ accumulation and multi-process training. This class adds two things:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from peft import PeftConfig, PeftModel
 from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.models import prepare_deepspeed, prepare_fsdp
@@ -44,6 +48,9 @@ from .teacher import build_teacher_prompt, check_context_column, context_token_m
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 logger = logging.getLogger(__name__)
+
+# A reward function as GRPOTrainer takes it: a Hub id or path of a reward model, a model, or a callable.
+RewardFunc = str | PreTrainedModel | Callable[..., list[float | None]]
 
 
 @contextmanager
@@ -73,17 +80,49 @@ class SDPGTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "sdpg"]
     _name = "SDPG"
+    # The model card's citation: SDPG's paper, not GRPO's (DeepSeekMath), which GRPOTrainer would otherwise supply.
+    _paper = {
+        "title": "Self-Distilled Policy Gradient",
+        "id": "2606.04036",
+        "citation": textwrap.dedent("""\
+            @article{liu2026self,
+                title        = {{Self-Distilled Policy Gradient}},
+                author       = {Yifeng Liu and Shiyuan Zhang and Yifan Zhang and Quanquan Gu},
+                year         = 2026,
+                eprint       = {arXiv:2606.04036},
+            }"""),
+    }
 
-    def __init__(self, model: Any, reward_funcs: Any = None, args: SDPGConfig | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+        args: SDPGConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        peft_config: PeftConfig | None = None,
+        **kwargs: Any,
+    ):
+        """Same arguments as [`trl.GRPOTrainer`]; those not named here (`quantization_config`, `tools`, ...) are passed
+        through unchanged. `args` must be an [`SDPGConfig`]; when the method has a teacher, the datasets need the
+        privileged-context column `args.context_column`."""
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = SDPGConfig(f"{str(model_name).split('/')[-1]}-SDPG")
         if not isinstance(args, SDPGConfig):
             raise TypeError(f"SDPGTrainer needs args of type SDPGConfig, got {type(args).__name__}.")
         if args.needs_teacher:  # a method without a teacher (GRPO) needs no privileged context
-            check_context_column(kwargs.get("train_dataset"), args.context_column, "train_dataset")
-            check_context_column(kwargs.get("eval_dataset"), args.context_column, "eval_dataset")
-        super().__init__(model, reward_funcs, args=args, **kwargs)
+            check_context_column(train_dataset, args.context_column, "train_dataset")
+            check_context_column(eval_dataset, args.context_column, "eval_dataset")
+        super().__init__(
+            model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
+        )  # fmt: skip
         self.teacher_model = self._setup_teacher_model()
 
         text_config = self._causal_lm(self.model).config.get_text_config()

@@ -339,3 +339,20 @@ def test_paper_defaults():
     assert (args.distill_coef, args.beta, args.distill_warmup_steps, args.distill_decay_steps) == (1e-3, 1e-3, 50, 350)
     assert args.kl_estimator == "urkl" and args.distill_positive_only and args.loss_type == "dapo"
     assert "{context}" in args.teacher_template
+
+
+def test_model_card_cites_sdpg_not_grpo(tmp_path, tokenizer, tiny_model_dir):
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer)
+    trainer.create_model_card(model_name="tiny-sdpg")
+    card = (tmp_path / "README.md").read_text()
+    assert "2606.04036" in card and "Self-Distilled Policy Gradient" in card and "liu2026self" in card
+    assert "2402.03300" not in card and "DeepSeekMath" not in card
+
+
+def test_trainer_signature_names_grpo_arguments():
+    import inspect
+
+    params = inspect.signature(SDPGTrainer.__init__).parameters
+    for name in ("model", "reward_funcs", "args", "train_dataset", "eval_dataset", "processing_class",
+                 "reward_processing_classes", "callbacks", "optimizers", "peft_config"):  # fmt: skip
+        assert name in params, name

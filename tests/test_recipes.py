@@ -13,7 +13,7 @@ from sdpg_trl.config import METHODS
 from sdpg_trl.scripts.train import SDPGScriptArguments, make_parser
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TRAINING_RECIPES = sorted(RECIPES.glob("*.yaml"))
+TRAINING_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.startswith("compare_"))  # sdpg-compare's
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
 
 

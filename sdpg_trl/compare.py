@@ -1,0 +1,300 @@
+"""Methods x seeds on one task, everything else equal: the plan, the runs, the aggregate table and the figures.
+
+A comparison recipe (YAML) has three keys:
+
+    train:   {...}              # sdpg-train flags every run shares (no method field)
+    methods: {name: {...}, ...} # per method, the flags that make it, e.g. {method: rlsd} or {distill_coef: 0.0}
+    seeds:   [0, 1, 2]
+
+Each run is `sdpg-train` in a fresh process on `train + methods[name] + {seed, output_dir}`, in
+`<output_dir>/<name>/seed<seed>/`, where its merged recipe (`config.yaml`), its log (`train.log`), the trainer's
+`trainer_state.json` and a `run.json` marker are written. A folder with both files is finished and skipped; any
+other folder is cleared and rerun. Runs go seed by seed (every method of seed 0 first), so a comparison cut short
+still has whole seeds. The base model is evaluated once (`base_eval.json`): it is the same model with the same seeded
+sampling for every run, so the runs themselves skip their step-0 evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Curves drawn against the optimiser step: log key -> (file name, axis title).
+CURVES = {
+    "eval/accuracy": ("accuracy", "Held-out mean@k accuracy"),
+    "reward": ("reward", "Training reward (rollout mean)"),
+    "entropy": ("entropy", "Policy entropy of sampled tokens"),
+    "kl": ("kl", "KL to the reference (k3)"),
+    "completions/mean_length": ("response_length", "Response length (tokens)"),
+}
+# Per-step training values reported as "final": the mean of the last FINAL_WINDOW logged steps (one step is noisy).
+FINAL_WINDOW = 3
+FINISHED = "run.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the comparison."""
+
+    method: str
+    seed: int
+    folder: Path
+    config: dict[str, Any]
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a comparison recipe and check its shape (not yet its flags: `check_runs` does that)."""
+    recipe = yaml.safe_load(Path(path).read_text())
+    if not isinstance(recipe, dict) or set(recipe) != {"train", "methods", "seeds"}:
+        raise ValueError(f"{path}: a comparison recipe has exactly the keys train, methods and seeds.")
+    if not recipe["methods"] or not recipe["seeds"]:
+        raise ValueError(f"{path}: methods and seeds must not be empty.")
+    for name, flags in recipe["methods"].items():
+        shared = set(flags or {}) & set(recipe["train"])
+        if shared:
+            raise ValueError(f"{path}: method {name!r} sets {sorted(shared)}, which train: sets for every run already.")
+    return recipe
+
+
+def plan_runs(
+    recipe: dict[str, Any],
+    output_dir: str | Path,
+    *,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    model_name_or_path: str | None = None,
+) -> list[Run]:
+    """Every (method, seed) run, seed-major, with its merged `sdpg-train` configuration."""
+    unknown = set(methods or []) - set(recipe["methods"])
+    if unknown:
+        raise ValueError(f"Unknown methods {sorted(unknown)}; the recipe has {list(recipe['methods'])}.")
+    runs = []
+    for seed in seeds if seeds is not None else recipe["seeds"]:
+        for name, flags in recipe["methods"].items():
+            if methods and name not in methods:
+                continue
+            folder = Path(output_dir) / name / f"seed{seed}"
+            config = {**recipe["train"], **(flags or {}), "seed": seed, "output_dir": str(folder),
+                      "eval_before_training": False}  # fmt: skip
+            if model_name_or_path:
+                config["model_name_or_path"] = model_name_or_path
+            runs.append(Run(name, seed, folder, config))
+    return runs
+
+
+def check_runs(runs: list[Run]) -> None:
+    """Parse every run's configuration with `sdpg-train`'s parser, so a bad flag fails before the first run."""
+    from .scripts.train import make_parser  # the training stack is only needed here
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(yaml.safe_dump(run.config))
+            try:
+                make_parser().parse_args_and_config(args=["--config", str(path)], fail_with_unknown_args=True)
+            except (ValueError, SystemExit) as err:
+                raise ValueError(f"Method {run.method!r}, seed {run.seed}: its configuration does not parse: {err}") from err
+
+
+def is_finished(run: Run) -> bool:
+    return (run.folder / FINISHED).is_file() and (run.folder / "trainer_state.json").is_file()
+
+
+def train_in_subprocess(run: Run) -> None:
+    """Run `sdpg-train` on the run's configuration in a fresh process; raise if it fails."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / "config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
+    cmd = [sys.executable, "-m", "sdpg_trl.scripts.train", "--config", str(run.folder / "config.yaml")]
+    with open(run.folder / "train.log", "w") as log:
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{run.method} seed {run.seed} failed (exit {result.returncode}); see {run.folder}/train.log")
+
+
+def execute(runs: list[Run], train: Callable[[Run], None] = train_in_subprocess, echo: Callable = print) -> None:
+    """Train every unfinished run, one progress line each; finished runs are skipped, broken folders restarted."""
+    todo = [run for run in runs if not is_finished(run)]
+    echo(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go.")
+    durations: list[float] = []
+    for index, run in enumerate(todo, 1):
+        label = f"[{index}/{len(todo)}] {run.method} seed {run.seed}"
+        if run.folder.exists():
+            echo(f"{label}: unfinished folder from an earlier attempt, starting it again")
+            shutil.rmtree(run.folder)
+        start = time.time()
+        train(run)
+        durations.append(time.time() - start)
+        (run.folder / FINISHED).write_text(json.dumps({"wall_s": durations[-1], "config": run.config}, indent=2))
+        evals = [h["eval/accuracy"] for h in read_history(run.folder) if "eval/accuracy" in h]
+        eta = statistics.mean(durations) * (len(todo) - index) / 60
+        last = f"held-out last {evals[-1]:.3f}" if evals else "no evaluation"
+        echo(f"{label} done in {durations[-1] / 60:.1f} min ({last}); about {eta:.0f} min to go")
+
+
+def read_history(folder: Path) -> list[dict]:
+    return json.loads((folder / "trainer_state.json").read_text())["log_history"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------------------------------------
+def series(history: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` in a trainer log history, in step order."""
+    return sorted((entry["step"], entry[key]) for entry in history if entry.get(key) is not None)
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean over seeds (SE is nan for one value)."""
+    mean = statistics.mean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return mean, se
+
+
+def summarise_run(history: list[dict], base_accuracy: float | None) -> dict[str, Any]:
+    """A run's curves and its table entries: held-out accuracy Last and Best (over its evaluations after step 0),
+    and the final entropy, response length, reward and KL (mean of the last `FINAL_WINDOW` logged steps)."""
+    curves = {key: series(history, key) for key in CURVES}
+    if base_accuracy is not None:
+        curves["eval/accuracy"] = [(0, base_accuracy), *[p for p in curves["eval/accuracy"] if p[0] != 0]]
+    trained = [value for step, value in curves["eval/accuracy"] if step > 0]
+    final = {
+        key: statistics.mean(v for _, v in points[-FINAL_WINDOW:]) if points else None
+        for key, points in curves.items() if key != "eval/accuracy"
+    }  # fmt: skip
+    return {
+        "curves": curves,
+        "last": trained[-1] if trained else None,
+        "best": max(trained) if trained else None,
+        "final": final,
+    }
+
+
+def aggregate(runs: dict[str, dict[int, dict]], num_eval_samples: int | None) -> dict[str, dict[str, Any]]:
+    """Per method, over its seeds: mean and SE of Last, Best and the final training values.
+
+    `sampling_se` is the binomial standard error of one evaluation, `sqrt(p (1 - p) / n)` at the method's mean Last,
+    the noise a single run's number carries even with the seed fixed.
+    """
+    table = {}
+    for method, by_seed in runs.items():
+        done = [r for r in by_seed.values() if r["last"] is not None]
+        if not done:
+            continue
+        row: dict[str, Any] = {"seeds": sorted(s for s, r in by_seed.items() if r["last"] is not None)}
+        for name in ("last", "best"):
+            row[name] = mean_and_se([r[name] for r in done])
+        for key in CURVES:
+            if key == "eval/accuracy":
+                continue
+            values = [r["final"][key] for r in done if r["final"].get(key) is not None]
+            row[key] = mean_and_se(values) if values else None
+        if num_eval_samples:
+            p = row["last"][0]
+            row["sampling_se"] = math.sqrt(p * (1 - p) / num_eval_samples)
+        table[method] = row
+    return table
+
+
+def collect(output_dir: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Every finished run's summary, the aggregate per method, and the base evaluation, as one JSON-able dict."""
+    output_dir = Path(output_dir)
+    base_file = output_dir / "base_eval.json"
+    base = json.loads(base_file.read_text()) if base_file.is_file() else None
+    base_accuracy = base["accuracy"] if base else None
+    train = recipe["train"]
+    num_eval_samples = train.get("arithmetic_num_eval", 0) * train.get("eval_k", 0) or None
+    runs: dict[str, dict[int, dict]] = {}
+    for run in plan_runs(recipe, output_dir):
+        if is_finished(run):
+            runs.setdefault(run.method, {})[run.seed] = summarise_run(read_history(run.folder), base_accuracy)
+    return {
+        "base_accuracy": base_accuracy,
+        "eval_samples_per_run": num_eval_samples,
+        "runs": runs,
+        "methods": aggregate(runs, num_eval_samples),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Table and figures
+# ---------------------------------------------------------------------------------------------------------------------
+def _cell(stat: tuple[float, float] | None, digits: int = 3) -> str:
+    if stat is None:
+        return "—"
+    mean, se = stat
+    return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """The paper's table: held-out accuracy Last / Best per method, mean ± SE over seeds, plus the final training
+    entropy, response length, reward and KL."""
+    lines = [
+        "| method | seeds | held-out Last | held-out Best | sampling SE of one run | entropy | response length | "
+        "training reward | KL to ref |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, row in results["methods"].items():
+        sampling = f"{row['sampling_se']:.3f}" if row.get("sampling_se") is not None else "—"
+        lines.append(
+            f"| {method} | {len(row['seeds'])} | {_cell(row['last'])} | {_cell(row['best'])} | {sampling} | "
+            f"{_cell(row['entropy'], 2)} | {_cell(row['completions/mean_length'], 1)} | {_cell(row['reward'])} | "
+            f"{_cell(row['kl'], 4)} |"
+        )
+    if results.get("base_accuracy") is not None:
+        lines.append(f"\nBase model before training: {results['base_accuracy']:.3f}.")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
+    """One PNG per curve: every method in its own colour, each seed a thin line, the seeds' mean bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    written = []
+    colours = plt.get_cmap("tab10")
+    for key, (name, title) in CURVES.items():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for index, (method, by_seed) in enumerate(results["runs"].items()):
+            colour = colours(index % 10)
+            curves = [dict(r["curves"][key]) for r in by_seed.values() if r["curves"].get(key)]
+            for curve in curves:
+                ax.plot(list(curve), list(curve.values()), color=colour, alpha=0.3, linewidth=0.8)
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if steps:
+                mean = [statistics.mean(c[s] for c in curves) for s in steps]
+                ax.plot(steps, mean, color=colour, linewidth=2.2, marker="o" if key == "eval/accuracy" else None,
+                        markersize=4, label=f"{method} (n={len(curves)})")  # fmt: skip
+        if ax.lines:
+            ax.set(title=title, xlabel="optimiser step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = Path(output_dir) / f"{name}.png"
+            fig.savefig(path, dpi=110)
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def write_report(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
+    """`results.json` (every number), `results.md` (the table) and the PNG figures, in `output_dir`."""
+    output_dir = Path(output_dir)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "results.md").write_text(render_table(results) + "\n")
+    return [output_dir / "results.json", output_dir / "results.md", *plot_curves(results, output_dir)]

@@ -1,0 +1,119 @@
+"""`sdpg-compare`: the aggregate numbers by hand, the seed-major plan and resume logic, and one real comparison on
+the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from sdpg_trl.compare import aggregate, execute, is_finished, load_recipe, plan_runs, summarise_run
+from sdpg_trl.scripts.compare import main
+
+
+def history(evals: dict[int, float], steps: int = 4, reward: float = 0.5) -> list[dict]:
+    """A trainer log history: one training entry per step and an eval entry at the given steps."""
+    log = [{"step": s, "reward": reward + s, "entropy": 1.0 / s, "completions/mean_length": 10.0 * s, "kl": 0.01 * s}
+           for s in range(1, steps + 1)]  # fmt: skip
+    log += [{"step": s, "eval/accuracy": acc} for s, acc in evals.items()]
+    return log
+
+
+def test_summary_and_aggregate_by_hand():
+    runs = {
+        "a": {0: summarise_run(history({2: 0.2, 4: 0.3}), base_accuracy=0.1),
+              1: summarise_run(history({2: 0.5, 4: 0.4}), base_accuracy=0.1)},
+        "b": {0: summarise_run(history({2: 0.6, 4: 0.6}), base_accuracy=0.1)},
+    }  # fmt: skip
+    assert runs["a"][0]["curves"]["eval/accuracy"] == [(0, 0.1), (2, 0.2), (4, 0.3)]  # the base is step 0
+    assert (runs["a"][0]["last"], runs["a"][0]["best"], runs["a"][1]["best"]) == (0.3, 0.3, 0.5)
+    assert runs["a"][0]["final"]["reward"] == pytest.approx((2.5 + 3.5 + 4.5) / 3)  # mean of the last 3 steps
+    table = aggregate(runs, num_eval_samples=100)
+    last_mean, last_se = table["a"]["last"]
+    assert last_mean == pytest.approx(0.35) and last_se == pytest.approx(0.05)  # stdev(0.3, 0.4) / sqrt(2)
+    assert table["a"]["best"] == pytest.approx((0.4, 0.1))  # best 0.3 and 0.5
+    assert table["a"]["sampling_se"] == pytest.approx(math.sqrt(0.35 * 0.65 / 100))
+    assert table["b"]["last"][0] == 0.6 and math.isnan(table["b"]["last"][1])  # one seed: no spread
+    assert table["a"]["seeds"] == [0, 1]
+
+
+def test_recipe_shape_is_checked(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"train": {"max_steps": 1}, "methods": {"a": {"max_steps": 2}}, "seeds": [0]}))
+    with pytest.raises(ValueError, match="'a' sets \\['max_steps'\\]"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({"train": {}, "methods": {"a": {}}}))
+    with pytest.raises(ValueError, match="train, methods and seeds"):
+        load_recipe(path)
+
+
+def test_plan_is_seed_major_and_resume_skips_finished_runs(tmp_path):
+    recipe = {"train": {"max_steps": 1}, "methods": {"grpo": {"method": "grpo"}, "sdpg": {}}, "seeds": [0, 1]}
+    runs = plan_runs(recipe, tmp_path)
+    assert [(r.method, r.seed) for r in runs] == [("grpo", 0), ("sdpg", 0), ("grpo", 1), ("sdpg", 1)]
+    assert runs[0].config == {"max_steps": 1, "method": "grpo", "seed": 0, "output_dir": str(tmp_path / "grpo" / "seed0"),
+                              "eval_before_training": False}  # fmt: skip
+    trained = []
+
+    def fake_train(run):
+        run.folder.mkdir(parents=True, exist_ok=True)
+        (run.folder / "trainer_state.json").write_text(json.dumps({"log_history": history({1: 0.5}, steps=1)}))
+        trained.append((run.method, run.seed))
+
+    runs[1].folder.mkdir(parents=True)  # an interrupted run: a folder without the finished marker
+    (runs[1].folder / "stale.txt").write_text("x")
+    lines = []
+    execute(runs[:2], train=fake_train, echo=lines.append)
+    assert trained == [("grpo", 0), ("sdpg", 0)] and all(is_finished(r) for r in runs[:2])
+    assert not (runs[1].folder / "stale.txt").exists() and any("starting it again" in line for line in lines)
+    execute(runs, train=fake_train, echo=lines.append)  # the finished ones are not rerun
+    assert trained == [("grpo", 0), ("sdpg", 0), ("grpo", 1), ("sdpg", 1)]
+
+
+def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
+    train = {
+        "dataset_name": "arithmetic", "arithmetic_num_train": 8, "arithmetic_num_eval": 2,
+        "reward_funcs": ["lenient_math_accuracy_reward"], "eval_every_steps": 1, "eval_k": 2,
+        "eval_max_new_tokens": 3, "eval_reward_func": "lenient_math_accuracy_reward", "max_steps": 1,
+        "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 6, "logging_steps": 1,
+        "report_to": "none", "save_strategy": "no", "use_cpu": True, "bf16": False,
+    }  # fmt: skip
+    methods = {"grpo": {"method": "grpo"}, "sdpg": {"distill_coef": 0.5, "distill_warmup_steps": 0}}
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"train": train, "methods": methods, "seeds": [0]}))
+    out = tmp_path / "out"
+    argv = ["--config", str(config), "--output_dir", str(out), "--model_name_or_path", tiny_model_dir]
+    main(argv)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"grpo", "sdpg"} and results["base_accuracy"] is not None
+    assert (out / "accuracy.png").is_file() and "| grpo | 1 |" in (out / "results.md").read_text()
+    sdpg_log = json.loads((out / "sdpg" / "seed0" / "trainer_state.json").read_text())["log_history"]
+    assert any("sdpg/opd_kl" in entry for entry in sdpg_log)
+    stamp = (out / "grpo" / "seed0" / "run.json").stat().st_mtime
+    main(argv)  # resumed: nothing to rerun
+    assert (out / "grpo" / "seed0" / "run.json").stat().st_mtime == stamp
+    (out / "results.md").unlink()
+    main(["--config", str(config), "--output_dir", str(out), "--render_only"])
+    assert (out / "results.md").is_file()
+
+
+def test_bad_method_flag_fails_before_any_run(tmp_path):
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"train": {"max_steps": 1, "use_cpu": True}, "methods": {"x": {"method": "ppo"}},
+                                      "seeds": [0]}))  # fmt: skip
+    with pytest.raises(ValueError, match="Method 'x', seed 0"):
+        main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--model_name_or_path", "unused"])
+    assert not (tmp_path / "out" / "x").exists()
+
+
+def test_shipped_comparison_recipe_parses():
+    from pathlib import Path
+
+    from sdpg_trl.compare import check_runs
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "compare_demo_cpu.yaml")
+    runs = plan_runs(recipe, "unused", model_name_or_path="local/model")
+    check_runs(runs)
+    assert {r.method for r in runs} >= {"grpo", "rlsd", "sdpg_urkl", "sdpg_ufkl"} and len({r.seed for r in runs}) >= 3

@@ -309,7 +309,7 @@ class SDPGTrainer(GRPOTrainer):
             metrics["entropy"].append(self._global_masked_mean(entropies, mask))
             metrics["sdpg/distill_coef"].append(distill_coef)
             metrics["sdpg/gate_ratio"].append(self.accelerator.gather(gate).mean().item())
-            if self.args.needs_teacher:
+            if args.distill_coef > 0:  # the distillation metrics (RLSD has a teacher but no KL term)
                 metrics["sdpg/opd_kl"].append(self._global_masked_mean(opd, distilled))
                 metrics["sdpg/teacher_minus_student_logp"].append(
                     self._global_masked_mean(teacher_logps - per_token_logps, distilled)

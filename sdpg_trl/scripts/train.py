@@ -18,6 +18,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from ..config import SDPGConfig
 from ..data import DataArguments, held_out_dataset, train_dataset
+from ..distributed import end_training
 from ..evaluation import MeanAtKArguments, MeanAtKCallback
 from ..rewards import REWARD_FUNCS, get_reward_funcs
 from ..trainer import SDPGTrainer
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point `sdpg-train`; `argv` defaults to the command line. Use `train` to get the trainer back."""
     # Returns None: console scripts pass the return value to sys.exit, which treats an object as a failure.
     trainer = train(*make_parser().parse_args_and_config(args=argv))
-    trainer.end()  # finish the trackers and tear down the process group, as TRL's scripts do
+    # TRL's scripts end with `trainer.end()`, which leaves the process group to the DDP wrapper until the exit.
+    end_training(trainer)
 
 
 if __name__ == "__main__":

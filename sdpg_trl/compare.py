@@ -9,8 +9,8 @@ A comparison recipe (YAML) has three keys:
 Each run is `sdpg-train` in a fresh process on `train + methods[name] + {seed, output_dir}`, in
 `<output_dir>/<name>/seed<seed>/`, where its merged recipe (`config.yaml`), its log (`train.log`), the trainer's
 `trainer_state.json` and a `run.json` marker are written. A folder with both files is finished and skipped; any
-other folder is cleared and rerun. Runs go seed by seed (every method of seed 0 first), so a comparison cut short
-still has whole seeds. The base model is evaluated once (`base_eval.json`): it is the same model with the same seeded
+other folder is cleared and rerun. A run that fails is reported and the comparison goes on with the next one. Runs go
+seed by seed (every method of seed 0 first), so a comparison cut short still has whole seeds. The base model is evaluated once (`base_eval.json`): it is the same model with the same seeded
 sampling for every run, so the runs themselves skip their step-0 evaluation.
 """
 
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,35 +113,74 @@ def is_finished(run: Run) -> bool:
     return (run.folder / FINISHED).is_file() and (run.folder / "trainer_state.json").is_file()
 
 
-def train_in_subprocess(run: Run) -> None:
-    """Run `sdpg-train` on the run's configuration in a fresh process; raise if it fails."""
+def train_in_subprocess(run: Run) -> dict[str, Any]:
+    """Run `sdpg-train` on the run's configuration in a fresh process; raise if it fails, else return the command."""
     run.folder.mkdir(parents=True, exist_ok=True)
     (run.folder / "config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
     cmd = [sys.executable, "-m", "sdpg_trl.scripts.train", "--config", str(run.folder / "config.yaml")]
     with open(run.folder / "train.log", "w") as log:
         result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise RuntimeError(f"{run.method} seed {run.seed} failed (exit {result.returncode}); see {run.folder}/train.log")
+        raise RuntimeError(f"exit {result.returncode}; see {run.folder / 'train.log'}")
+    return {"command": cmd}
 
 
-def execute(runs: list[Run], train: Callable[[Run], None] = train_in_subprocess, echo: Callable = print) -> None:
-    """Train every unfinished run, one progress line each; finished runs are skipped, broken folders restarted."""
+def source_revision() -> dict[str, Any]:
+    """The git commit of the sdpg_trl source that runs, and whether it has uncommitted changes (None outside git)."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": bool(changes) if commit else None}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def execute(
+    runs: list[Run], train: Callable[[Run], dict[str, Any] | None] = train_in_subprocess, echo: Callable = print
+) -> list[tuple[Run, str]]:
+    """Train every unfinished run, one progress line each; finished runs are skipped, broken folders restarted.
+
+    A run whose `train` raises is reported and left unfinished (the next invocation restarts it); the others go on.
+    Returns the failed runs with their error. `train` may return extra facts for `run.json` (e.g. the command).
+    """
     todo = [run for run in runs if not is_finished(run)]
     echo(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go.")
+    revision = source_revision() if todo else {}
     durations: list[float] = []
+    failed: list[tuple[Run, str]] = []
     for index, run in enumerate(todo, 1):
         label = f"[{index}/{len(todo)}] {run.method} seed {run.seed}"
         if run.folder.exists():
             echo(f"{label}: unfinished folder from an earlier attempt, starting it again")
             shutil.rmtree(run.folder)
-        start = time.time()
-        train(run)
+        echo(f"{label} ... (log: {run.folder / 'train.log'})")
+        started, start = _now(), time.time()
+        try:
+            facts = train(run) or {}
+        except Exception as err:  # one broken run must not end the comparison; Ctrl-C (not an Exception) still does
+            durations.append(time.time() - start)
+            failed.append((run, str(err)))
+            echo(f"{label} FAILED after {durations[-1] / 60:.1f} min: {err}")
+            continue
         durations.append(time.time() - start)
-        (run.folder / FINISHED).write_text(json.dumps({"wall_s": durations[-1], "config": run.config}, indent=2))
+        marker = {"method": run.method, "seed": run.seed, "wall_s": durations[-1], "started": started,
+                  "finished": _now(), **facts, **revision, "config": run.config}  # fmt: skip
+        (run.folder / FINISHED).write_text(json.dumps(marker, indent=2))
         evals = [h["eval/accuracy"] for h in read_history(run.folder) if "eval/accuracy" in h]
         eta = statistics.mean(durations) * (len(todo) - index) / 60
         last = f"held-out last {evals[-1]:.3f}" if evals else "no evaluation"
         echo(f"{label} done in {durations[-1] / 60:.1f} min ({last}); about {eta:.0f} min to go")
+    return failed
 
 
 def read_history(folder: Path) -> list[dict]:

@@ -70,6 +70,50 @@ def test_plan_is_seed_major_and_resume_skips_finished_runs(tmp_path):
     assert not (runs[1].folder / "stale.txt").exists() and any("starting it again" in line for line in lines)
     execute(runs, train=fake_train, echo=lines.append)  # the finished ones are not rerun
     assert trained == [("grpo", 0), ("sdpg", 0), ("grpo", 1), ("sdpg", 1)]
+    marker = json.loads((runs[0].folder / "run.json").read_text())
+    assert marker["config"] == runs[0].config and marker["wall_s"] >= 0 and "git_commit" in marker
+
+
+def fake_trainer(fail: set[str], trained: list):
+    """A stand-in for `train_in_subprocess`: methods in `fail` raise, the others leave a one-step trainer state."""
+
+    def train(run):
+        trained.append((run.method, run.seed))
+        run.folder.mkdir(parents=True, exist_ok=True)
+        if run.method in fail:
+            raise RuntimeError("exit 1; see train.log")
+        (run.folder / "trainer_state.json").write_text(json.dumps({"log_history": history({1: 0.5}, steps=1)}))
+        return {"command": ["train", run.method]}
+
+    return train
+
+
+def test_a_failed_run_does_not_stop_the_others_and_is_restarted_next_time(tmp_path):
+    recipe = {"train": {"max_steps": 1}, "methods": {"bad": {}, "good": {}}, "seeds": [0, 1]}
+    runs = plan_runs(recipe, tmp_path)
+    trained, lines = [], []
+    failed = execute(runs, train=fake_trainer({"bad"}, trained), echo=lines.append)
+    assert trained == [("bad", 0), ("good", 0), ("bad", 1), ("good", 1)]
+    assert [(r.method, r.seed) for r, _ in failed] == [("bad", 0), ("bad", 1)] and "exit 1" in failed[0][1]
+    assert [is_finished(r) for r in runs] == [False, True, False, True]
+    assert sum("FAILED" in line for line in lines) == 2
+    assert json.loads((runs[1].folder / "run.json").read_text())["command"] == ["train", "good"]
+    trained.clear()
+    assert execute(runs, train=fake_trainer(set(), trained), echo=lines.append) == []
+    assert trained == [("bad", 0), ("bad", 1)]  # only the failed ones again
+
+
+def test_main_reports_the_finished_runs_and_exits_non_zero_when_one_failed(tmp_path, monkeypatch):
+    import sdpg_trl.scripts.compare as script
+
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"train": {"max_steps": 1, "use_cpu": True}, "methods": {"bad": {}, "good": {}},
+                                      "seeds": [0]}))  # fmt: skip
+    monkeypatch.setattr(script, "train_in_subprocess", fake_trainer({"bad"}, []))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed: bad seed 0"):
+        main(["--config", str(config), "--output_dir", str(out), "--model_name_or_path", "unused"])
+    assert "| good | 1 |" in (out / "results.md").read_text() and "| bad |" not in (out / "results.md").read_text()
 
 
 def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):

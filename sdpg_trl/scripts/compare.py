@@ -5,9 +5,10 @@
     sdpg-compare --config recipes/compare_demo_cpu.yaml --render_only       # redraw from results.json
     python -m sdpg_trl.scripts.compare --config my_compare.yaml --output_dir outputs/my-compare --dry_run
 
-Resumable: a finished run is never rerun, an interrupted one starts again. Writes into the output folder one folder
-per run (its recipe, log and trainer state), `base_eval.json`, `results.json` (every number), `results.md` (the table:
-held-out Last and Best per method, mean ± standard error over seeds) and one PNG per curve.
+Resumable: a finished run is never rerun, an interrupted or failed one starts again; a failed run does not stop the
+others (the command exits non-zero at the end). Writes into the output folder one folder per run (its recipe, log,
+trainer state and `run.json`), `base_eval.json`, `results.json` (every number), `results.md` (the table: held-out
+Last and Best per method, mean ± standard error over seeds) and one PNG per curve.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..compare import check_runs, collect, execute, load_recipe, plan_runs, write_report
+from ..compare import check_runs, collect, execute, load_recipe, plan_runs, train_in_subprocess, write_report
 
 # sdpg-evaluate flags taken from the comparison's shared training settings, so the base model is evaluated exactly
 # as the runs evaluate their checkpoints.
@@ -78,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     if recipe["train"].get("eval_every_steps"):
         evaluate_base(recipe["train"], model, output_dir)
-    execute(runs, echo=lambda line: print(line, flush=True))
+    failed = execute(runs, train=train_in_subprocess, echo=lambda line: print(line, flush=True))
     results = collect(output_dir, recipe)
     written = write_report(results, output_dir)
     print((output_dir / "results.md").read_text())
     print("Wrote " + ", ".join(str(p) for p in written))
+    if failed:  # the report above holds the finished runs; a rerun restarts only the failed ones
+        raise SystemExit(f"{len(failed)} run(s) failed: " + "; ".join(f"{r.method} seed {r.seed} ({e})" for r, e in failed))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Each run is `sdpg-train` in a fresh process on `train + methods[name] + {seed, o
 `<output_dir>/<name>/seed<seed>/`, where its merged recipe (`config.yaml`), its log (`train.log`), the trainer's
 `trainer_state.json` and a `run.json` marker are written. A folder with both files is finished and skipped; any
 other folder is cleared and rerun. A run that fails is reported and the comparison goes on with the next one. Runs go
-seed by seed (every method of seed 0 first), so a comparison cut short still has whole seeds. The base model is evaluated once (`base_eval.json`): it is the same model with the same seeded
-sampling for every run, so the runs themselves skip their step-0 evaluation.
+seed by seed (every method of seed 0 first), so a comparison cut short still has whole seeds. The base model is
+evaluated once (`base_eval.json`): it is the same model with the same seeded sampling for every run, so the runs
+themselves skip their step-0 evaluation.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     print((output_dir / "results.md").read_text())
     print("Wrote " + ", ".join(str(p) for p in written))
     if failed:  # the report above holds the finished runs; a rerun restarts only the failed ones
-        raise SystemExit(f"{len(failed)} run(s) failed: " + "; ".join(f"{r.method} seed {r.seed} ({e})" for r, e in failed))
+        listing = "; ".join(f"{run.method} seed {run.seed} ({error})" for run, error in failed)
+        raise SystemExit(f"{len(failed)} run(s) failed: {listing}")
 
 
 if __name__ == "__main__":

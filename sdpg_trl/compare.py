@@ -114,6 +114,31 @@ def is_finished(run: Run) -> bool:
     return (run.folder / FINISHED).is_file() and (run.folder / "trainer_state.json").is_file()
 
 
+def changed_settings(run: Run) -> dict[str, tuple[Any, Any]]:
+    """For a finished run, each setting whose recorded value (in `run.json`) differs from the planned one, as
+    `key: (recorded, planned)`; the output folder is not compared."""
+    recorded = json.loads((run.folder / FINISHED).read_text()).get("config")
+    if recorded is None:  # a marker without its configuration: nothing to compare
+        return {}
+    keys = sorted((set(recorded) | set(run.config)) - {"output_dir"})
+    return {k: (recorded.get(k), run.config.get(k)) for k in keys if recorded.get(k) != run.config.get(k)}
+
+
+def check_finished_runs(runs: list[Run]) -> None:
+    """Refuse to resume into finished runs that were trained with other settings (an edited recipe, another model):
+    skipping them would put two configurations in one table."""
+    stale = [(run, changed) for run in runs if is_finished(run) and (changed := changed_settings(run))]
+    if stale:
+        lines = [
+            f"  {run.method} seed {run.seed}: " + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            for run, changed in stale
+        ]
+        raise ValueError(
+            "Finished runs in the output folder were trained with other settings:\n" + "\n".join(lines)
+            + "\nUse another --output_dir, or delete those run folders to train them again."
+        )  # fmt: skip
+
+
 def train_in_subprocess(run: Run) -> dict[str, Any]:
     """Run `sdpg-train` on the run's configuration in a fresh process; raise if it fails, else return the command."""
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -152,8 +177,9 @@ def execute(
     """Train every unfinished run, one progress line each; finished runs are skipped, broken folders restarted.
 
     A run whose `train` raises is reported and left unfinished (the next invocation restarts it); the others go on.
-    Returns the failed runs with their error. `train` may return extra facts for `run.json` (e.g. the command).
+    Finished runs whose recorded settings differ from the plan stop everything before any training. Returns the failed runs with their error. `train` may return extra facts for `run.json` (e.g. the command).
     """
+    check_finished_runs(runs)
     todo = [run for run in runs if not is_finished(run)]
     echo(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go.")
     revision = source_revision() if todo else {}

@@ -74,6 +74,19 @@ def test_plan_is_seed_major_and_resume_skips_finished_runs(tmp_path):
     assert marker["config"] == runs[0].config and marker["wall_s"] >= 0 and "git_commit" in marker
 
 
+def test_resuming_into_runs_finished_with_other_settings_is_refused(tmp_path):
+    recipe = {"train": {"max_steps": 1}, "methods": {"a": {"distill_coef": 0.5}}, "seeds": [0]}
+    trained = []
+    execute(plan_runs(recipe, tmp_path), train=fake_trainer(set(), trained), echo=print)
+    execute(plan_runs(recipe, tmp_path), train=fake_trainer(set(), trained), echo=print)  # same settings: skipped
+    recipe["methods"]["a"]["distill_coef"] = 1.0  # an edited recipe, same output folder
+    with pytest.raises(ValueError, match="a seed 0: distill_coef: 0.5 -> 1.0"):
+        execute(plan_runs(recipe, tmp_path), train=fake_trainer(set(), trained), echo=print)
+    with pytest.raises(ValueError, match="model_name_or_path: None -> 'other/model'"):
+        execute(plan_runs(recipe, tmp_path, model_name_or_path="other/model"), train=fake_trainer(set(), trained))
+    assert trained == [("a", 0)]
+
+
 def fake_trainer(fail: set[str], trained: list):
     """A stand-in for `train_in_subprocess`: methods in `fail` raise, the others leave a one-step trainer state."""
 

@@ -20,7 +20,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..compare import check_runs, collect, execute, load_recipe, plan_runs, train_in_subprocess, write_report
+from ..compare import (
+    check_finished_runs,
+    check_runs,
+    collect,
+    execute,
+    load_recipe,
+    plan_runs,
+    train_in_subprocess,
+    write_report,
+)
 
 # sdpg-evaluate flags taken from the comparison's shared training settings, so the base model is evaluated exactly
 # as the runs evaluate their checkpoints.
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{run.method:>28} seed {run.seed}: {run.folder}")
         return
     check_runs(runs)  # every run's flags parse before the first one starts
+    check_finished_runs(runs)  # and the finished runs being resumed into were trained with the same flags
     output_dir.mkdir(parents=True, exist_ok=True)
     if recipe["train"].get("eval_every_steps"):
         evaluate_base(recipe["train"], model, output_dir)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -166,11 +168,43 @@ def test_bad_method_flag_fails_before_any_run(tmp_path):
 
 
 def test_shipped_comparison_recipe_parses():
-    from pathlib import Path
-
     from sdpg_trl.compare import check_runs
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "compare_demo_cpu.yaml")
     runs = plan_runs(recipe, "unused", model_name_or_path="local/model")
     check_runs(runs)
     assert {r.method for r in runs} >= {"grpo", "rlsd", "sdpg_urkl", "sdpg_ufkl"} and len({r.seed for r in runs}) >= 3
+
+
+def test_base_evaluation_follows_the_runs_settings_and_is_redone_when_they_change(tmp_path, monkeypatch):
+    import sdpg_trl.scripts.compare as script
+    from trl import ModelConfig
+
+    assert script.TRAINING_DTYPE == ModelConfig().dtype  # what sdpg-train loads the weights in when a recipe is silent
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # stands in for the sdpg-evaluate subprocess
+        settings = yaml.safe_load(open(cmd[cmd.index("--config") + 1]))
+        calls.append(settings)
+        Path(settings["output_file"]).write_text(json.dumps({"accuracy": 0.25, "num_problems": 2, "k": 2}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    train = {"dataset_name": "my.jsonl", "question_column": "q", "eval_k": 2, "learning_rate": 1e-5, "use_vllm": True,
+             "eval_dataset_name": None}  # fmt: skip
+    script.evaluate_base(train, "base/model", tmp_path)
+    assert calls[0] == {"dataset_name": "my.jsonl", "dtype": "float32", "eval_k": 2, "question_column": "q",
+                        "model_name_or_path": "base/model", "output_file": f"{tmp_path}/base_eval.json.partial"}
+    assert json.loads((tmp_path / "base_eval.json").read_text())["accuracy"] == 0.25
+    script.evaluate_base(train, "base/model", tmp_path)  # same settings: not evaluated again
+    script.evaluate_base({**train, "eval_k": 4}, "base/model", tmp_path)
+    script.evaluate_base({**train, "eval_k": 4}, "other/model", tmp_path)
+    assert len(calls) == 3
+
+
+def test_methods_may_not_change_the_evaluation(tmp_path, capsys):
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"train": {"max_steps": 1}, "methods": {"a": {"eval_k": 8}}, "seeds": [0]}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--dry_run"])
+    assert "method 'a' sets ['eval_k']" in capsys.readouterr().err

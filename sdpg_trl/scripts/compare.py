@@ -14,11 +14,14 @@ Last and Best per method, mean ± standard error over seeds) and one PNG per cur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from ..compare import (
     check_finished_runs,
@@ -31,28 +34,48 @@ from ..compare import (
     write_report,
 )
 
-# sdpg-evaluate flags taken from the comparison's shared training settings, so the base model is evaluated exactly
-# as the runs evaluate their checkpoints.
-EVAL_KEYS = (
-    "dataset_name", "dataset_source", "eval_dataset_name", "arithmetic_level", "arithmetic_num_train",
-    "arithmetic_num_eval", "arithmetic_seed", "eval_k", "eval_temperature", "eval_top_p", "eval_max_new_tokens",
-    "eval_generation_batch_size", "eval_reward_func", "eval_seed", "dtype",
-)  # fmt: skip
+# sdpg-evaluate's own switches, not settings of the evaluation: in training, mean@k always generates with
+# transformers, so the base model must too, even when the runs roll out with vLLM.
+NOT_EVALUATION_SETTINGS = {"model_name_or_path", "output_file", "use_vllm", "vllm_gpu_memory_utilization",
+                           "vllm_tensor_parallel_size"}  # fmt: skip
+
+
+# The weights' dtype when a recipe sets none: trl.ModelConfig's default, which sdpg-train uses.
+TRAINING_DTYPE = "float32"
+
+
+def evaluation_keys() -> set[str]:
+    """The `sdpg-train` settings that decide the held-out evaluation: `sdpg-evaluate`'s data, mean@k and dtype flags."""
+    from .evaluate import EvaluateArguments
+
+    return {f.name for f in dataclasses.fields(EvaluateArguments)} - NOT_EVALUATION_SETTINGS
 
 
 def evaluate_base(train: dict, model_name_or_path: str, output_dir: Path) -> None:
-    """Held-out mean@k of the untrained model, once, into `base_eval.json` (skipped when it exists)."""
+    """Held-out mean@k of the untrained model, once, into `base_eval.json`, with the runs' evaluation settings.
+
+    Skipped when `base_eval.json` holds an evaluation with the same settings; redone when they changed.
+    """
     target = output_dir / "base_eval.json"
+    settings = {key: train[key] for key in sorted(evaluation_keys()) if train.get(key) is not None}
+    settings.setdefault("dtype", TRAINING_DTYPE)  # sdpg-evaluate's own default ("auto") is not sdpg-train's
+    settings["model_name_or_path"] = model_name_or_path
     if target.is_file():
-        return
-    argv = [arg for key in EVAL_KEYS if key in train for arg in (f"--{key}", str(train[key]))]
-    cmd = [sys.executable, "-m", "sdpg_trl.scripts.evaluate", "--model_name_or_path", model_name_or_path,
-           *argv, "--output_file", str(target) + ".partial"]  # fmt: skip
+        if json.loads(target.read_text()).get("settings") == settings:
+            return
+        print("The base evaluation in the output folder used other settings; evaluating the base model again.")
+    config = output_dir / "base_eval_config.yaml"
+    config.write_text(yaml.safe_dump({**settings, "output_file": str(target) + ".partial"}, sort_keys=False))
+    cmd = [sys.executable, "-m", "sdpg_trl.scripts.evaluate", "--config", str(config)]
     print("Evaluating the base model once (every run starts from it) ...", flush=True)
     with open(output_dir / "base_eval.log", "w") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
-    os.replace(str(target) + ".partial", target)
-    print(f"  base held-out accuracy {json.loads(target.read_text())['accuracy']:.3f}", flush=True)
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"The base evaluation failed (exit {result.returncode}); see {output_dir / 'base_eval.log'}")
+    report = json.loads(Path(str(target) + ".partial").read_text())
+    target.write_text(json.dumps({**report, "settings": settings, "command": cmd}, indent=2))
+    os.remove(str(target) + ".partial")
+    print(f"  base held-out accuracy {report['accuracy']:.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
             print(path)
         return
     recipe = load_recipe(args.config)
+    for name, flags in recipe["methods"].items():  # the base model is evaluated once, so every run must evaluate alike
+        if set(flags or {}) & evaluation_keys():
+            parser.error(f"method {name!r} sets {sorted(set(flags) & evaluation_keys())}: data and evaluation settings "
+                         "belong under train:, the same for every method")  # fmt: skip
     model = args.model_name_or_path or recipe["train"].get("model_name_or_path")
     if not model and not args.dry_run:
         from ..models import smollm2_checkpoint  # the demo model, converted once and cached

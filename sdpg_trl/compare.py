@@ -229,9 +229,17 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return mean, se
 
 
+def every_series(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Every number the run logged (losses, rewards, `sdpg/*`, `rlsd/*`, `grad_norm/*`, evaluations, ...) as
+    `key: [(step, value), ...]`; the trainer's end-of-training summary (`train_runtime`, ...) included."""
+    keys = {k for entry in history for k, v in entry.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {key: series(history, key) for key in sorted(keys - {"step", "epoch"})}
+
+
 def summarise_run(history: list[dict], base_accuracy: float | None) -> dict[str, Any]:
     """A run's curves and its table entries: held-out accuracy Last and Best (over its evaluations after step 0),
-    and the final entropy, response length, reward and KL (mean of the last `FINAL_WINDOW` logged steps)."""
+    and the final entropy, response length, reward and KL (mean of the last `FINAL_WINDOW` logged steps). `history`
+    keeps every logged series as it was logged (without the base model's step 0)."""
     curves = {key: series(history, key) for key in CURVES}
     if base_accuracy is not None:
         curves["eval/accuracy"] = [(0, base_accuracy), *[p for p in curves["eval/accuracy"] if p[0] != 0]]
@@ -245,6 +253,7 @@ def summarise_run(history: list[dict], base_accuracy: float | None) -> dict[str,
         "last": trained[-1] if trained else None,
         "best": max(trained) if trained else None,
         "final": final,
+        "history": every_series(history),
     }
 
 
@@ -280,8 +289,12 @@ def collect(output_dir: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:
     base_file = output_dir / "base_eval.json"
     base = json.loads(base_file.read_text()) if base_file.is_file() else None
     base_accuracy = base["accuracy"] if base else None
+    # Samples per evaluation, for the binomial SE: as the base evaluation counted them (any data set), else the recipe's.
     train = recipe["train"]
-    num_eval_samples = train.get("arithmetic_num_eval", 0) * train.get("eval_k", 0) or None
+    if base and base.get("num_problems") and base.get("k"):
+        num_eval_samples = base["num_problems"] * base["k"]
+    else:
+        num_eval_samples = train.get("arithmetic_num_eval", 0) * train.get("eval_k", 0) or None
     runs: dict[str, dict[int, dict]] = {}
     for run in plan_runs(recipe, output_dir):
         if is_finished(run):

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdpg_trl.compare import aggregate, execute, is_finished, load_recipe, plan_runs, summarise_run
+from sdpg_trl.compare import aggregate, collect, execute, is_finished, load_recipe, plan_runs, summarise_run
 from sdpg_trl.scripts.compare import main
 
 
 def history(evals: dict[int, float], steps: int = 4, reward: float = 0.5) -> list[dict]:
     """A trainer log history: one training entry per step and an eval entry at the given steps."""
-    log = [{"step": s, "reward": reward + s, "entropy": 1.0 / s, "completions/mean_length": 10.0 * s, "kl": 0.01 * s}
-           for s in range(1, steps + 1)]  # fmt: skip
+    log = [{"step": s, "epoch": s / 10, "reward": reward + s, "entropy": 1.0 / s, "completions/mean_length": 10.0 * s,
+            "kl": 0.01 * s, "sdpg/gate_ratio": 0.25 * s} for s in range(1, steps + 1)]  # fmt: skip
     log += [{"step": s, "eval/accuracy": acc} for s, acc in evals.items()]
     return log
 
@@ -32,6 +32,9 @@ def test_summary_and_aggregate_by_hand():
     assert runs["a"][0]["curves"]["eval/accuracy"] == [(0, 0.1), (2, 0.2), (4, 0.3)]  # the base is step 0
     assert (runs["a"][0]["last"], runs["a"][0]["best"], runs["a"][1]["best"]) == (0.3, 0.3, 0.5)
     assert runs["a"][0]["final"]["reward"] == pytest.approx((2.5 + 3.5 + 4.5) / 3)  # mean of the last 3 steps
+    logged = runs["a"][0]["history"]  # every logged series, as logged (no base step 0)
+    assert logged["sdpg/gate_ratio"] == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]
+    assert logged["eval/accuracy"] == [(2, 0.2), (4, 0.3)] and "step" not in logged and "epoch" not in logged
     table = aggregate(runs, num_eval_samples=100)
     last_mean, last_se = table["a"]["last"]
     assert last_mean == pytest.approx(0.35) and last_se == pytest.approx(0.05)  # stdev(0.3, 0.4) / sqrt(2)
@@ -39,6 +42,20 @@ def test_summary_and_aggregate_by_hand():
     assert table["a"]["sampling_se"] == pytest.approx(math.sqrt(0.35 * 0.65 / 100))
     assert table["b"]["last"][0] == 0.6 and math.isnan(table["b"]["last"][1])  # one seed: no spread
     assert table["a"]["seeds"] == [0, 1]
+
+
+def test_collect_counts_evaluation_samples_as_the_base_evaluation_did(tmp_path):
+    recipe = {"train": {"dataset_name": "aime24", "eval_k": 3}, "methods": {"a": {}}, "seeds": [0]}
+    (run,) = plan_runs(recipe, tmp_path)
+    run.folder.mkdir(parents=True)
+    (run.folder / "trainer_state.json").write_text(json.dumps({"log_history": history({4: 0.4})}))
+    (run.folder / "run.json").write_text("{}")
+    assert collect(tmp_path, recipe)["eval_samples_per_run"] is None  # no arithmetic size, no base evaluation
+    (tmp_path / "base_eval.json").write_text(json.dumps({"accuracy": 0.1, "num_problems": 30, "k": 3}))
+    results = collect(tmp_path, recipe)
+    assert results["eval_samples_per_run"] == 90 and results["base_accuracy"] == 0.1
+    assert results["methods"]["a"]["sampling_se"] == pytest.approx(math.sqrt(0.4 * 0.6 / 90))
+    assert json.loads(json.dumps(results))["runs"]["a"]["0"]["history"]["sdpg/gate_ratio"][0] == [1, 0.25]
 
 
 def test_recipe_shape_is_checked(tmp_path):

@@ -135,7 +135,7 @@ def test_a_failed_run_does_not_stop_the_others_and_is_restarted_next_time(tmp_pa
     assert trained == [("bad", 0), ("bad", 1)]  # only the failed ones again
 
 
-def test_main_reports_the_finished_runs_and_exits_non_zero_when_one_failed(tmp_path, monkeypatch):
+def test_main_reports_the_finished_runs_and_exits_non_zero_when_one_failed(tmp_path, monkeypatch, capsys):
     import sdpg_trl.scripts.compare as script
 
     config = tmp_path / "compare.yaml"
@@ -146,6 +146,10 @@ def test_main_reports_the_finished_runs_and_exits_non_zero_when_one_failed(tmp_p
     with pytest.raises(SystemExit, match="1 run\\(s\\) failed: bad seed 0"):
         main(["--config", str(config), "--output_dir", str(out), "--model_name_or_path", "unused"])
     assert "| good | 1 |" in (out / "results.md").read_text() and "| bad |" not in (out / "results.md").read_text()
+    capsys.readouterr()
+    main(["--config", str(config), "--output_dir", str(out), "--model_name_or_path", "unused", "--dry_run"])
+    plan = capsys.readouterr().out
+    assert "bad seed 0: " in plan and "(unfinished, restarts)" in plan and "good seed 0: " in plan and "(finished)" in plan
 
 
 def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
@@ -171,8 +175,12 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     main(argv)  # resumed: nothing to rerun
     assert (out / "grpo" / "seed0" / "run.json").stat().st_mtime == stamp
     (out / "results.md").unlink()
-    main(["--config", str(config), "--output_dir", str(out), "--render_only"])
+    main(["--output_dir", str(out), "--render_only"])  # from results.json alone
     assert (out / "results.md").is_file()
+    marker = json.loads((out / "grpo" / "seed0" / "run.json").read_text())
+    assert marker["command"][-3:] == ["sdpg_trl.scripts.train", "--config", str(out / "grpo" / "seed0" / "config.yaml")]
+    assert yaml.safe_load((out / "grpo" / "seed0" / "config.yaml").read_text()) == marker["config"]
+    assert results["runs"]["grpo"]["0"]["history"]["eval/accuracy"][0][0] == 1  # the run itself skipped step 0
 
 
 def test_bad_method_flag_fails_before_any_run(tmp_path):

@@ -28,6 +28,7 @@ from ..compare import (
     check_runs,
     collect,
     execute,
+    is_finished,
     load_recipe,
     plan_runs,
     train_in_subprocess,
@@ -81,7 +82,7 @@ def evaluate_base(train: dict, model_name_or_path: str, output_dir: Path) -> Non
 def main(argv: list[str] | None = None) -> None:
     """Console entry point `sdpg-compare`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="Comparison recipe (YAML with train, methods, seeds).")
+    parser.add_argument("--config", help="Comparison recipe (YAML with train, methods, seeds); not with --render_only.")
     parser.add_argument("--output_dir", default="outputs/compare", help="Folder for the runs and the report.")
     parser.add_argument("--methods", nargs="+", help="Run only these methods of the recipe.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Run only these seeds.")
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         for path in write_report(results, output_dir):
             print(path)
         return
+    if not args.config:
+        parser.error("--config is required (only --render_only works without it)")
     recipe = load_recipe(args.config)
     for name, flags in recipe["methods"].items():  # the base model is evaluated once, so every run must evaluate alike
         if set(flags or {}) & evaluation_keys():
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = plan_runs(recipe, output_dir, methods=args.methods, seeds=args.seeds, model_name_or_path=model)
     if args.dry_run:
         for run in runs:
-            print(f"{run.method:>28} seed {run.seed}: {run.folder}")
+            state = "finished" if is_finished(run) else "unfinished, restarts" if run.folder.exists() else "to run"
+            print(f"{run.method:>28} seed {run.seed}: {run.folder} ({state})")
         return
     check_runs(runs)  # every run's flags parse before the first one starts
     check_finished_runs(runs)  # and the finished runs being resumed into were trained with the same flags

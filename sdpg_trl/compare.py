@@ -110,6 +110,18 @@ def check_runs(runs: list[Run]) -> None:
                 raise ValueError(f"Method {run.method!r}, seed {run.seed}: its configuration does not parse: {err}") from err
 
 
+def last_evaluation_warnings(runs: list[Run]) -> list[str]:
+    """Runs whose last held-out evaluation is not of the final model (`max_steps` not a multiple of
+    `eval_every_steps`): their "Last" would be an earlier checkpoint's accuracy."""
+    warnings = set()
+    for run in runs:
+        every, steps = run.config.get("eval_every_steps") or 0, run.config.get("max_steps") or 0
+        if every > 0 and steps > 0 and steps % every:
+            warnings.add(f"{run.method}: max_steps {steps} is not a multiple of eval_every_steps {every}, so 'Last' "
+                         f"is the accuracy at step {steps - steps % every}, not of the final model.")  # fmt: skip
+    return sorted(warnings)
+
+
 def is_finished(run: Run) -> bool:
     return (run.folder / FINISHED).is_file() and (run.folder / "trainer_state.json").is_file()
 

@@ -58,6 +58,16 @@ def test_collect_counts_evaluation_samples_as_the_base_evaluation_did(tmp_path):
     assert json.loads(json.dumps(results))["runs"]["a"]["0"]["history"]["sdpg/gate_ratio"][0] == [1, 0.25]
 
 
+def test_warns_when_the_last_evaluation_is_not_of_the_final_model(tmp_path):
+    from sdpg_trl.compare import last_evaluation_warnings
+
+    recipe = {"train": {"eval_every_steps": 4}, "methods": {"a": {"max_steps": 8}, "b": {"max_steps": 10}}, "seeds": [0, 1]}
+    assert last_evaluation_warnings(plan_runs(recipe, tmp_path)) == [
+        "b: max_steps 10 is not a multiple of eval_every_steps 4, so 'Last' is the accuracy at step 8, not of the "
+        "final model."
+    ]
+
+
 def test_recipe_shape_is_checked(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"train": {"max_steps": 1}, "methods": {"a": {"max_steps": 2}}, "seeds": [0]}))

@@ -29,6 +29,7 @@ from ..compare import (
     collect,
     execute,
     is_finished,
+    last_evaluation_warnings,
     load_recipe,
     plan_runs,
     train_in_subprocess,
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{run.method:>28} seed {run.seed}: {run.folder} ({state})")
         return
     check_runs(runs)  # every run's flags parse before the first one starts
+    for warning in last_evaluation_warnings(runs):
+        print(f"Warning: {warning}", flush=True)
     check_finished_runs(runs)  # and the finished runs being resumed into were trained with the same flags
     output_dir.mkdir(parents=True, exist_ok=True)
     if recipe["train"].get("eval_every_steps"):

@@ -142,8 +142,8 @@ def check_finished_runs(runs: list[Run]) -> None:
     stale = [(run, changed) for run in runs if is_finished(run) and (changed := changed_settings(run))]
     if stale:
         lines = [
-            f"  {run.method} seed {run.seed}: " + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            for run, changed in stale
+            f"  {run.method} seed {run.seed}: " + ", ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in d.items())
+            for run, d in stale
         ]
         raise ValueError(
             "Finished runs in the output folder were trained with other settings:\n" + "\n".join(lines)
@@ -189,7 +189,8 @@ def execute(
     """Train every unfinished run, one progress line each; finished runs are skipped, broken folders restarted.
 
     A run whose `train` raises is reported and left unfinished (the next invocation restarts it); the others go on.
-    Finished runs whose recorded settings differ from the plan stop everything before any training. Returns the failed runs with their error. `train` may return extra facts for `run.json` (e.g. the command).
+    Finished runs whose recorded settings differ from the plan stop everything before any training. Returns the
+    failed runs with their error. `train` may return extra facts for `run.json` (e.g. the command).
     """
     check_finished_runs(runs)
     todo = [run for run in runs if not is_finished(run)]
@@ -301,7 +302,8 @@ def collect(output_dir: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:
     base_file = output_dir / "base_eval.json"
     base = json.loads(base_file.read_text()) if base_file.is_file() else None
     base_accuracy = base["accuracy"] if base else None
-    # Samples per evaluation, for the binomial SE: as the base evaluation counted them (any data set), else the recipe's.
+    # Samples per evaluation, for the binomial SE: as the base evaluation counted them (any data set), else from the
+    # recipe's arithmetic settings.
     train = recipe["train"]
     if base and base.get("num_problems") and base.get("k"):
         num_eval_samples = base["num_problems"] * base["k"]

@@ -61,7 +61,8 @@ def test_collect_counts_evaluation_samples_as_the_base_evaluation_did(tmp_path):
 def test_warns_when_the_last_evaluation_is_not_of_the_final_model(tmp_path):
     from sdpg_trl.compare import last_evaluation_warnings
 
-    recipe = {"train": {"eval_every_steps": 4}, "methods": {"a": {"max_steps": 8}, "b": {"max_steps": 10}}, "seeds": [0, 1]}
+    methods = {"a": {"max_steps": 8}, "b": {"max_steps": 10}}
+    recipe = {"train": {"eval_every_steps": 4}, "methods": methods, "seeds": [0, 1]}
     assert last_evaluation_warnings(plan_runs(recipe, tmp_path)) == [
         "b: max_steps 10 is not a multiple of eval_every_steps 4, so 'Last' is the accuracy at step 8, not of the "
         "final model."
@@ -159,7 +160,8 @@ def test_main_reports_the_finished_runs_and_exits_non_zero_when_one_failed(tmp_p
     capsys.readouterr()
     main(["--config", str(config), "--output_dir", str(out), "--model_name_or_path", "unused", "--dry_run"])
     plan = capsys.readouterr().out
-    assert "bad seed 0: " in plan and "(unfinished, restarts)" in plan and "good seed 0: " in plan and "(finished)" in plan
+    assert "bad seed 0: " in plan and "(unfinished, restarts)" in plan
+    assert "good seed 0: " in plan and "(finished)" in plan
 
 
 def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):

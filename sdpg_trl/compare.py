@@ -126,6 +126,30 @@ def is_finished(run: Run) -> bool:
     return (run.folder / FINISHED).is_file() and (run.folder / "trainer_state.json").is_file()
 
 
+def completed_without_marker(run: Run) -> bool:
+    """Training ran to its end (`sdpg-train` writes `trainer_state.json` into the run folder only after the last step,
+    checkpoints go to subfolders) and left its `config.yaml`, but no `run.json` was written: the comparison was
+    stopped right after the run, or the run was made by another driver with the same layout."""
+    folder = run.folder
+    done = (folder / "trainer_state.json").is_file() and (folder / "config.yaml").is_file()
+    return done and not (folder / FINISHED).exists()
+
+
+def adopt_completed_runs(runs: list[Run]) -> list[Run]:
+    """Write the `run.json` marker of every completed run that lacks one, from its own `config.yaml` (so that
+    `check_finished_runs` then compares what it was really trained with), instead of training it again."""
+    adopted = []
+    for run in runs:
+        if completed_without_marker(run):
+            history = read_history(run.folder)
+            runtime = next((entry["train_runtime"] for entry in history if "train_runtime" in entry), None)
+            config = yaml.safe_load((run.folder / "config.yaml").read_text())
+            marker = {"method": run.method, "seed": run.seed, "wall_s": runtime, "adopted": True, "config": config}
+            (run.folder / FINISHED).write_text(json.dumps(marker, indent=2))
+            adopted.append(run)
+    return adopted
+
+
 def changed_settings(run: Run) -> dict[str, tuple[Any, Any]]:
     """For a finished run, each setting whose recorded value (in `run.json`) differs from the planned one, as
     `key: (recorded, planned)`; the output folder is not compared."""
@@ -189,9 +213,12 @@ def execute(
     """Train every unfinished run, one progress line each; finished runs are skipped, broken folders restarted.
 
     A run whose `train` raises is reported and left unfinished (the next invocation restarts it); the others go on.
-    Finished runs whose recorded settings differ from the plan stop everything before any training. Returns the
-    failed runs with their error. `train` may return extra facts for `run.json` (e.g. the command).
+    A run that completed but has no marker is adopted (`adopt_completed_runs`). Finished runs whose recorded settings
+    differ from the plan stop everything before any training. Returns the failed runs with their error. `train` may
+    return extra facts for `run.json` (e.g. the command).
     """
+    for run in adopt_completed_runs(runs):
+        echo(f"{run.method} seed {run.seed}: completed earlier without run.json; counted as finished")
     check_finished_runs(runs)
     todo = [run for run in runs if not is_finished(run)]
     echo(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go.")

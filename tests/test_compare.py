@@ -117,6 +117,22 @@ def test_resuming_into_runs_finished_with_other_settings_is_refused(tmp_path):
     assert trained == [("a", 0)]
 
 
+def test_a_completed_run_without_its_marker_is_adopted_not_retrained(tmp_path):
+    recipe = {"train": {"max_steps": 1}, "methods": {"a": {}, "b": {}}, "seeds": [0]}
+    runs = plan_runs(recipe, tmp_path)
+    for run in runs:  # what sdpg-train leaves when the comparison stops before writing run.json
+        run.folder.mkdir(parents=True)
+        state = {"log_history": [*history({1: 0.5}, steps=1), {"step": 1, "train_runtime": 42.0}]}
+        (run.folder / "trainer_state.json").write_text(json.dumps(state))
+        (run.folder / "config.yaml").write_text(yaml.safe_dump({**run.config, "max_steps": 1 + (run.method == "b")}))
+    with pytest.raises(ValueError, match="b seed 0: max_steps: 2 -> 1"):  # b was trained with other settings
+        execute(runs, train=fake_trainer(set(), []))
+    trained = []
+    assert execute(runs[:1], train=fake_trainer(set(), trained)) == [] and trained == []
+    marker = json.loads((runs[0].folder / "run.json").read_text())
+    assert marker["adopted"] and marker["wall_s"] == 42.0 and marker["config"] == runs[0].config
+
+
 def fake_trainer(fail: set[str], trained: list):
     """A stand-in for `train_in_subprocess`: methods in `fail` raise, the others leave a one-step trainer state."""
 

@@ -24,9 +24,11 @@ from pathlib import Path
 import yaml
 
 from ..compare import (
+    adopt_completed_runs,
     check_finished_runs,
     check_runs,
     collect,
+    completed_without_marker,
     execute,
     is_finished,
     last_evaluation_warnings,
@@ -113,12 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     runs = plan_runs(recipe, output_dir, methods=args.methods, seeds=args.seeds, model_name_or_path=model)
     if args.dry_run:
         for run in runs:
-            state = "finished" if is_finished(run) else "unfinished, restarts" if run.folder.exists() else "to run"
+            if is_finished(run) or completed_without_marker(run):
+                state = "finished" if is_finished(run) else "completed without run.json: counted as finished"
+            else:
+                state = "unfinished, restarts" if run.folder.exists() else "to run"
             print(f"{run.method:>28} seed {run.seed}: {run.folder} ({state})")
         return
     check_runs(runs)  # every run's flags parse before the first one starts
     for warning in last_evaluation_warnings(runs):
         print(f"Warning: {warning}", flush=True)
+    for run in adopt_completed_runs(runs):
+        print(f"{run.method} seed {run.seed}: completed earlier without run.json; counted as finished")
     check_finished_runs(runs)  # and the finished runs being resumed into were trained with the same flags
     output_dir.mkdir(parents=True, exist_ok=True)
     if recipe["train"].get("eval_every_steps"):

@@ -42,8 +42,6 @@ from ..compare import (
 # transformers, so the base model must too, even when the runs roll out with vLLM.
 NOT_EVALUATION_SETTINGS = {"model_name_or_path", "output_file", "use_vllm", "vllm_gpu_memory_utilization",
                            "vllm_tensor_parallel_size"}  # fmt: skip
-
-
 # The weights' dtype when a recipe sets none: trl.ModelConfig's default, which sdpg-train uses.
 TRAINING_DTYPE = "float32"
 
@@ -115,10 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     runs = plan_runs(recipe, output_dir, methods=args.methods, seeds=args.seeds, model_name_or_path=model)
     if args.dry_run:
         for run in runs:
-            if is_finished(run) or completed_without_marker(run):
-                state = "finished" if is_finished(run) else "completed without run.json: counted as finished"
+            if is_finished(run):
+                state = "finished"
+            elif completed_without_marker(run):
+                state = "completed without run.json: adopted if its config.yaml matches"
+            elif run.folder.exists():
+                state = "unfinished, restarts"
             else:
-                state = "unfinished, restarts" if run.folder.exists() else "to run"
+                state = "to run"
             print(f"{run.method:>28} seed {run.seed}: {run.folder} ({state})")
         return
     check_runs(runs)  # every run's flags parse before the first one starts

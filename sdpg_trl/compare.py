@@ -9,9 +9,10 @@ A comparison recipe (YAML) has three keys:
 Each run is `sdpg-train` in a fresh process on `train + methods[name] + {seed, output_dir}`, in
 `<output_dir>/<name>/seed<seed>/`, where its merged recipe (`config.yaml`), its log (`train.log`), the trainer's
 `trainer_state.json` and a `run.json` marker are written. A folder with both files is finished and skipped; any
-other folder is cleared and rerun. Runs go seed by seed (every method of seed 0 first), so a comparison cut short
-still has whole seeds. The base model is evaluated once (`base_eval.json`): it is the same model with the same seeded
-sampling for every run, so the runs themselves skip their step-0 evaluation.
+other folder is cleared and rerun. A run that fails is reported and the comparison goes on with the next one. Runs go
+seed by seed (every method of seed 0 first), so a comparison cut short still has whole seeds. The base model is
+evaluated once (`base_eval.json`): it is the same model with the same seeded sampling for every run, so the runs
+themselves skip their step-0 evaluation.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -108,39 +110,144 @@ def check_runs(runs: list[Run]) -> None:
                 raise ValueError(f"Method {run.method!r}, seed {run.seed}: its configuration does not parse: {err}") from err
 
 
+def last_evaluation_warnings(runs: list[Run]) -> list[str]:
+    """Runs whose last held-out evaluation is not of the final model (`max_steps` not a multiple of
+    `eval_every_steps`): their "Last" would be an earlier checkpoint's accuracy."""
+    warnings = set()
+    for run in runs:
+        every, steps = run.config.get("eval_every_steps") or 0, run.config.get("max_steps") or 0
+        if every > 0 and steps > 0 and steps % every:
+            warnings.add(f"{run.method}: max_steps {steps} is not a multiple of eval_every_steps {every}, so 'Last' "
+                         f"is the accuracy at step {steps - steps % every}, not of the final model.")  # fmt: skip
+    return sorted(warnings)
+
+
 def is_finished(run: Run) -> bool:
     return (run.folder / FINISHED).is_file() and (run.folder / "trainer_state.json").is_file()
 
 
-def train_in_subprocess(run: Run) -> None:
-    """Run `sdpg-train` on the run's configuration in a fresh process; raise if it fails."""
+def completed_without_marker(run: Run) -> bool:
+    """Training ran to its end (`sdpg-train` writes `trainer_state.json` into the run folder only after the last step,
+    checkpoints go to subfolders) and left its `config.yaml`, but no `run.json` was written: the comparison was
+    stopped right after the run, or the run was made by another driver with the same layout."""
+    folder = run.folder
+    done = (folder / "trainer_state.json").is_file() and (folder / "config.yaml").is_file()
+    return done and not (folder / FINISHED).exists()
+
+
+def adopt_completed_runs(runs: list[Run]) -> list[Run]:
+    """Write the `run.json` marker of every completed run that lacks one, from its own `config.yaml` (so that
+    `check_finished_runs` then compares what it was really trained with), instead of training it again."""
+    adopted = []
+    for run in runs:
+        if completed_without_marker(run):
+            history = read_history(run.folder)
+            runtime = next((entry["train_runtime"] for entry in history if "train_runtime" in entry), None)
+            config = yaml.safe_load((run.folder / "config.yaml").read_text())
+            marker = {"method": run.method, "seed": run.seed, "wall_s": runtime, "adopted": True, "config": config}
+            (run.folder / FINISHED).write_text(json.dumps(marker, indent=2))
+            adopted.append(run)
+    return adopted
+
+
+def changed_settings(run: Run) -> dict[str, tuple[Any, Any]]:
+    """For a finished run, each setting whose recorded value (in `run.json`) differs from the planned one, as
+    `key: (recorded, planned)`; the output folder is not compared."""
+    recorded = json.loads((run.folder / FINISHED).read_text()).get("config")
+    if recorded is None:  # a marker without its configuration: nothing to compare
+        return {}
+    keys = sorted((set(recorded) | set(run.config)) - {"output_dir"})
+    return {k: (recorded.get(k), run.config.get(k)) for k in keys if recorded.get(k) != run.config.get(k)}
+
+
+def check_finished_runs(runs: list[Run]) -> None:
+    """Refuse to resume into finished runs that were trained with other settings (an edited recipe, another model):
+    skipping them would put two configurations in one table."""
+    stale = [(run, changed) for run in runs if is_finished(run) and (changed := changed_settings(run))]
+    if stale:
+        lines = [
+            f"  {run.method} seed {run.seed}: " + ", ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in d.items())
+            for run, d in stale
+        ]
+        raise ValueError(
+            "Finished runs in the output folder were trained with other settings:\n" + "\n".join(lines)
+            + "\nUse another --output_dir, or delete those run folders to train them again."
+        )  # fmt: skip
+
+
+def train_in_subprocess(run: Run) -> dict[str, Any]:
+    """Run `sdpg-train` on the run's configuration in a fresh process; raise if it fails, else return the command."""
     run.folder.mkdir(parents=True, exist_ok=True)
     (run.folder / "config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
     cmd = [sys.executable, "-m", "sdpg_trl.scripts.train", "--config", str(run.folder / "config.yaml")]
     with open(run.folder / "train.log", "w") as log:
         result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise RuntimeError(f"{run.method} seed {run.seed} failed (exit {result.returncode}); see {run.folder}/train.log")
+        raise RuntimeError(f"exit {result.returncode}; see {run.folder / 'train.log'}")
+    return {"command": cmd}
 
 
-def execute(runs: list[Run], train: Callable[[Run], None] = train_in_subprocess, echo: Callable = print) -> None:
-    """Train every unfinished run, one progress line each; finished runs are skipped, broken folders restarted."""
+def source_revision() -> dict[str, Any]:
+    """The git commit of the sdpg_trl source that runs, and whether it has uncommitted changes (None outside git)."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": bool(changes) if commit else None}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def execute(
+    runs: list[Run], train: Callable[[Run], dict[str, Any] | None] = train_in_subprocess, echo: Callable = print
+) -> list[tuple[Run, str]]:
+    """Train every unfinished run, one progress line each; finished runs are skipped, broken folders restarted.
+
+    A run whose `train` raises is reported and left unfinished (the next invocation restarts it); the others go on.
+    A run that completed but has no marker is adopted (`adopt_completed_runs`). Finished runs whose recorded settings
+    differ from the plan stop everything before any training. Returns the failed runs with their error. `train` may
+    return extra facts for `run.json` (e.g. the command).
+    """
+    for run in adopt_completed_runs(runs):
+        echo(f"{run.method} seed {run.seed}: completed earlier without run.json; counted as finished")
+    check_finished_runs(runs)
     todo = [run for run in runs if not is_finished(run)]
     echo(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to go.")
+    revision = source_revision() if todo else {}
     durations: list[float] = []
+    failed: list[tuple[Run, str]] = []
     for index, run in enumerate(todo, 1):
         label = f"[{index}/{len(todo)}] {run.method} seed {run.seed}"
         if run.folder.exists():
             echo(f"{label}: unfinished folder from an earlier attempt, starting it again")
             shutil.rmtree(run.folder)
-        start = time.time()
-        train(run)
+        echo(f"{label} ... (log: {run.folder / 'train.log'})")
+        started, start = _now(), time.time()
+        try:
+            facts = train(run) or {}
+        except Exception as err:  # one broken run must not end the comparison; Ctrl-C (not an Exception) still does
+            durations.append(time.time() - start)
+            failed.append((run, str(err)))
+            echo(f"{label} FAILED after {durations[-1] / 60:.1f} min: {err}")
+            continue
         durations.append(time.time() - start)
-        (run.folder / FINISHED).write_text(json.dumps({"wall_s": durations[-1], "config": run.config}, indent=2))
+        marker = {"method": run.method, "seed": run.seed, "wall_s": durations[-1], "started": started,
+                  "finished": _now(), **facts, **revision, "config": run.config}  # fmt: skip
+        (run.folder / FINISHED).write_text(json.dumps(marker, indent=2))
         evals = [h["eval/accuracy"] for h in read_history(run.folder) if "eval/accuracy" in h]
         eta = statistics.mean(durations) * (len(todo) - index) / 60
         last = f"held-out last {evals[-1]:.3f}" if evals else "no evaluation"
         echo(f"{label} done in {durations[-1] / 60:.1f} min ({last}); about {eta:.0f} min to go")
+    return failed
 
 
 def read_history(folder: Path) -> list[dict]:
@@ -162,9 +269,17 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return mean, se
 
 
+def every_series(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Every number the run logged (losses, rewards, `sdpg/*`, `rlsd/*`, `grad_norm/*`, evaluations, ...) as
+    `key: [(step, value), ...]`; the trainer's end-of-training summary (`train_runtime`, ...) included."""
+    keys = {k for entry in history for k, v in entry.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {key: series(history, key) for key in sorted(keys - {"step", "epoch"})}
+
+
 def summarise_run(history: list[dict], base_accuracy: float | None) -> dict[str, Any]:
     """A run's curves and its table entries: held-out accuracy Last and Best (over its evaluations after step 0),
-    and the final entropy, response length, reward and KL (mean of the last `FINAL_WINDOW` logged steps)."""
+    and the final entropy, response length, reward and KL (mean of the last `FINAL_WINDOW` logged steps). `history`
+    keeps every logged series as it was logged (without the base model's step 0)."""
     curves = {key: series(history, key) for key in CURVES}
     if base_accuracy is not None:
         curves["eval/accuracy"] = [(0, base_accuracy), *[p for p in curves["eval/accuracy"] if p[0] != 0]]
@@ -178,6 +293,7 @@ def summarise_run(history: list[dict], base_accuracy: float | None) -> dict[str,
         "last": trained[-1] if trained else None,
         "best": max(trained) if trained else None,
         "final": final,
+        "history": every_series(history),
     }
 
 
@@ -213,8 +329,13 @@ def collect(output_dir: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:
     base_file = output_dir / "base_eval.json"
     base = json.loads(base_file.read_text()) if base_file.is_file() else None
     base_accuracy = base["accuracy"] if base else None
+    # Samples per evaluation, for the binomial SE: as the base evaluation counted them (any data set), else from the
+    # recipe's arithmetic settings.
     train = recipe["train"]
-    num_eval_samples = train.get("arithmetic_num_eval", 0) * train.get("eval_k", 0) or None
+    if base and base.get("num_problems") and base.get("k"):
+        num_eval_samples = base["num_problems"] * base["k"]
+    else:
+        num_eval_samples = train.get("arithmetic_num_eval", 0) * train.get("eval_k", 0) or None
     runs: dict[str, dict[int, dict]] = {}
     for run in plan_runs(recipe, output_dir):
         if is_finished(run):

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
-from sdpg_trl.compare import aggregate, execute, is_finished, load_recipe, plan_runs, summarise_run
+from sdpg_trl.compare import aggregate, collect, execute, is_finished, load_recipe, plan_runs, summarise_run
 from sdpg_trl.scripts.compare import main
 
 
 def history(evals: dict[int, float], steps: int = 4, reward: float = 0.5) -> list[dict]:
     """A trainer log history: one training entry per step and an eval entry at the given steps."""
-    log = [{"step": s, "reward": reward + s, "entropy": 1.0 / s, "completions/mean_length": 10.0 * s, "kl": 0.01 * s}
-           for s in range(1, steps + 1)]  # fmt: skip
+    log = [{"step": s, "epoch": s / 10, "reward": reward + s, "entropy": 1.0 / s, "completions/mean_length": 10.0 * s,
+            "kl": 0.01 * s, "sdpg/gate_ratio": 0.25 * s} for s in range(1, steps + 1)]  # fmt: skip
     log += [{"step": s, "eval/accuracy": acc} for s, acc in evals.items()]
     return log
 
@@ -30,6 +32,9 @@ def test_summary_and_aggregate_by_hand():
     assert runs["a"][0]["curves"]["eval/accuracy"] == [(0, 0.1), (2, 0.2), (4, 0.3)]  # the base is step 0
     assert (runs["a"][0]["last"], runs["a"][0]["best"], runs["a"][1]["best"]) == (0.3, 0.3, 0.5)
     assert runs["a"][0]["final"]["reward"] == pytest.approx((2.5 + 3.5 + 4.5) / 3)  # mean of the last 3 steps
+    logged = runs["a"][0]["history"]  # every logged series, as logged (no base step 0)
+    assert logged["sdpg/gate_ratio"] == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]
+    assert logged["eval/accuracy"] == [(2, 0.2), (4, 0.3)] and "step" not in logged and "epoch" not in logged
     table = aggregate(runs, num_eval_samples=100)
     last_mean, last_se = table["a"]["last"]
     assert last_mean == pytest.approx(0.35) and last_se == pytest.approx(0.05)  # stdev(0.3, 0.4) / sqrt(2)
@@ -37,6 +42,31 @@ def test_summary_and_aggregate_by_hand():
     assert table["a"]["sampling_se"] == pytest.approx(math.sqrt(0.35 * 0.65 / 100))
     assert table["b"]["last"][0] == 0.6 and math.isnan(table["b"]["last"][1])  # one seed: no spread
     assert table["a"]["seeds"] == [0, 1]
+
+
+def test_collect_counts_evaluation_samples_as_the_base_evaluation_did(tmp_path):
+    recipe = {"train": {"dataset_name": "aime24", "eval_k": 3}, "methods": {"a": {}}, "seeds": [0]}
+    (run,) = plan_runs(recipe, tmp_path)
+    run.folder.mkdir(parents=True)
+    (run.folder / "trainer_state.json").write_text(json.dumps({"log_history": history({4: 0.4})}))
+    (run.folder / "run.json").write_text("{}")
+    assert collect(tmp_path, recipe)["eval_samples_per_run"] is None  # no arithmetic size, no base evaluation
+    (tmp_path / "base_eval.json").write_text(json.dumps({"accuracy": 0.1, "num_problems": 30, "k": 3}))
+    results = collect(tmp_path, recipe)
+    assert results["eval_samples_per_run"] == 90 and results["base_accuracy"] == 0.1
+    assert results["methods"]["a"]["sampling_se"] == pytest.approx(math.sqrt(0.4 * 0.6 / 90))
+    assert json.loads(json.dumps(results))["runs"]["a"]["0"]["history"]["sdpg/gate_ratio"][0] == [1, 0.25]
+
+
+def test_warns_when_the_last_evaluation_is_not_of_the_final_model(tmp_path):
+    from sdpg_trl.compare import last_evaluation_warnings
+
+    methods = {"a": {"max_steps": 8}, "b": {"max_steps": 10}}
+    recipe = {"train": {"eval_every_steps": 4}, "methods": methods, "seeds": [0, 1]}
+    assert last_evaluation_warnings(plan_runs(recipe, tmp_path)) == [
+        "b: max_steps 10 is not a multiple of eval_every_steps 4, so 'Last' is the accuracy at step 8, not of the "
+        "final model."
+    ]
 
 
 def test_recipe_shape_is_checked(tmp_path):
@@ -70,6 +100,84 @@ def test_plan_is_seed_major_and_resume_skips_finished_runs(tmp_path):
     assert not (runs[1].folder / "stale.txt").exists() and any("starting it again" in line for line in lines)
     execute(runs, train=fake_train, echo=lines.append)  # the finished ones are not rerun
     assert trained == [("grpo", 0), ("sdpg", 0), ("grpo", 1), ("sdpg", 1)]
+    marker = json.loads((runs[0].folder / "run.json").read_text())
+    assert marker["config"] == runs[0].config and marker["wall_s"] >= 0 and "git_commit" in marker
+
+
+def test_resuming_into_runs_finished_with_other_settings_is_refused(tmp_path):
+    recipe = {"train": {"max_steps": 1}, "methods": {"a": {"distill_coef": 0.5}}, "seeds": [0]}
+    trained = []
+    execute(plan_runs(recipe, tmp_path), train=fake_trainer(set(), trained), echo=print)
+    execute(plan_runs(recipe, tmp_path), train=fake_trainer(set(), trained), echo=print)  # same settings: skipped
+    recipe["methods"]["a"]["distill_coef"] = 1.0  # an edited recipe, same output folder
+    with pytest.raises(ValueError, match="a seed 0: distill_coef: 0.5 -> 1.0"):
+        execute(plan_runs(recipe, tmp_path), train=fake_trainer(set(), trained), echo=print)
+    with pytest.raises(ValueError, match="model_name_or_path: None -> 'other/model'"):
+        execute(plan_runs(recipe, tmp_path, model_name_or_path="other/model"), train=fake_trainer(set(), trained))
+    assert trained == [("a", 0)]
+
+
+def test_a_completed_run_without_its_marker_is_adopted_not_retrained(tmp_path):
+    recipe = {"train": {"max_steps": 1}, "methods": {"a": {}, "b": {}}, "seeds": [0]}
+    runs = plan_runs(recipe, tmp_path)
+    for run in runs:  # what sdpg-train leaves when the comparison stops before writing run.json
+        run.folder.mkdir(parents=True)
+        state = {"log_history": [*history({1: 0.5}, steps=1), {"step": 1, "train_runtime": 42.0}]}
+        (run.folder / "trainer_state.json").write_text(json.dumps(state))
+        (run.folder / "config.yaml").write_text(yaml.safe_dump({**run.config, "max_steps": 1 + (run.method == "b")}))
+    with pytest.raises(ValueError, match="b seed 0: max_steps: 2 -> 1"):  # b was trained with other settings
+        execute(runs, train=fake_trainer(set(), []))
+    trained = []
+    assert execute(runs[:1], train=fake_trainer(set(), trained)) == [] and trained == []
+    marker = json.loads((runs[0].folder / "run.json").read_text())
+    assert marker["adopted"] and marker["wall_s"] == 42.0 and marker["config"] == runs[0].config
+
+
+def fake_trainer(fail: set[str], trained: list):
+    """A stand-in for `train_in_subprocess`: methods in `fail` raise, the others leave a one-step trainer state."""
+
+    def train(run):
+        trained.append((run.method, run.seed))
+        run.folder.mkdir(parents=True, exist_ok=True)
+        if run.method in fail:
+            raise RuntimeError("exit 1; see train.log")
+        (run.folder / "trainer_state.json").write_text(json.dumps({"log_history": history({1: 0.5}, steps=1)}))
+        return {"command": ["train", run.method]}
+
+    return train
+
+
+def test_a_failed_run_does_not_stop_the_others_and_is_restarted_next_time(tmp_path):
+    recipe = {"train": {"max_steps": 1}, "methods": {"bad": {}, "good": {}}, "seeds": [0, 1]}
+    runs = plan_runs(recipe, tmp_path)
+    trained, lines = [], []
+    failed = execute(runs, train=fake_trainer({"bad"}, trained), echo=lines.append)
+    assert trained == [("bad", 0), ("good", 0), ("bad", 1), ("good", 1)]
+    assert [(r.method, r.seed) for r, _ in failed] == [("bad", 0), ("bad", 1)] and "exit 1" in failed[0][1]
+    assert [is_finished(r) for r in runs] == [False, True, False, True]
+    assert sum("FAILED" in line for line in lines) == 2
+    assert json.loads((runs[1].folder / "run.json").read_text())["command"] == ["train", "good"]
+    trained.clear()
+    assert execute(runs, train=fake_trainer(set(), trained), echo=lines.append) == []
+    assert trained == [("bad", 0), ("bad", 1)]  # only the failed ones again
+
+
+def test_main_reports_the_finished_runs_and_exits_non_zero_when_one_failed(tmp_path, monkeypatch, capsys):
+    import sdpg_trl.scripts.compare as script
+
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"train": {"max_steps": 1, "use_cpu": True}, "methods": {"bad": {}, "good": {}},
+                                      "seeds": [0]}))  # fmt: skip
+    monkeypatch.setattr(script, "train_in_subprocess", fake_trainer({"bad"}, []))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed: bad seed 0"):
+        main(["--config", str(config), "--output_dir", str(out), "--model_name_or_path", "unused"])
+    assert "| good | 1 |" in (out / "results.md").read_text() and "| bad |" not in (out / "results.md").read_text()
+    capsys.readouterr()
+    main(["--config", str(config), "--output_dir", str(out), "--model_name_or_path", "unused", "--dry_run"])
+    plan = capsys.readouterr().out
+    assert "bad seed 0: " in plan and "(unfinished, restarts)" in plan
+    assert "good seed 0: " in plan and "(finished)" in plan
 
 
 def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
@@ -95,8 +203,12 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     main(argv)  # resumed: nothing to rerun
     assert (out / "grpo" / "seed0" / "run.json").stat().st_mtime == stamp
     (out / "results.md").unlink()
-    main(["--config", str(config), "--output_dir", str(out), "--render_only"])
+    main(["--output_dir", str(out), "--render_only"])  # from results.json alone
     assert (out / "results.md").is_file()
+    marker = json.loads((out / "grpo" / "seed0" / "run.json").read_text())
+    assert marker["command"][-3:] == ["sdpg_trl.scripts.train", "--config", str(out / "grpo" / "seed0" / "config.yaml")]
+    assert yaml.safe_load((out / "grpo" / "seed0" / "config.yaml").read_text()) == marker["config"]
+    assert results["runs"]["grpo"]["0"]["history"]["eval/accuracy"][0][0] == 1  # the run itself skipped step 0
 
 
 def test_bad_method_flag_fails_before_any_run(tmp_path):
@@ -109,11 +221,43 @@ def test_bad_method_flag_fails_before_any_run(tmp_path):
 
 
 def test_shipped_comparison_recipe_parses():
-    from pathlib import Path
-
     from sdpg_trl.compare import check_runs
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "compare_demo_cpu.yaml")
     runs = plan_runs(recipe, "unused", model_name_or_path="local/model")
     check_runs(runs)
     assert {r.method for r in runs} >= {"grpo", "rlsd", "sdpg_urkl", "sdpg_ufkl"} and len({r.seed for r in runs}) >= 3
+
+
+def test_base_evaluation_follows_the_runs_settings_and_is_redone_when_they_change(tmp_path, monkeypatch):
+    import sdpg_trl.scripts.compare as script
+    from trl import ModelConfig
+
+    assert script.TRAINING_DTYPE == ModelConfig().dtype  # what sdpg-train loads the weights in when a recipe is silent
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # stands in for the sdpg-evaluate subprocess
+        settings = yaml.safe_load(open(cmd[cmd.index("--config") + 1]))
+        calls.append(settings)
+        Path(settings["output_file"]).write_text(json.dumps({"accuracy": 0.25, "num_problems": 2, "k": 2}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    train = {"dataset_name": "my.jsonl", "question_column": "q", "eval_k": 2, "learning_rate": 1e-5, "use_vllm": True,
+             "eval_dataset_name": None}  # fmt: skip
+    script.evaluate_base(train, "base/model", tmp_path)
+    assert calls[0] == {"dataset_name": "my.jsonl", "dtype": "float32", "eval_k": 2, "question_column": "q",
+                        "model_name_or_path": "base/model", "output_file": f"{tmp_path}/base_eval.json.partial"}
+    assert json.loads((tmp_path / "base_eval.json").read_text())["accuracy"] == 0.25
+    script.evaluate_base(train, "base/model", tmp_path)  # same settings: not evaluated again
+    script.evaluate_base({**train, "eval_k": 4}, "base/model", tmp_path)
+    script.evaluate_base({**train, "eval_k": 4}, "other/model", tmp_path)
+    assert len(calls) == 3
+
+
+def test_methods_may_not_change_the_evaluation(tmp_path, capsys):
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"train": {"max_steps": 1}, "methods": {"a": {"eval_k": 8}}, "seeds": [0]}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--dry_run"])
+    assert "method 'a' sets ['eval_k']" in capsys.readouterr().err

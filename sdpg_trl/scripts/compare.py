@@ -5,50 +5,85 @@
     sdpg-compare --config recipes/compare_demo_cpu.yaml --render_only       # redraw from results.json
     python -m sdpg_trl.scripts.compare --config my_compare.yaml --output_dir outputs/my-compare --dry_run
 
-Resumable: a finished run is never rerun, an interrupted one starts again. Writes into the output folder one folder
-per run (its recipe, log and trainer state), `base_eval.json`, `results.json` (every number), `results.md` (the table:
-held-out Last and Best per method, mean ± standard error over seeds) and one PNG per curve.
+Resumable: a finished run is never rerun, an interrupted or failed one starts again; a failed run does not stop the
+others (the command exits non-zero at the end). Writes into the output folder one folder per run (its recipe, log,
+trainer state and `run.json`), `base_eval.json`, `results.json` (every number), `results.md` (the table: held-out
+Last and Best per method, mean ± standard error over seeds) and one PNG per curve.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from ..compare import check_runs, collect, execute, load_recipe, plan_runs, write_report
+import yaml
 
-# sdpg-evaluate flags taken from the comparison's shared training settings, so the base model is evaluated exactly
-# as the runs evaluate their checkpoints.
-EVAL_KEYS = (
-    "dataset_name", "dataset_source", "eval_dataset_name", "arithmetic_level", "arithmetic_num_train",
-    "arithmetic_num_eval", "arithmetic_seed", "eval_k", "eval_temperature", "eval_top_p", "eval_max_new_tokens",
-    "eval_generation_batch_size", "eval_reward_func", "eval_seed", "dtype",
-)  # fmt: skip
+from ..compare import (
+    adopt_completed_runs,
+    check_finished_runs,
+    check_runs,
+    collect,
+    completed_without_marker,
+    execute,
+    is_finished,
+    last_evaluation_warnings,
+    load_recipe,
+    plan_runs,
+    train_in_subprocess,
+    write_report,
+)
+
+# sdpg-evaluate's own switches, not settings of the evaluation: in training, mean@k always generates with
+# transformers, so the base model must too, even when the runs roll out with vLLM.
+NOT_EVALUATION_SETTINGS = {"model_name_or_path", "output_file", "use_vllm", "vllm_gpu_memory_utilization",
+                           "vllm_tensor_parallel_size"}  # fmt: skip
+# The weights' dtype when a recipe sets none: trl.ModelConfig's default, which sdpg-train uses.
+TRAINING_DTYPE = "float32"
+
+
+def evaluation_keys() -> set[str]:
+    """The `sdpg-train` settings that decide the held-out evaluation: `sdpg-evaluate`'s data, mean@k and dtype flags."""
+    from .evaluate import EvaluateArguments
+
+    return {f.name for f in dataclasses.fields(EvaluateArguments)} - NOT_EVALUATION_SETTINGS
 
 
 def evaluate_base(train: dict, model_name_or_path: str, output_dir: Path) -> None:
-    """Held-out mean@k of the untrained model, once, into `base_eval.json` (skipped when it exists)."""
+    """Held-out mean@k of the untrained model, once, into `base_eval.json`, with the runs' evaluation settings.
+
+    Skipped when `base_eval.json` holds an evaluation with the same settings; redone when they changed.
+    """
     target = output_dir / "base_eval.json"
+    settings = {key: train[key] for key in sorted(evaluation_keys()) if train.get(key) is not None}
+    settings.setdefault("dtype", TRAINING_DTYPE)  # sdpg-evaluate's own default ("auto") is not sdpg-train's
+    settings["model_name_or_path"] = model_name_or_path
     if target.is_file():
-        return
-    argv = [arg for key in EVAL_KEYS if key in train for arg in (f"--{key}", str(train[key]))]
-    cmd = [sys.executable, "-m", "sdpg_trl.scripts.evaluate", "--model_name_or_path", model_name_or_path,
-           *argv, "--output_file", str(target) + ".partial"]  # fmt: skip
+        if json.loads(target.read_text()).get("settings") == settings:
+            return
+        print("The base evaluation in the output folder used other settings; evaluating the base model again.")
+    config = output_dir / "base_eval_config.yaml"
+    config.write_text(yaml.safe_dump({**settings, "output_file": str(target) + ".partial"}, sort_keys=False))
+    cmd = [sys.executable, "-m", "sdpg_trl.scripts.evaluate", "--config", str(config)]
     print("Evaluating the base model once (every run starts from it) ...", flush=True)
     with open(output_dir / "base_eval.log", "w") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
-    os.replace(str(target) + ".partial", target)
-    print(f"  base held-out accuracy {json.loads(target.read_text())['accuracy']:.3f}", flush=True)
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"The base evaluation failed (exit {result.returncode}); see {output_dir / 'base_eval.log'}")
+    report = json.loads(Path(str(target) + ".partial").read_text())
+    target.write_text(json.dumps({**report, "settings": settings, "command": cmd}, indent=2))
+    os.remove(str(target) + ".partial")
+    print(f"  base held-out accuracy {report['accuracy']:.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point `sdpg-compare`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="Comparison recipe (YAML with train, methods, seeds).")
+    parser.add_argument("--config", help="Comparison recipe (YAML with train, methods, seeds); not with --render_only.")
     parser.add_argument("--output_dir", default="outputs/compare", help="Folder for the runs and the report.")
     parser.add_argument("--methods", nargs="+", help="Run only these methods of the recipe.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Run only these seeds.")
@@ -63,7 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         for path in write_report(results, output_dir):
             print(path)
         return
+    if not args.config:
+        parser.error("--config is required (only --render_only works without it)")
     recipe = load_recipe(args.config)
+    for name, flags in recipe["methods"].items():  # the base model is evaluated once, so every run must evaluate alike
+        if set(flags or {}) & evaluation_keys():
+            parser.error(f"method {name!r} sets {sorted(set(flags) & evaluation_keys())}: data and evaluation settings "
+                         "belong under train:, the same for every method")  # fmt: skip
     model = args.model_name_or_path or recipe["train"].get("model_name_or_path")
     if not model and not args.dry_run:
         from ..models import smollm2_checkpoint  # the demo model, converted once and cached
@@ -72,17 +113,33 @@ def main(argv: list[str] | None = None) -> None:
     runs = plan_runs(recipe, output_dir, methods=args.methods, seeds=args.seeds, model_name_or_path=model)
     if args.dry_run:
         for run in runs:
-            print(f"{run.method:>28} seed {run.seed}: {run.folder}")
+            if is_finished(run):
+                state = "finished"
+            elif completed_without_marker(run):
+                state = "completed without run.json: adopted if its config.yaml matches"
+            elif run.folder.exists():
+                state = "unfinished, restarts"
+            else:
+                state = "to run"
+            print(f"{run.method:>28} seed {run.seed}: {run.folder} ({state})")
         return
     check_runs(runs)  # every run's flags parse before the first one starts
+    for warning in last_evaluation_warnings(runs):
+        print(f"Warning: {warning}", flush=True)
+    for run in adopt_completed_runs(runs):
+        print(f"{run.method} seed {run.seed}: completed earlier without run.json; counted as finished")
+    check_finished_runs(runs)  # and the finished runs being resumed into were trained with the same flags
     output_dir.mkdir(parents=True, exist_ok=True)
     if recipe["train"].get("eval_every_steps"):
         evaluate_base(recipe["train"], model, output_dir)
-    execute(runs, echo=lambda line: print(line, flush=True))
+    failed = execute(runs, train=train_in_subprocess, echo=lambda line: print(line, flush=True))
     results = collect(output_dir, recipe)
     written = write_report(results, output_dir)
     print((output_dir / "results.md").read_text())
     print("Wrote " + ", ".join(str(p) for p in written))
+    if failed:  # the report above holds the finished runs; a rerun restarts only the failed ones
+        listing = "; ".join(f"{run.method} seed {run.seed} ({error})" for run, error in failed)
+        raise SystemExit(f"{len(failed)} run(s) failed: {listing}")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def evaluate_mean_at_k(
 
 
 def evaluate_mean_at_k_vllm(
-    model: str | Any,
+    model: Any,  # a model name or path, or a vllm.LLM
     dataset: Dataset,
     k: int = 32,
     temperature: float = 1.0,

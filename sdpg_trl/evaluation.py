@@ -1,9 +1,14 @@
-"""mean@k evaluation (pass@1 averaged over k samples per problem, SPEC 4), standalone or every N training steps."""
+"""mean@k evaluation (pass@1 averaged over k samples per problem, SPEC 4), standalone or every N training steps, of
+the student's prompts or of the teacher's (the student prompt plus the privileged context), and the headroom between
+the two views.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -14,8 +19,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from trl.models.utils import unwrap_model_for_generation
 
 from .rewards import get_reward_funcs, math_accuracy_reward
+from .teacher import teacher_view_dataset
 
 RewardFunc = Callable[..., list[float]]
+PROMPT_VIEWS = ("student", "teacher")  # what `prompt_view` maps a data set to
+VIEW_CHOICES = (*PROMPT_VIEWS, "both")  # sdpg-evaluate --view
 
 
 @dataclass
@@ -162,7 +170,7 @@ def evaluate_mean_at_k(
 
 
 def evaluate_mean_at_k_vllm(
-    model_name_or_path: str,
+    model: Any,  # a model name or path, or a vllm.LLM
     dataset: Dataset,
     k: int = 32,
     temperature: float = 1.0,
@@ -174,11 +182,18 @@ def evaluate_mean_at_k_vllm(
 ) -> dict:
     """Same report as `evaluate_mean_at_k`, with generation by vLLM (`pip install sdpg-trl[vllm]`, GPU only).
 
-    `llm_kwargs` go to `vllm.LLM` (e.g. `tensor_parallel_size`, `gpu_memory_utilization`, `max_model_len`).
+    `model` is a Hub id or local path, from which a `vllm.LLM` is built with `llm_kwargs` (e.g. `tensor_parallel_size`,
+    `gpu_memory_utilization`, `max_model_len`), or an `LLM` already built, so that several evaluations (the student
+    and the teacher view) share one engine.
     """
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_name_or_path, seed=seed, **llm_kwargs)
+    if isinstance(model, str):
+        llm = LLM(model=model, seed=seed, **llm_kwargs)
+    elif llm_kwargs:
+        raise ValueError(f"llm_kwargs {sorted(llm_kwargs)} only apply when a model name is given, not an LLM.")
+    else:
+        llm = model
     params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
     outputs = llm.chat([row["prompt"] for row in dataset], params, use_tqdm=True)
     problems = [
@@ -192,6 +207,125 @@ def evaluate_mean_at_k_vllm(
         for index, output in enumerate(outputs)
     ]
     return _summary(problems, k, temperature, max_new_tokens)
+
+
+def prompt_view(
+    dataset: Dataset, view: str, teacher_template: str, context_column: str, name: str = "dataset"
+) -> Dataset:
+    """`dataset` with the prompts of one view: `"student"` returns it unchanged, `"teacher"` gives every row the
+    teacher's prompt (`sdpg_trl.teacher.teacher_view_dataset`: the student prompt plus `teacher_template` filled with
+    the row's `context_column`, exactly what `SDPGTrainer` scores the teacher on). The other columns, the answer
+    included, are unchanged, so either view goes to `evaluate_mean_at_k` or `evaluate_mean_at_k_vllm` as it is.
+
+    Raises `ValueError` naming `name` and the column when a row has no privileged context.
+    """
+    if view == "student":
+        return dataset
+    if view == "teacher":
+        return teacher_view_dataset(dataset, teacher_template, context_column, name)
+    raise ValueError(f"Unknown prompt view {view!r}; expected one of {PROMPT_VIEWS}.")
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error `sqrt(p (1 - p) / n)` of an accuracy `p` measured on `n` samples, each counted as independent.
+
+    Samples of one problem are correlated, so on a set of few problems this understates the spread across problems.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}.")
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
+
+
+def teacher_headroom(student: dict, teacher: dict) -> dict:
+    """How much better the teacher view scores than the student view, from two reports of the same problems.
+
+    Returns `student_accuracy`, `teacher_accuracy`, `ratio` (teacher / student; `None` when the student scores 0),
+    `difference` (teacher - student), the binomial standard error of each accuracy over its `samples` samples
+    (`binomial_se`) and of the difference (`sqrt(se_s^2 + se_t^2)`, the two views sampled independently),
+    `teacher_better` (the difference exceeds 2 standard errors, which implies ratio > 1) and `warning` (the message
+    to show when it does not, else `None`).
+    """
+    if (student["num_problems"], student["k"]) != (teacher["num_problems"], teacher["k"]):
+        raise ValueError(
+            "The two views must be evaluated on the same problems with the same k; got "
+            f"{student['num_problems']} x {student['k']} (student) and {teacher['num_problems']} x {teacher['k']} "
+            "(teacher)."
+        )
+    samples = student["num_problems"] * student["k"]
+    p_s, p_t = student["accuracy"], teacher["accuracy"]
+    se_s, se_t = binomial_se(p_s, samples), binomial_se(p_t, samples)
+    difference, difference_se = p_t - p_s, math.sqrt(se_s**2 + se_t**2)
+    ratio = p_t / p_s if p_s > 0 else None
+    better = difference > 2 * difference_se
+    warning = None
+    if not better:
+        ratio_text = "undefined (student accuracy 0)" if ratio is None else f"{ratio:.2f}"
+        warning = (
+            f"the teacher view is not clearly better than the student (ratio {ratio_text}, difference "
+            f"{difference:+.3f} with standard error {difference_se:.3f}): SDPG has little to distil on this task with "
+            "this template."
+        )
+    return {
+        "student_accuracy": p_s,
+        "teacher_accuracy": p_t,
+        "ratio": ratio,
+        "difference": difference,
+        "student_se": se_s,
+        "teacher_se": se_t,
+        "difference_se": difference_se,
+        "samples": samples,
+        "num_problems": student["num_problems"],
+        "k": student["k"],
+        "teacher_better": better,
+        "warning": warning,
+    }
+
+
+def format_headroom(headroom: dict) -> str:
+    """`teacher_headroom`'s result as the lines `sdpg-evaluate --view both` and the demo print."""
+    k, n = headroom["k"], headroom["samples"]
+    ratio = "n/a (student 0)" if headroom["ratio"] is None else f"{headroom['ratio']:.2f}"
+    lines = [
+        f"mean@{k} on {headroom['num_problems']} problems ({n} samples per view), +- one standard error:",
+        f"  student view  {headroom['student_accuracy']:.4f} +- {headroom['student_se']:.4f}",
+        f"  teacher view  {headroom['teacher_accuracy']:.4f} +- {headroom['teacher_se']:.4f}",
+        f"  teacher / student {ratio}; teacher - student {headroom['difference']:+.4f} +- "
+        f"{headroom['difference_se']:.4f}",
+    ]
+    if headroom["warning"]:
+        lines.append(f"WARNING: {headroom['warning']}")
+    return "\n".join(lines)
+
+
+def evaluate_prompt_views(
+    evaluate: Callable[[Dataset], dict],
+    dataset: Dataset,
+    view: str = "student",
+    teacher_template: str | None = None,
+    context_column: str | None = None,
+    name: str = "dataset",
+) -> dict:
+    """Evaluate `dataset` in one prompt view or both, with `evaluate` (one data set -> a mean@k report).
+
+    `evaluate` is called once per view with the same settings, hence the same seeded sampling; every view's data set
+    is built (and its context column checked) before the first call, so that a wrong column fails before any model
+    is loaded or anything generated. Returns `evaluate`'s report with `view` added for a single view, and for
+    `"both"` a report holding `student`, `teacher` and their `headroom` (`teacher_headroom`). Reports of a view
+    that includes the teacher also carry `teacher_template` and `context_column`.
+    """
+    if view not in VIEW_CHOICES:
+        raise ValueError(f"Unknown view {view!r}; expected one of {VIEW_CHOICES}.")
+    views = PROMPT_VIEWS if view == "both" else (view,)
+    if "teacher" in views and (teacher_template is None or context_column is None):
+        raise ValueError("The teacher view needs teacher_template and context_column.")
+    datasets = {v: prompt_view(dataset, v, teacher_template, context_column, name) for v in views}
+    reports = {v: evaluate(data) for v, data in datasets.items()}
+    report: dict[str, Any] = {"view": view}
+    if "teacher" in views:
+        report.update(teacher_template=teacher_template, context_column=context_column)
+    if view == "both":
+        return {**report, "headroom": teacher_headroom(reports["student"], reports["teacher"]), **reports}
+    return {**report, **reports[view]}
 
 
 class MeanAtKCallback(TrainerCallback):

@@ -13,6 +13,8 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .config import template_fields
+
 
 def build_teacher_prompt(prompt: str | list[dict[str, Any]], context: Any, template: str, column: str) -> Any:
     """Student prompt + `template.format(context=context)`.
@@ -55,7 +57,8 @@ def check_context_column(dataset: Any, column: str, name: str) -> None:
         columns = list(dataset[0])
     if columns is not None and column not in columns:
         raise ValueError(
-            f"{name} has no privileged-context column {column!r} (SDPGConfig.context_column); "
+            f"{name} has no privileged-context column {column!r} (SDPGConfig.context_column, or "
+            f"sdpg-evaluate's --context_column); "
             f"its columns are {list(columns)}."
         )
     if isinstance(dataset, Dataset):  # map-style: cheap to check every value now rather than mid-training
@@ -64,6 +67,25 @@ def check_context_column(dataset: Any, column: str, name: str) -> None:
                 raise ValueError(
                     f"{name} row {index} has no privileged context in column {column!r}: {context!r}."
                 )
+
+
+def teacher_view_dataset(dataset: Dataset, template: str, column: str, name: str = "dataset") -> Dataset:
+    """`dataset` as the teacher sees it: each row's `prompt` replaced by `build_teacher_prompt` of that row.
+
+    Every other column is kept, so the answer the verifier reads is unchanged. `template` and the context column are
+    checked on every row first, so a wrong column fails here, naming `name`, not halfway through an evaluation.
+    """
+    fields = template_fields(template)  # ValueError on unbalanced braces
+    if fields != {"context"}:
+        raise ValueError(
+            f"The teacher template must contain {{context}} and no other placeholder (write literal braces as {{{{ "
+            f"and }}}}); its placeholders are {sorted(fields)}: {template!r}."
+        )
+    check_context_column(dataset, column, name)
+    return dataset.map(
+        lambda row: {"prompt": build_teacher_prompt(row["prompt"], row[column], template, column)},
+        desc="teacher prompts",
+    )
 
 
 def context_token_mask(

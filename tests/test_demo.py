@@ -5,11 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import types
 
 import pytest
 
+from sdpg_trl.data import arithmetic_dataset
+from sdpg_trl.evaluation import evaluate_prompt_views
 from sdpg_trl.models import CACHE_ENV
+from sdpg_trl.scripts import demo
 from sdpg_trl.scripts.demo import CURVES, main
+from sdpg_trl.teacher import build_teacher_prompt
 
 
 @pytest.fixture
@@ -20,7 +25,18 @@ def cached_tiny_smollm2(tiny_model_dir, tmp_path, monkeypatch):
     return tmp_path / "cache" / "smollm2-135m-instruct"
 
 
-def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, capsys):
+def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, capsys, monkeypatch):
+    events = []
+
+    def spy(real, event):
+        def wrapper(*args, **kwargs):
+            events.append((event, args))
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(demo, "evaluate_prompt_views", spy(demo.evaluate_prompt_views, "headroom"))
+    monkeypatch.setattr(demo, "train", spy(demo.train, "train"))
     out = tmp_path / "demo"
     summary = main([
         "--output_dir", str(out),
@@ -43,6 +59,50 @@ def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, 
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "before" in capsys.readouterr().out
+
+    # The teacher headroom: measured before training, on the training split (all 8 problems: fewer than 24).
+    assert [event for event, _ in events] == ["headroom", "train"]
+    problems = events[0][1][1]
+    data = arithmetic_dataset(num_train=8, num_test=2, level=1)
+    assert problems["prompt"] == data["train"]["prompt"]
+    assert not set(map(str, problems["prompt"])) & set(map(str, data["test"]["prompt"]))
+    headroom = summary["teacher_headroom"]
+    assert (headroom["split"], headroom["num_problems"], headroom["k"], headroom["samples"]) == ("train", 8, 1, 8)
+    assert headroom["context_column"] == "privileged_context" and "{context}" in headroom["teacher_template"]
+    for key in ("student_accuracy", "teacher_accuracy", "ratio", "difference", "student_se", "teacher_se"):
+        assert key in headroom
+    assert summary["teacher_headroom_s"] > 0
+
+
+def test_demo_headroom_can_be_skipped_and_takes_the_first_training_problems(cached_tiny_smollm2, tmp_path, monkeypatch):
+    history = [{"step": 0, "eval/accuracy": 0.1}, {"step": 2, "eval/accuracy": 0.2}]
+    fake_trainer = types.SimpleNamespace(state=types.SimpleNamespace(log_history=history, global_step=2))
+    monkeypatch.setattr(demo, "train", lambda *args: fake_trainer)
+    calls = []
+    monkeypatch.setattr(demo, "evaluate_prompt_views", lambda *args, **kwargs: calls.append(args))
+    argv = ["--output_dir", str(tmp_path / "demo"), "--max_steps", "2", "--eval_every_steps", "1"]
+    summary = main([*argv, "--headroom_problems", "0"])
+    assert calls == [] and summary["teacher_headroom"] is None
+
+    seen = []
+
+    def evaluate(model, tokenizer, data, k, **kwargs):  # the student gets 1 in 4 right, the teacher 1 in 2
+        seen.append((data["prompt"], k))
+        teacher = "Hint: " in data["prompt"][0][0]["content"]
+        return {"accuracy": 0.5 if teacher else 0.25, "num_problems": len(data), "k": k}
+
+    monkeypatch.setattr(demo, "evaluate_prompt_views", evaluate_prompt_views)
+    monkeypatch.setattr(demo, "evaluate_mean_at_k", evaluate)
+    summary = main([*argv, "--headroom_problems", "3", "--teacher_template", "Hint: {context}", "--eval_k", "4"])
+    rows = arithmetic_dataset(256, 48, 1)["train"].select(range(3))  # the recipe's training split, first 3
+    teacher = [build_teacher_prompt(r["prompt"], r["privileged_context"], "Hint: {context}", "c") for r in rows]
+    assert seen == [(rows["prompt"], 4), (teacher, 4)]
+    headroom = summary["teacher_headroom"]
+    assert (headroom["num_problems"], headroom["samples"], headroom["split"]) == (3, 12, "train")
+    assert headroom["ratio"] == 2.0 and headroom["teacher_template"] == "Hint: {context}"
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["teacher_headroom"] == headroom
+    with pytest.raises(ValueError, match="--headroom_problems must be >= 0"):
+        main([*argv, "--headroom_problems", "-1"])
 
 
 def test_demo_refuses_a_run_whose_last_step_is_not_evaluated(cached_tiny_smollm2, tmp_path):

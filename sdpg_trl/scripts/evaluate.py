@@ -1,15 +1,21 @@
-"""mean@k evaluation of a model on a math data set, written to JSON.
+"""mean@k evaluation of a model on a math data set, written to JSON; of the student's prompts, of the teacher's (the
+prompt plus the privileged context, as SDPG's teacher sees it), or of both, with the headroom between them.
 
     sdpg-evaluate --model_name_or_path Qwen/Qwen3-4B --dataset_name aime24 --eval_k 32 --output_file aime24.json
     sdpg-evaluate --model_name_or_path ./my-run --dataset_name arithmetic --eval_k 4 --eval_max_new_tokens 128
+    sdpg-evaluate --model_name_or_path Qwen/Qwen3-4B --dataset_name dapo-math-17k --max_problems 64 --view both
     python -m sdpg_trl.scripts.evaluate --config recipes/eval_aime.yaml --use_vllm true
 
 `--dataset_name` takes what `sdpg-train` takes; for `arithmetic` the held-out split is evaluated (same generator
 settings, same problems), for any other set all of it, unless `--eval_dataset_name` names another one.
+`--eval_split train` evaluates the training rows instead (the generator's `train` split), which is where settings
+such as the teacher template should be chosen. `--view teacher` evaluates the teacher's prompts, and `--view both`
+both views with the same sampling, their ratio, standard errors, and a warning when the teacher is not better.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +23,22 @@ from pathlib import Path
 from accelerate import PartialState
 from trl import TrlParser
 
-from ..data import DataArguments, held_out_dataset, load_math_dataset
-from ..evaluation import MeanAtKArguments, evaluate_mean_at_k, evaluate_mean_at_k_vllm
+from datasets import Dataset
+
+from ..config import DEFAULT_TEACHER_TEMPLATE, SDPGConfig
+from ..data import ARITHMETIC, DataArguments, held_out_dataset, load_math_dataset, train_dataset
+from ..evaluation import (
+    VIEW_CHOICES,
+    MeanAtKArguments,
+    evaluate_mean_at_k,
+    evaluate_mean_at_k_vllm,
+    evaluate_prompt_views,
+    format_headroom,
+)
 from ..models import load_model_and_tokenizer
+
+DEFAULT_CONTEXT_COLUMN = next(f.default for f in dataclasses.fields(SDPGConfig) if f.name == "context_column")
+SPLITS = ("held_out", "train")
 
 
 @dataclass
@@ -33,6 +52,12 @@ class EvaluateArguments(DataArguments, MeanAtKArguments):
         use_vllm: generate with vLLM instead of transformers (GPU only).
         vllm_gpu_memory_utilization: fraction of GPU memory vLLM may take.
         vllm_tensor_parallel_size: GPUs one vLLM engine spans.
+        eval_split: `held_out` (the default: `eval_dataset_name`, the generator's `test` split, or all of
+            `dataset_name`) or `train` (the rows `sdpg-train` trains on).
+        max_problems: evaluate only the first this many problems; `0` = all.
+        view: `student` (the prompts as they are), `teacher` (each prompt plus `teacher_template` filled with the
+            row's `context_column`, as `SDPGTrainer`'s teacher sees it) or `both` (with the headroom between them).
+        teacher_template, context_column: as in `SDPGConfig`, with its defaults.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local path of the model."})
@@ -41,41 +66,110 @@ class EvaluateArguments(DataArguments, MeanAtKArguments):
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM."})
     vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM GPU memory fraction."})
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor-parallel size."})
+    eval_split: str = field(
+        default="held_out", metadata={"help": "Rows to evaluate: held_out or train.", "choices": SPLITS}
+    )
+    max_problems: int = field(default=0, metadata={"help": "Evaluate only the first N problems; 0 = all."})
+    view: str = field(
+        default="student",
+        metadata={
+            "help": "Prompts to evaluate: student, teacher (with the privileged context) or both.",
+            "choices": VIEW_CHOICES,
+        },
+    )
+    teacher_template: str = field(
+        default=DEFAULT_TEACHER_TEMPLATE,
+        metadata={"help": "Teacher view: text appended to the prompt, holding {context} (SDPGConfig.teacher_template)."},
+    )
+    context_column: str = field(
+        default=DEFAULT_CONTEXT_COLUMN,
+        metadata={"help": "Teacher view: column with the privileged context (as SDPGConfig.context_column)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required.")
+        if self.view not in VIEW_CHOICES:
+            raise ValueError(f"view must be one of {VIEW_CHOICES}, got {self.view!r}.")
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"eval_split must be one of {SPLITS}, got {self.eval_split!r}.")
+        if self.eval_split == "train" and self.eval_dataset_name is not None:
+            raise ValueError(
+                "eval_split train evaluates dataset_name's training rows; eval_dataset_name names a held-out set. "
+                "Drop one of them."
+            )
+        if self.max_problems < 0:
+            raise ValueError(f"max_problems must be >= 0, got {self.max_problems}.")
+
+
+def evaluation_dataset(args: EvaluateArguments) -> tuple[Dataset, str]:
+    """The rows `args` selects (split, then the first `max_problems`) and a name for them in messages."""
+    if args.eval_split == "train":
+        dataset = train_dataset(args)
+        name = f"{args.dataset_name} (training split)" if args.dataset_name == ARITHMETIC else args.dataset_name
+    else:
+        dataset = held_out_dataset(args)
+        if args.eval_dataset_name is not None:
+            name = args.eval_dataset_name
+        elif dataset is not None:
+            name = f"{args.dataset_name} (held-out split)"
+        else:
+            name = args.dataset_name
+            dataset = load_math_dataset(
+                args.dataset_name, args.dataset_source, None, args.question_column, args.answer_column,
+                args.solution_column,
+            )  # fmt: skip
+    if args.max_problems:
+        dataset = dataset.select(range(min(args.max_problems, len(dataset))))
+    return dataset, name
 
 
 def run(args: EvaluateArguments) -> dict:
     """Evaluate `args.model_name_or_path` as configured, write `args.output_file`, and return the report."""
-    dataset = held_out_dataset(args)
-    if dataset is None:
-        dataset = load_math_dataset(
-            args.dataset_name, args.dataset_source, None, args.question_column, args.answer_column, args.solution_column
-        )
-    if args.use_vllm:
-        kwargs = args.eval_kwargs()
-        kwargs.pop("batch_size")  # vLLM schedules its own batches
-        report = evaluate_mean_at_k_vllm(
-            args.model_name_or_path,
-            dataset,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
-            **kwargs,
-        )
-    else:
-        model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=args.dtype)
-        # Under `accelerate launch`, each process takes its own device and a share of the problems.
-        model.to(PartialState().device)
-        report = evaluate_mean_at_k(model, tokenizer, dataset, **args.eval_kwargs())
-    report = {"model": args.model_name_or_path, "dataset": args.eval_dataset_name or args.dataset_name, **report}
+    dataset, name = evaluation_dataset(args)
+    loaded: dict = {}  # the model or engine, loaded at the first evaluation and shared by both views
+
+    def evaluate(data: Dataset) -> dict:
+        if args.use_vllm:
+            if "llm" not in loaded:
+                from vllm import LLM
+
+                loaded["llm"] = LLM(
+                    model=args.model_name_or_path,
+                    seed=args.eval_seed,
+                    gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                    tensor_parallel_size=args.vllm_tensor_parallel_size,
+                )
+            kwargs = args.eval_kwargs()
+            kwargs.pop("batch_size")  # vLLM schedules its own batches
+            return evaluate_mean_at_k_vllm(loaded["llm"], data, **kwargs)
+        if "model" not in loaded:
+            model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, dtype=args.dtype)
+            # Under `accelerate launch`, each process takes its own device and a share of the problems.
+            model.to(PartialState().device)
+            loaded["model"] = (model, tokenizer)
+        return evaluate_mean_at_k(*loaded["model"], data, **args.eval_kwargs())
+
+    # Both views' prompts are built, and the context column checked, before the model is loaded.
+    report = evaluate_prompt_views(evaluate, dataset, args.view, args.teacher_template, args.context_column, name)
+    report = {
+        "model": args.model_name_or_path,
+        "dataset": args.eval_dataset_name or args.dataset_name,
+        "split": args.eval_split,
+        **report,
+    }
     if PartialState().is_main_process:
         path = Path(args.output_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
-        print(f"mean@{report['k']} accuracy {report['accuracy']:.4f} on {report['num_problems']} problems -> {path}")
+        if args.view == "both":
+            print(f"{name}: {format_headroom(report['headroom'])}\n-> {path}")
+        else:
+            print(
+                f"mean@{report['k']} accuracy {report['accuracy']:.4f} on {report['num_problems']} problems of {name} "
+                f"({args.view} view) -> {path}"
+            )
     return report
 
 

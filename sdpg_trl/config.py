@@ -229,8 +229,9 @@ class SDPGConfig(GRPOConfig):
         self._apply_method_preset()
         for f in dataclasses.fields(self):  # nan/inf anywhere would silently poison the loss or its schedule
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"SDPGConfig.{f.name} must be a finite number, got {value}.")
+            values = value if isinstance(value, (list, tuple)) else [value]  # e.g. reward_weights
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"SDPGConfig.{f.name} must hold finite numbers only, got {value}.")
         super().__post_init__()
         for name in ("distill_coef", "beta", "outcome_coef", "rlsd_coef"):
             if getattr(self, name) < 0:

@@ -90,6 +90,11 @@ def test_presets_fill_fields_left_at_default_and_explicit_fields_win(tmp_path):
         ({"beta": float("inf")}, "beta"),
         ({"rlsd_coef": float("nan")}, "rlsd_coef"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"dual_clip": float("nan")}, "dual_clip"),  # an optional float
+        ({"learning_rate": float("inf")}, "learning_rate"),  # a TrainingArguments field
+        ({"max_grad_norm": float("nan")}, "max_grad_norm"),
+        ({"reward_weights": [1.0, float("nan")]}, "reward_weights"),  # a list: a nan weight silently drops its reward
+        ({"reward_weights": [float("-inf")]}, "reward_weights"),
     ],
 )
 def test_bad_method_settings_name_the_field(tmp_path, overrides, field):

@@ -129,6 +129,15 @@ class SDPGConfig(GRPOConfig):
             prompts it is appended to the last user message before the chat template is applied.
             `ANSWER_CHECK_TEACHER_TEMPLATE` is the reference code's answer-only alternative.
 
+        > Non-finite values (`sdpg_trl.guards`)
+
+        max_consecutive_skipped_steps (`int`, *optional*, defaults to `5`):
+            An optimizer step whose loss or gradient is not finite, or whose generation batch has an infinite reward
+            (or no reward at all), is skipped: no optimizer step and no scheduler step, a warning with the step number,
+            and `skipped_steps` in the logs. After this many skipped steps in a row training stops with an error.
+            The logged `loss` averages only the optimised steps of its window (`None` when all were skipped). Not
+            available under DeepSpeed, which applies the update inside the backward pass.
+
         > Diagnostics
 
         log_term_grad_norms (`bool`, *optional*, defaults to `False`):
@@ -186,6 +195,9 @@ class SDPGConfig(GRPOConfig):
     )
     teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA teacher update rate."})
     teacher_sync_steps: int = field(default=1, metadata={"help": "Steps between EMA teacher updates."})
+    max_consecutive_skipped_steps: int = field(
+        default=5, metadata={"help": "Stop training after this many non-finite (skipped) steps in a row."}
+    )
     log_term_grad_norms: bool = field(
         default=False, metadata={"help": "Log each loss term's gradient norm at the final hidden states."}
     )
@@ -251,6 +263,10 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(f"SDPGConfig.teacher_sync_steps must be >= 1, got {self.teacher_sync_steps}.")
         if self.outcome_coef == 0.0 and self.distill_coef == 0.0:
             raise ValueError("SDPGConfig.outcome_coef and distill_coef are both 0: the loss would train nothing.")
+        if self.max_consecutive_skipped_steps < 1:
+            raise ValueError(
+                f"SDPGConfig.max_consecutive_skipped_steps must be >= 1, got {self.max_consecutive_skipped_steps}."
+            )
         if self.distill_chunk_size < 1:
             raise ValueError(f"SDPGConfig.distill_chunk_size must be >= 1, got {self.distill_chunk_size}.")
         if self.kl_estimator not in KL_ESTIMATORS:

@@ -27,6 +27,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, use_adapter
 
 from .config import SDPGConfig
+from .guards import StepGuard, reward_fault
 from .losses import (
     anchor_per_token,
     beta_schedule,
@@ -124,6 +125,14 @@ class SDPGTrainer(GRPOTrainer):
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )  # fmt: skip
         self.teacher_model = self._setup_teacher_model()
+        # Non-finite steps are skipped (guards.py); DeepSpeed steps inside backward, before any callback could.
+        self._reward_fault: str | None = None  # why the current generation batch's rewards are unusable
+        self._step_guard = None
+        if self.is_deepspeed_enabled:
+            logger.warning("SDPG's step guard is off under DeepSpeed: a non-finite step cannot be skipped there.")
+        else:
+            self._step_guard = StepGuard(self.args.max_consecutive_skipped_steps)
+            self.add_callback(self._step_guard)
 
         text_config = self._causal_lm(self.model).config.get_text_config()
         for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
@@ -165,6 +174,26 @@ class SDPGTrainer(GRPOTrainer):
         # Completion tokens that also occur in the row's privileged context: where the KL could teach guessing.
         output["context_token_mask"] = context_token_mask(output["completion_ids"], contexts, self._tokenizer)
         return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.model.training:  # gathered over processes, so every process records the same fault
+            self._reward_fault = reward_fault(rewards_per_func, self.reward_func_names)
+        return rewards_per_func
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Non-finite steps: the guard sees every micro-batch's loss, and rewrites the logged loss
+    # ----------------------------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._step_guard is not None:
+            self._step_guard.observe(loss, self._reward_fault)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._step_guard is not None:  # training logs only: eval logs carry `eval_loss`, not `loss`
+            self._step_guard.rewrite_logs(logs)
+        super().log(logs, start_time)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss

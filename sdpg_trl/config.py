@@ -128,6 +128,18 @@ class SDPGConfig(GRPOConfig):
             replaced by the row's privileged context; literal braces are written `{{` and `}}`. For conversational
             prompts it is appended to the last user message before the chat template is applied.
             `ANSWER_CHECK_TEACHER_TEMPLATE` is the reference code's answer-only alternative.
+        max_teacher_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            Longest teacher prompt in tokens (student prompt + filled template, chat template included). `None`: the
+            model's `max_position_embeddings` minus `max_completion_length`, so that the teacher prompt and the
+            completion fit the positions the model has (no cap for a model config without `max_position_embeddings`).
+            A longer teacher prompt gets its privileged context shortened token-wise, never the problem or the
+            template; a row that does not fit even with an empty context is not scored by the teacher (no
+            distillation, no RLSD reweighting; its outcome and anchor terms are unchanged), counted in
+            `sdpg/teacher_prompt_too_long`. Either way the teacher scores the student's completion tokens unchanged.
+        teacher_context_truncation_side (`str`, *optional*, defaults to `"left"`):
+            Which end of a too-long privileged context is cut: `"left"` drops its beginning and keeps its end (where a
+            worked solution states its final answer), `"right"` drops its end. Counted in
+            `sdpg/teacher_context_truncated`.
 
         > Non-finite values (`sdpg_trl.guards`)
 
@@ -211,6 +223,14 @@ class SDPGConfig(GRPOConfig):
         default=DEFAULT_TEACHER_TEMPLATE,
         metadata={"help": "Text appended to the student prompt for the teacher; must contain {context}."},
     )
+    max_teacher_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest teacher prompt in tokens; None = max_position_embeddings - max_completion_length."},
+    )
+    teacher_context_truncation_side: str = field(
+        default="left",
+        metadata={"help": "Which end of a too-long privileged context is cut.", "choices": ["left", "right"]},
+    )
     kl_estimator: str = field(
         default="urkl", metadata={"help": "Anchor surrogate: k3, urkl, ufkl, rkl or fkl.", "choices": KL_ESTIMATORS}
     )
@@ -290,6 +310,15 @@ class SDPGConfig(GRPOConfig):
                 raise ValueError(f"SDPGConfig.{name} must stay {supported!r}: SDPG's loss does not implement it.")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
+        if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
+            raise ValueError(
+                f"SDPGConfig.max_teacher_prompt_length must be >= 1 or None, got {self.max_teacher_prompt_length}."
+            )
+        if self.teacher_context_truncation_side not in ("left", "right"):
+            raise ValueError(
+                "SDPGConfig.teacher_context_truncation_side must be 'left' or 'right', "
+                f"got {self.teacher_context_truncation_side!r}."
+            )
         if not self.context_column:
             raise ValueError("SDPGConfig.context_column must name a dataset column.")
         try:

@@ -6,7 +6,7 @@ tokenises the prompt with the same chat template as the student's and never re-t
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from typing import Any
 
 import torch
@@ -30,7 +30,10 @@ def build_teacher_prompt(prompt: str | list[dict[str, Any]], context: Any, templ
         raise ValueError(
             f"Every row needs a non-empty string in the privileged-context column {column!r}; got {context!r}."
         )
-    hint = template.format(context=context)
+    return _append_hint(prompt, template.format(context=context))
+
+
+def _append_hint(prompt: str | list[dict[str, Any]], hint: str) -> Any:
     if isinstance(prompt, str):
         return prompt + hint
     last_user = max((i for i, message in enumerate(prompt) if message["role"] == "user"), default=None)
@@ -40,6 +43,67 @@ def build_teacher_prompt(prompt: str | list[dict[str, Any]], context: Any, templ
     content = message["content"]
     content = content + hint if isinstance(content, str) else [*content, {"type": "text", "text": hint}]
     return [*prompt[:last_user], {**message, "content": content}, *prompt[last_user + 1 :]]
+
+
+def fit_teacher_prompts(
+    teacher_prompts: list[Any],
+    prompts: list[Any],
+    contexts: list[str],
+    template: str,
+    *,
+    tokenize: Callable[[list[Any]], list[list[int]]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    side: str,
+) -> tuple[list[list[int]], list[bool], list[bool]]:
+    """Token ids of each row's teacher prompt, at most `max_length` long (`SDPGConfig.max_teacher_prompt_length`).
+
+    A prompt that is too long keeps the student prompt and the template whole and loses privileged-context tokens
+    from `side` ("left": the context's beginning, "right": its end). A row whose prompt is too long even with an
+    empty context cannot be scored: it gets no ids. Decoding a cut context and tokenising it again inside the prompt
+    can merge tokens differently, so each row is re-measured and cut further until it fits.
+
+    Args:
+        teacher_prompts: `build_teacher_prompt` of each row (which validates the row).
+        prompts: the student prompts (text or messages). contexts: their privileged contexts.
+        template: `SDPGConfig.teacher_template`.
+        tokenize: the trainer's prompt tokenisation (chat template included) of a whole batch of prompts.
+        tokenizer: the text tokenizer, to count and cut the context's own tokens.
+    Returns: the ids (`[]` for a row that cannot fit), whether each row fits, whether its context was cut.
+    """
+    ids = tokenize(teacher_prompts)
+    fits = [True] * len(ids)
+    over = [i for i, x in enumerate(ids) if max_length is not None and len(x) > max_length]
+    if not over:
+        return ids, fits, [False] * len(ids)
+    bare = tokenize([_append_hint(p, template.format(context="")) for p in prompts])
+    keep = {}  # row -> how many context tokens to try next
+    context_ids = {}
+    for i in over:
+        if len(bare[i]) > max_length:
+            fits[i] = False
+            continue
+        context_ids[i] = tokenizer(contexts[i], add_special_tokens=False)["input_ids"]
+        keep[i] = len(context_ids[i]) - (len(ids[i]) - max_length)
+    while keep:  # every round shortens each pending row by at least one token, so this ends
+        for i in [i for i, k in keep.items() if k < 1]:  # nothing of the context would be left
+            fits[i] = False
+            del keep[i]
+        candidates = list(teacher_prompts)
+        for i, k in keep.items():
+            kept = context_ids[i][-k:] if side == "left" else context_ids[i][:k]
+            candidates[i] = _append_hint(prompts[i], template.format(context=tokenizer.decode(kept)))
+        measured = tokenize(candidates) if keep else []
+        for i in list(keep):
+            if len(measured[i]) <= max_length:
+                ids[i] = measured[i]
+                del keep[i]
+            else:
+                keep[i] -= len(measured[i]) - max_length
+    for i in over:
+        if not fits[i]:
+            ids[i] = []
+    return ids, fits, [i in over and fits[i] for i in range(len(ids))]
 
 
 def check_context_column(dataset: Any, column: str, name: str) -> None:

@@ -42,7 +42,7 @@ from .losses import (
     rlsd_lambda,
     sdpg_objective,
 )
-from .teacher import build_teacher_prompt, check_context_column, context_token_mask
+from .teacher import build_teacher_prompt, check_context_column, context_token_mask, fit_teacher_prompts
 
 # LM-head output transforms TRL's fused head knows but SDPG's head kernels need passed explicitly; SDPG reads the two
 # common ones and refuses the rest rather than distil from wrongly scaled logits.
@@ -138,6 +138,8 @@ class SDPGTrainer(GRPOTrainer):
         for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
             if getattr(text_config, name, None) is not None:
                 raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
+        self._max_teacher_prompt_length = self._teacher_prompt_cap(text_config)
+        self._warned_teacher_prompt_too_long = False
         self._logit_scale = getattr(text_config, "logit_scale", None) or 1.0
         self._final_logit_softcapping = getattr(text_config, "final_logit_softcapping", None)
         if self.args.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_native_bf16():
@@ -160,17 +162,25 @@ class SDPGTrainer(GRPOTrainer):
                                  self.args.context_column)
             for x in inputs
         ]  # fmt: skip
-        teacher_ids, _, _ = self._tokenize_prompts(teacher_prompts)
-        teacher_ids = [torch.tensor(ids) for ids in teacher_ids]
+        # At most max_teacher_prompt_length tokens: the context is cut, never the problem; a row that cannot fit gets
+        # a one-pad placeholder, fully masked, and `teacher_prompt_fits` keeps it away from the teacher.
+        teacher_ids, fits, cut = fit_teacher_prompts(
+            teacher_prompts, [x["prompt"] for x in inputs], contexts, self.args.teacher_template,
+            tokenize=lambda prompts: self._tokenize_prompts(prompts)[0], tokenizer=self._tokenizer,
+            max_length=self._max_teacher_prompt_length, side=self.args.teacher_context_truncation_side,
+        )  # fmt: skip
+        teacher_ids = [torch.tensor(ids or [self._tokenizer.pad_token_id], dtype=torch.long) for ids in teacher_ids]
         device = output["prompt_ids"].device
         output["teacher_prompt_ids"] = pad(
             teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left",
             pad_to_multiple_of=self.pad_to_multiple_of,
         ).to(device)  # fmt: skip
         output["teacher_prompt_mask"] = pad(
-            [torch.ones_like(ids) for ids in teacher_ids], padding_value=0, padding_side="left",
-            pad_to_multiple_of=self.pad_to_multiple_of,
+            [torch.full_like(ids, int(ok)) for ids, ok in zip(teacher_ids, fits)], padding_value=0,
+            padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of,
         ).to(device)  # fmt: skip
+        output["teacher_prompt_fits"] = torch.tensor(fits, device=device)
+        self._log_teacher_prompt_fit(cut, fits)
         # Completion tokens that also occur in the row's privileged context: where the KL could teach guessing.
         output["context_token_mask"] = context_token_mask(output["completion_ids"], contexts, self._tokenizer)
         return output
@@ -194,6 +204,36 @@ class SDPGTrainer(GRPOTrainer):
         if self._step_guard is not None:  # training logs only: eval logs carry `eval_loss`, not `loss`
             self._step_guard.rewrite_logs(logs)
         super().log(logs, start_time)
+
+    def _teacher_prompt_cap(self, text_config) -> int | None:
+        """`max_teacher_prompt_length`, or by default the positions the model has left after the completion."""
+        if self.args.max_teacher_prompt_length is not None or not self.args.needs_teacher:
+            return self.args.max_teacher_prompt_length
+        max_positions = getattr(text_config, "max_position_embeddings", None)
+        if max_positions is None:
+            return None
+        cap = max_positions - (self.args.max_completion_length or 0)
+        if cap < 1:
+            raise ValueError(
+                f"SDPGConfig.max_completion_length ({self.args.max_completion_length}) leaves no room for a teacher "
+                f"prompt within the model's max_position_embeddings ({max_positions})."
+            )
+        return cap
+
+    def _log_teacher_prompt_fit(self, cut: list[bool], fits: list[bool]) -> None:
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        counts = self.accelerator.reduce(torch.tensor([sum(cut), len(fits) - sum(fits)], device=device), "sum")
+        truncated, too_long = counts.tolist()
+        self._metrics[mode]["sdpg/teacher_context_truncated"].append(float(truncated))
+        self._metrics[mode]["sdpg/teacher_prompt_too_long"].append(float(too_long))
+        if too_long and not self._warned_teacher_prompt_too_long:
+            self._warned_teacher_prompt_too_long = True
+            logger.warning(
+                "%d teacher prompts are longer than max_teacher_prompt_length (%d tokens) even without their "
+                "privileged context: those rows are not scored by the teacher (counted in sdpg/teacher_prompt_too_long).",
+                too_long, self._max_teacher_prompt_length,
+            )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -226,8 +266,9 @@ class SDPGTrainer(GRPOTrainer):
 
         # Teacher first, under no_grad, only on the rows a term needs: the distilled rows (the gate) and, for RLSD,
         # every row whose advantage is not 0 (A_hat is 0 where A is).
-        distill_rows = gate.bool() & terms.distill
-        teacher_rows = distill_rows | ((advantages != 0) & terms.rlsd)
+        fits = inputs.get("teacher_prompt_fits", True)  # rows whose teacher prompt fits max_teacher_prompt_length
+        distill_rows = gate.bool() & terms.distill & fits
+        teacher_rows = distill_rows | ((advantages != 0) & terms.rlsd & fits)
         rows = teacher_rows.nonzero().squeeze(1)
         teacher_hidden = None
         forward_rows = self._teacher_forward_rows(rows, terms.teacher)
@@ -290,7 +331,7 @@ class SDPGTrainer(GRPOTrainer):
         if terms.rlsd:
             sampler_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
             token_advantages = rlsd_advantages(advantages, teacher_logps, sampler_logps, lam=rlsd_lam,
-                                               clip=args.rlsd_clip)  # fmt: skip
+                                               clip=args.rlsd_clip, scored=teacher_rows)  # fmt: skip
         outcome, rho = outcome_per_token(
             per_token_logps, token_advantages, old_per_token_logps,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=args.dual_clip,

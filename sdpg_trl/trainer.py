@@ -483,12 +483,15 @@ class SDPGTrainer(GRPOTrainer):
         """`(R, C, H)` teacher hidden states predicting the completion tokens of `rows`, and the teacher's LM head.
 
         The input is the teacher prompt followed by the student's completion ids unchanged (SPEC 1). Dropout is off
-        (eval mode) so the teacher's distribution does not depend on a dropout draw.
+        (eval mode) so the teacher's distribution does not depend on a dropout draw. Positions count from each row's
+        first real token, so the teacher prompt's left padding does not shift them (it would for absolute-position
+        models such as GPT-2; the student forward keeps GRPOTrainer's, which passes no positions).
         """
         teacher = model if self.teacher_model is None else self.teacher_model
         completion_ids, completion_mask = inputs["completion_ids"][rows], inputs["completion_mask"][rows]
         ids = torch.cat([inputs["teacher_prompt_ids"][rows], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["teacher_prompt_mask"][rows], completion_mask], dim=1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -498,7 +501,8 @@ class SDPGTrainer(GRPOTrainer):
             self.accelerator.autocast(),
         ):
             # Only the hidden states are needed: keep one logit row instead of projecting every position.
-            teacher(input_ids=ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+            teacher(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=1)
         weight, bias = self._lm_head_params(teacher)
         return self._completion_hidden(captured, completion_ids.size(1)), weight, bias
 

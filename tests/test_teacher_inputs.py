@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel
 from test_trainer import make_args, parity_reward
 
 from sdpg_trl import SDPGTrainer
@@ -91,3 +92,52 @@ def test_default_cap_is_the_positions_left_after_the_completion(tmp_path, tokeni
     trainer = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path),
                           train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)  # fmt: skip
     assert trainer._max_teacher_prompt_length == 512 - 6  # LlamaConfig(max_position_embeddings=512), 6 new tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Positions: an absolute-position model (GPT-2) scores a left-padded teacher row like the unpadded one
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, tokenizer) -> str:
+    """A saved GPT-2 (learned absolute positions, 64 of them); saved so the reference model loads from its path."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_left_padded_teacher_row_scores_like_the_unpadded_row_on_gpt2(tmp_path, tokenizer, tiny_gpt2):
+    trainer = SDPGTrainer(model=tiny_gpt2, reward_funcs=parity_reward, args=make_args(tmp_path),
+                          train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(6, len(tokenizer), (2, 9), generator=g)
+    completion = torch.randint(6, len(tokenizer), (2, 5), generator=g)
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[0, :4] = 0  # row 0's prompt is 5 tokens, left-padded to row 1's 9
+    prompt[0, :4] = tokenizer.pad_token_id
+    padded = {"teacher_prompt_ids": prompt, "teacher_prompt_mask": prompt_mask, "completion_ids": completion,
+              "completion_mask": torch.ones_like(completion)}  # fmt: skip
+    alone = {"teacher_prompt_ids": prompt[:1, 4:], "teacher_prompt_mask": prompt_mask[:1, 4:],
+             "completion_ids": completion[:1], "completion_mask": torch.ones_like(completion[:1])}  # fmt: skip
+    trainer.model.train()  # the teacher still runs without dropout
+    hidden_padded, _, _ = trainer._teacher_hidden(trainer.model, padded, torch.tensor([0, 1]))
+    hidden_alone, _, _ = trainer._teacher_hidden(trainer.model, alone, torch.tensor([0]))
+    torch.testing.assert_close(hidden_padded[0], hidden_alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_teacher_prompt_longer_than_its_positions_trains(tmp_path, tokenizer, tiny_gpt2):
+    """64 positions, 6 completion tokens: the default cap of 58 cuts the 80-token context (before: IndexError)."""
+    rows = [{"prompt": r["prompt"], "privileged_context": " ".join(str(i % 10) for i in range(80))} for r in ROWS[:2]]
+    trainer = SDPGTrainer(model=tiny_gpt2, reward_funcs=parity_reward,
+                          args=make_args(tmp_path, max_steps=1, distill_positive_only=False, teacher_template=TEMPLATE),
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+    assert trainer._max_teacher_prompt_length == 58
+    trainer.train()
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert log["sdpg/teacher_context_truncated"] == 4 and log["sdpg/teacher_prompt_too_long"] == 0
+    assert log["sdpg/opd_kl"] > 0

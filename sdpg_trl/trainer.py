@@ -42,7 +42,14 @@ from .losses import (
     rlsd_lambda,
     sdpg_objective,
 )
-from .teacher import build_teacher_prompt, check_context_column, context_token_mask, fit_teacher_prompts
+from .teacher import (
+    build_teacher_prompt,
+    check_dataset,
+    check_prompt_column,
+    context_token_mask,
+    describe_row,
+    fit_teacher_prompts,
+)
 
 # LM-head output transforms TRL's fused head knows but SDPG's head kernels need passed explicitly; SDPG reads the two
 # common ones and refuses the rest rather than distil from wrongly scaled logits.
@@ -116,9 +123,9 @@ class SDPGTrainer(GRPOTrainer):
             args = SDPGConfig(f"{str(model_name).split('/')[-1]}-SDPG")
         if not isinstance(args, SDPGConfig):
             raise TypeError(f"SDPGTrainer needs args of type SDPGConfig, got {type(args).__name__}.")
-        if args.needs_teacher:  # a method without a teacher (GRPO) needs no privileged context
-            check_context_column(train_dataset, args.context_column, "train_dataset")
-            check_context_column(eval_dataset, args.context_column, "eval_dataset")
+        context_column = args.context_column if args.needs_teacher else None  # GRPO needs no privileged context
+        check_dataset(train_dataset, "train_dataset", context_column, args.teacher_template)
+        check_dataset(eval_dataset, "eval_dataset", context_column, args.teacher_template)
         super().__init__(
             model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
@@ -153,15 +160,20 @@ class SDPGTrainer(GRPOTrainer):
     # Data: the teacher prompt of each rollout, built next to GRPO's student prompt
     # ----------------------------------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        # Rows of a streamed dataset are first seen here: check them before generating, and name the bad one.
+        where = f"the generation batch at step {self.state.global_step + 1}"
+        rows = [describe_row(i, x, where) for i, x in enumerate(inputs)]
+        for x, row in zip(inputs, rows):
+            check_prompt_column(x, row)
+        if self.args.needs_teacher:
+            contexts = [x.get(self.args.context_column) for x in inputs]
+            teacher_prompts = [
+                build_teacher_prompt(x["prompt"], context, self.args.teacher_template, self.args.context_column, row)
+                for x, context, row in zip(inputs, contexts, rows)
+            ]  # fmt: skip
         output = super()._generate_and_score_completions(inputs)
         if not self.args.needs_teacher:
             return output
-        contexts = [x.get(self.args.context_column) for x in inputs]
-        teacher_prompts = [
-            build_teacher_prompt(x["prompt"], x.get(self.args.context_column), self.args.teacher_template,
-                                 self.args.context_column)
-            for x in inputs
-        ]  # fmt: skip
         # At most max_teacher_prompt_length tokens: the context is cut, never the problem; a row that cannot fit gets
         # a one-pad placeholder, fully masked, and `teacher_prompt_fits` keeps it away from the teacher.
         teacher_ids, fits, cut = fit_teacher_prompts(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from datasets import Dataset
@@ -141,3 +143,63 @@ def test_gpt2_teacher_prompt_longer_than_its_positions_trains(tmp_path, tokenize
     (log,) = [h for h in trainer.state.log_history if "loss" in h]
     assert log["sdpg/teacher_context_truncated"] == 4 and log["sdpg/teacher_prompt_too_long"] == 0
     assert log["sdpg/opd_kl"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data errors name the row: before training for a map-style dataset, at the first bad row for a streamed one
+# ---------------------------------------------------------------------------------------------------------------------
+def data_rows(n: int = 4) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"what is {i} plus {i + 1} ?"}],
+             "privileged_context": f"the answer is {2 * i + 1} ."} for i in range(n)]  # fmt: skip
+
+
+def no_user_turn(rows):
+    rows[1]["prompt"] = [{"role": "system", "content": "solve"}, {"role": "assistant", "content": "the answer is"}]
+    return rows
+
+
+def no_context(rows):
+    rows[2]["privileged_context"] = None
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (no_user_turn, r"train_dataset row 1 has a conversational prompt without a user message"),
+        (no_context, r"train_dataset row 2 has no privileged context in column 'privileged_context'.*: None"),
+        (lambda rows: [{"question": r.pop("prompt"), **r} for r in rows], r"train_dataset has no 'prompt' column"),
+    ],
+    ids=["no_user_turn", "no_context", "no_prompt_column"],
+)
+def test_bad_map_style_rows_fail_before_training(tmp_path, tokenizer, tiny_model_dir, corrupt, message):
+    with pytest.raises(ValueError, match=message):
+        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path),
+                    train_dataset=Dataset.from_list(corrupt(data_rows())), processing_class=tokenizer)  # fmt: skip
+
+
+def test_grpo_without_teacher_still_needs_a_prompt_column(tmp_path, tokenizer, tiny_model_dir):
+    rows = [{"question": r["prompt"]} for r in data_rows()]
+    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column; its columns are \['question'\]"):
+        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path, method="grpo",
+                    distill_coef=1e-3, beta=1e-3), train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (no_context, r"\(prompt .*what is 2 plus 3 \?.*\) has no privileged context in column 'privileged_context'"),
+        (no_user_turn, r"\(prompt .*'system'.*\) has a conversational prompt without a user message.*"
+                       r"\['system', 'assistant'\]"),
+    ],
+    ids=["no_context", "no_user_turn"],
+)
+def test_bad_streamed_row_fails_when_it_arrives(tmp_path, tokenizer, tiny_model_dir, corrupt, message):
+    """One prompt per step (4 rollouts of it): the steps before the bad row train, the bad row stops training."""
+    stream = Dataset.from_list(corrupt(data_rows())).to_iterable_dataset()
+    trainer = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path, max_steps=4),
+                          train_dataset=stream, processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(ValueError, match=r"Row \d+ of the generation batch at step (\d+) " + message) as error:
+        trainer.train()
+    step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+    assert trainer.state.global_step == step - 1

@@ -141,6 +141,13 @@ class SDPGConfig(GRPOConfig):
             worked solution states its final answer), `"right"` drops its end. Counted in
             `sdpg/teacher_context_truncated`.
 
+        > Checkpoints
+
+        Checkpoints are written only where a generation cycle ends (`generation_cycle_steps`: `steps_per_generation x
+        num_iterations` micro-batches, in optimizer steps), since GRPOTrainer cannot resume exactly inside one.
+        `save_steps` must be a multiple of it; any other save (the last step, `save_strategy="epoch"`) that falls
+        inside a cycle is not written, with a warning.
+
         > Non-finite values (`sdpg_trl.guards`)
 
         max_consecutive_skipped_steps (`int`, *optional*, defaults to `5`):
@@ -245,6 +252,16 @@ class SDPGConfig(GRPOConfig):
     )
 
     @property
+    def generation_cycle_steps(self) -> int:
+        """Optimizer steps from one generation to the next one that starts exactly at an optimizer step.
+
+        GRPOTrainer generates every `steps_per_generation * num_iterations` micro-batches and takes an optimizer step
+        every `gradient_accumulation_steps`; only where both line up can a checkpoint be resumed exactly.
+        """
+        micro_batches = self.steps_per_generation * self.num_iterations
+        return micro_batches // math.gcd(micro_batches, self.gradient_accumulation_steps)
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether the method scores the teacher view at all (and so needs the privileged context)."""
         return self.distill_coef > 0 or self.rlsd_coef > 0
@@ -265,6 +282,15 @@ class SDPGConfig(GRPOConfig):
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise ValueError(f"SDPGConfig.{f.name} must hold finite numbers only, got {value}.")
         super().__post_init__()
+        cycle = self.generation_cycle_steps
+        if self.save_strategy == "steps" and self.save_steps >= 1 and self.save_steps % cycle:
+            raise ValueError(
+                f"SDPGConfig.save_steps ({self.save_steps}) must be a multiple of the generation cycle, {cycle} "
+                f"optimizer steps (steps_per_generation={self.steps_per_generation} x num_iterations="
+                f"{self.num_iterations} micro-batches, gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}): resuming from a checkpoint inside a cycle would generate again "
+                "mid-cycle and replay prompts, so such checkpoints are not written."
+            )
         for name in ("distill_coef", "beta", "outcome_coef", "rlsd_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SDPGConfig.{name} must be >= 0, got {getattr(self, name)}.")

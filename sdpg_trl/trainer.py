@@ -204,7 +204,7 @@ class SDPGTrainer(GRPOTrainer):
         return rewards_per_func
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Non-finite steps: the guard sees every micro-batch's loss, and rewrites the logged loss
+    # Training loop: the step guard sees every micro-batch's loss and rewrites the logged loss; checkpoints
     # ----------------------------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -216,6 +216,19 @@ class SDPGTrainer(GRPOTrainer):
         if self._step_guard is not None:  # training logs only: eval logs carry `eval_loss`, not `loss`
             self._step_guard.rewrite_logs(logs)
         super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        # A resume restarts GRPOTrainer's generation cycle, so only a checkpoint at a cycle's end resumes exactly.
+        cycle = self.args.generation_cycle_steps
+        if self.state.global_step % cycle:
+            logger.warning(
+                "SDPG did not save a checkpoint at step %d: it falls inside a generation cycle of %d optimizer steps "
+                "(steps_per_generation x num_iterations), and resuming from it would generate again mid-cycle and "
+                "replay prompts. Checkpoints are written at multiples of %d steps.",
+                self.state.global_step, cycle, cycle,
+            )  # fmt: skip
+            return
+        super()._save_checkpoint(model, trial)
 
     def _teacher_prompt_cap(self, text_config) -> int | None:
         """`max_teacher_prompt_length`, or by default the positions the model has left after the completion."""

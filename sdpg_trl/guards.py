@@ -34,11 +34,14 @@ def reward_fault(rewards_per_func: torch.Tensor, names: list[str]) -> str | None
     """
     total = rewards_per_func.size(0)
     infinite = torch.isinf(rewards_per_func).sum(0).tolist()
-    culprits = [f"{name!r} returned inf for {count} of {total} completions" for name, count in zip(names, infinite) if count]
+    culprits = [
+        f"{name!r} returned inf for {count} of {total} completions" for name, count in zip(names, infinite) if count
+    ]
     if culprits:
         return "reward function " + "; ".join(culprits)
     if total > 0 and torch.isnan(rewards_per_func).all():
-        return f"no completion has a reward: every reward function ({', '.join(map(repr, names))}) returned None or NaN"
+        functions = ", ".join(map(repr, names))
+        return f"no completion has a reward: every reward function ({functions}) returned None or NaN"
     return None
 
 
@@ -137,10 +140,10 @@ class StepGuard(TrainerCallback):
         if self.consecutive >= self.max_consecutive_skipped_steps:
             first = state.global_step - self.consecutive + 1
             raise RuntimeError(
-                f"SDPG stopped training: {self.consecutive} optimizer steps in a row (steps {first}-{state.global_step}) "
-                f"had non-finite values and were skipped; the last one because {self._skip}. Check the reward "
-                "functions, the data and the learning rate (SDPGConfig.max_consecutive_skipped_steps="
-                f"{self.max_consecutive_skipped_steps})."
+                f"SDPG stopped training: {self.consecutive} optimizer steps in a row "
+                f"(steps {first}-{state.global_step}) had non-finite values and were skipped; the last one because "
+                f"{self._skip}. Check the reward functions, the data and the learning rate "
+                f"(SDPGConfig.max_consecutive_skipped_steps={self.max_consecutive_skipped_steps})."
             )
         logger.warning(
             "SDPG skipped optimizer step %d because %s: no optimizer or scheduler step was taken "

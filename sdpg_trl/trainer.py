@@ -181,7 +181,8 @@ class SDPGTrainer(GRPOTrainer):
             tokenize=lambda prompts: self._tokenize_prompts(prompts)[0], tokenizer=self._tokenizer,
             max_length=self._max_teacher_prompt_length, side=self.args.teacher_context_truncation_side,
         )  # fmt: skip
-        teacher_ids = [torch.tensor(ids or [self._tokenizer.pad_token_id], dtype=torch.long) for ids in teacher_ids]
+        pad_id = self._tokenizer.pad_token_id
+        teacher_ids = [torch.tensor(list(ids) or [pad_id], dtype=torch.long) for ids in teacher_ids]
         device = output["prompt_ids"].device
         output["teacher_prompt_ids"] = pad(
             teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left",
@@ -256,7 +257,8 @@ class SDPGTrainer(GRPOTrainer):
             self._warned_teacher_prompt_too_long = True
             logger.warning(
                 "%d teacher prompts are longer than max_teacher_prompt_length (%d tokens) even without their "
-                "privileged context: those rows are not scored by the teacher (counted in sdpg/teacher_prompt_too_long).",
+                "privileged context: those rows are not scored by the teacher (counted in "
+                "sdpg/teacher_prompt_too_long).",
                 too_long, self._max_teacher_prompt_length,
             )  # fmt: skip
 

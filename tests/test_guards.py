@@ -185,5 +185,6 @@ def test_reward_fault_keeps_grpo_none_semantics():
     names = ["a", "b"]
     nan, inf = float("nan"), float("inf")
     assert reward_fault(torch.tensor([[1.0, nan], [nan, nan], [0.0, 2.0]]), names) is None  # None = not applicable
-    assert reward_fault(torch.tensor([[1.0, -inf], [0.0, inf]]), names) == "reward function 'b' returned inf for 2 of 2 completions"
+    fault = reward_fault(torch.tensor([[1.0, -inf], [0.0, inf]]), names)
+    assert fault == "reward function 'b' returned inf for 2 of 2 completions"
     assert "'a', 'b'" in reward_fault(torch.full((3, 2), nan), names)

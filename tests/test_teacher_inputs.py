@@ -181,8 +181,9 @@ def test_bad_map_style_rows_fail_before_training(tmp_path, tokenizer, tiny_model
 def test_grpo_without_teacher_still_needs_a_prompt_column(tmp_path, tokenizer, tiny_model_dir):
     rows = [{"question": r["prompt"]} for r in data_rows()]
     with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column; its columns are \['question'\]"):
-        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=make_args(tmp_path, method="grpo",
-                    distill_coef=1e-3, beta=1e-3), train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, processing_class=tokenizer,
+                    args=make_args(tmp_path, method="grpo", distill_coef=1e-3, beta=1e-3),
+                    train_dataset=Dataset.from_list(rows))  # fmt: skip
 
 
 @pytest.mark.parametrize(

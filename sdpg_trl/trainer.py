@@ -185,7 +185,7 @@ class SDPGTrainer(GRPOTrainer):
         teacher_ids = [torch.tensor(list(ids) or [pad_id], dtype=torch.long) for ids in teacher_ids]
         device = output["prompt_ids"].device
         output["teacher_prompt_ids"] = pad(
-            teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+            teacher_ids, padding_value=pad_id, padding_side="left",
             pad_to_multiple_of=self.pad_to_multiple_of,
         ).to(device)  # fmt: skip
         output["teacher_prompt_mask"] = pad(
@@ -197,6 +197,37 @@ class SDPGTrainer(GRPOTrainer):
         # Completion tokens that also occur in the row's privileged context: where the KL could teach guessing.
         output["context_token_mask"] = context_token_mask(output["completion_ids"], contexts, self._tokenizer)
         return output
+
+    def _teacher_prompt_cap(self, text_config) -> int | None:
+        """`max_teacher_prompt_length`, or by default the positions the model has left after the completion."""
+        if self.args.max_teacher_prompt_length is not None or not self.args.needs_teacher:
+            return self.args.max_teacher_prompt_length
+        max_positions = getattr(text_config, "max_position_embeddings", None)
+        if max_positions is None:
+            return None
+        cap = max_positions - (self.args.max_completion_length or 0)
+        if cap < 1:
+            raise ValueError(
+                f"SDPGConfig.max_completion_length ({self.args.max_completion_length}) leaves no room for a teacher "
+                f"prompt within the model's max_position_embeddings ({max_positions})."
+            )
+        return cap
+
+    def _log_teacher_prompt_fit(self, cut: list[bool], fits: list[bool]) -> None:
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        counts = self.accelerator.reduce(torch.tensor([sum(cut), len(fits) - sum(fits)], device=device), "sum")
+        truncated, too_long = counts.tolist()
+        self._metrics[mode]["sdpg/teacher_context_truncated"].append(float(truncated))
+        self._metrics[mode]["sdpg/teacher_prompt_too_long"].append(float(too_long))
+        if too_long and not self._warned_teacher_prompt_too_long:
+            self._warned_teacher_prompt_too_long = True
+            logger.warning(
+                "%d teacher prompts are longer than max_teacher_prompt_length (%d tokens) even without their "
+                "privileged context: those rows are not scored by the teacher (counted in "
+                "sdpg/teacher_prompt_too_long).",
+                too_long, self._max_teacher_prompt_length,
+            )  # fmt: skip
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -230,37 +261,6 @@ class SDPGTrainer(GRPOTrainer):
             )  # fmt: skip
             return
         super()._save_checkpoint(model, trial)
-
-    def _teacher_prompt_cap(self, text_config) -> int | None:
-        """`max_teacher_prompt_length`, or by default the positions the model has left after the completion."""
-        if self.args.max_teacher_prompt_length is not None or not self.args.needs_teacher:
-            return self.args.max_teacher_prompt_length
-        max_positions = getattr(text_config, "max_position_embeddings", None)
-        if max_positions is None:
-            return None
-        cap = max_positions - (self.args.max_completion_length or 0)
-        if cap < 1:
-            raise ValueError(
-                f"SDPGConfig.max_completion_length ({self.args.max_completion_length}) leaves no room for a teacher "
-                f"prompt within the model's max_position_embeddings ({max_positions})."
-            )
-        return cap
-
-    def _log_teacher_prompt_fit(self, cut: list[bool], fits: list[bool]) -> None:
-        mode = "train" if self.model.training else "eval"
-        device = self.accelerator.device
-        counts = self.accelerator.reduce(torch.tensor([sum(cut), len(fits) - sum(fits)], device=device), "sum")
-        truncated, too_long = counts.tolist()
-        self._metrics[mode]["sdpg/teacher_context_truncated"].append(float(truncated))
-        self._metrics[mode]["sdpg/teacher_prompt_too_long"].append(float(too_long))
-        if too_long and not self._warned_teacher_prompt_too_long:
-            self._warned_teacher_prompt_too_long = True
-            logger.warning(
-                "%d teacher prompts are longer than max_teacher_prompt_length (%d tokens) even without their "
-                "privileged context: those rows are not scored by the teacher (counted in "
-                "sdpg/teacher_prompt_too_long).",
-                too_long, self._max_teacher_prompt_length,
-            )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss

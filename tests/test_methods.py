@@ -123,6 +123,14 @@ def test_rlsd_advantages_by_hand():
     assert rlsd_lambda(80, 0.5, 0) == 0.5
 
 
+def test_rlsd_rows_the_teacher_did_not_score_keep_their_advantage():
+    """A row whose teacher prompt does not fit max_teacher_prompt_length is not scored: weight 1, so A_hat = A."""
+    adv, teacher, old = torch.tensor([1.5, -0.5]), torch.zeros(2, 3), -torch.ones(2, 3)
+    got = rlsd_advantages(adv, teacher, old, lam=0.4, clip=0.2, scored=torch.tensor([True, False]))
+    torch.testing.assert_close(got[0], rlsd_advantages(adv, teacher, old, lam=0.4, clip=0.2)[0])
+    torch.testing.assert_close(got[1], torch.full((3,), -0.5))
+
+
 @pytest.mark.parametrize("off_policy", [False, True])
 def test_rlsd_loss_and_gradient_equal_full_logits(tmp_path, tokenizer, tiny_model_dir, off_policy):
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, method="rlsd", distill_coef=1e-3, beta=1e-3,

@@ -128,6 +128,34 @@ class SDPGConfig(GRPOConfig):
             replaced by the row's privileged context; literal braces are written `{{` and `}}`. For conversational
             prompts it is appended to the last user message before the chat template is applied.
             `ANSWER_CHECK_TEACHER_TEMPLATE` is the reference code's answer-only alternative.
+        max_teacher_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            Longest teacher prompt in tokens (student prompt + filled template, chat template included). `None`: the
+            model's `max_position_embeddings` minus `max_completion_length`, so that the teacher prompt and the
+            completion fit the positions the model has (no cap for a model config without `max_position_embeddings`).
+            A longer teacher prompt gets its privileged context shortened token-wise, never the problem or the
+            template; a row that does not fit even with an empty context is not scored by the teacher (no
+            distillation, no RLSD reweighting; its outcome and anchor terms are unchanged), counted in
+            `sdpg/teacher_prompt_too_long`. Either way the teacher scores the student's completion tokens unchanged.
+        teacher_context_truncation_side (`str`, *optional*, defaults to `"left"`):
+            Which end of a too-long privileged context is cut: `"left"` drops its beginning and keeps its end (where a
+            worked solution states its final answer), `"right"` drops its end. Counted in
+            `sdpg/teacher_context_truncated`.
+
+        > Checkpoints
+
+        Checkpoints are written only where a generation cycle ends (`generation_cycle_steps`: `steps_per_generation x
+        num_iterations` micro-batches, in optimizer steps), since GRPOTrainer cannot resume exactly inside one.
+        `save_steps` must be a multiple of it; any other save (the last step, `save_strategy="epoch"`) that falls
+        inside a cycle is not written, with a warning.
+
+        > Non-finite values (`sdpg_trl.guards`)
+
+        max_consecutive_skipped_steps (`int`, *optional*, defaults to `5`):
+            An optimizer step whose loss or gradient is not finite, or whose generation batch has an infinite reward
+            (or no reward at all), is skipped: no optimizer step and no scheduler step, a warning with the step number,
+            and `skipped_steps` in the logs. After this many skipped steps in a row training stops with an error.
+            The logged `loss` averages only the optimised steps of its window (`None` when all were skipped). Not
+            available under DeepSpeed, which applies the update inside the backward pass.
 
         > Diagnostics
 
@@ -186,6 +214,9 @@ class SDPGConfig(GRPOConfig):
     )
     teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA teacher update rate."})
     teacher_sync_steps: int = field(default=1, metadata={"help": "Steps between EMA teacher updates."})
+    max_consecutive_skipped_steps: int = field(
+        default=5, metadata={"help": "Stop training after this many non-finite (skipped) steps in a row."}
+    )
     log_term_grad_norms: bool = field(
         default=False, metadata={"help": "Log each loss term's gradient norm at the final hidden states."}
     )
@@ -199,6 +230,14 @@ class SDPGConfig(GRPOConfig):
         default=DEFAULT_TEACHER_TEMPLATE,
         metadata={"help": "Text appended to the student prompt for the teacher; must contain {context}."},
     )
+    max_teacher_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest teacher prompt in tokens; None = max_position_embeddings - max_completion_length."},
+    )
+    teacher_context_truncation_side: str = field(
+        default="left",
+        metadata={"help": "Which end of a too-long privileged context is cut.", "choices": ["left", "right"]},
+    )
     kl_estimator: str = field(
         default="urkl", metadata={"help": "Anchor surrogate: k3, urkl, ufkl, rkl or fkl.", "choices": KL_ESTIMATORS}
     )
@@ -211,6 +250,16 @@ class SDPGConfig(GRPOConfig):
     use_bias_correction_kl: bool = field(
         default=False, metadata={"help": "Unsupported (must stay False): the anchor is chosen by kl_estimator."}
     )
+
+    @property
+    def generation_cycle_steps(self) -> int:
+        """Optimizer steps from one generation to the next one that starts exactly at an optimizer step.
+
+        GRPOTrainer generates every `steps_per_generation * num_iterations` micro-batches and takes an optimizer step
+        every `gradient_accumulation_steps`; only where both line up can a checkpoint be resumed exactly.
+        """
+        micro_batches = self.steps_per_generation * self.num_iterations
+        return micro_batches // math.gcd(micro_batches, self.gradient_accumulation_steps)
 
     @property
     def needs_teacher(self) -> bool:
@@ -229,9 +278,19 @@ class SDPGConfig(GRPOConfig):
         self._apply_method_preset()
         for f in dataclasses.fields(self):  # nan/inf anywhere would silently poison the loss or its schedule
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"SDPGConfig.{f.name} must be a finite number, got {value}.")
+            values = value if isinstance(value, (list, tuple)) else [value]  # e.g. reward_weights
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"SDPGConfig.{f.name} must hold finite numbers only, got {value}.")
         super().__post_init__()
+        cycle = self.generation_cycle_steps
+        if self.save_strategy == "steps" and self.save_steps >= 1 and self.save_steps % cycle:
+            raise ValueError(
+                f"SDPGConfig.save_steps ({self.save_steps}) must be a multiple of the generation cycle, {cycle} "
+                f"optimizer steps (steps_per_generation={self.steps_per_generation} x num_iterations="
+                f"{self.num_iterations} micro-batches, gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}): resuming from a checkpoint inside a cycle would generate again "
+                "mid-cycle and replay prompts, so such checkpoints are not written."
+            )
         for name in ("distill_coef", "beta", "outcome_coef", "rlsd_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SDPGConfig.{name} must be >= 0, got {getattr(self, name)}.")
@@ -250,6 +309,10 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(f"SDPGConfig.teacher_sync_steps must be >= 1, got {self.teacher_sync_steps}.")
         if self.outcome_coef == 0.0 and self.distill_coef == 0.0:
             raise ValueError("SDPGConfig.outcome_coef and distill_coef are both 0: the loss would train nothing.")
+        if self.max_consecutive_skipped_steps < 1:
+            raise ValueError(
+                f"SDPGConfig.max_consecutive_skipped_steps must be >= 1, got {self.max_consecutive_skipped_steps}."
+            )
         if self.distill_chunk_size < 1:
             raise ValueError(f"SDPGConfig.distill_chunk_size must be >= 1, got {self.distill_chunk_size}.")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -273,6 +336,15 @@ class SDPGConfig(GRPOConfig):
                 raise ValueError(f"SDPGConfig.{name} must stay {supported!r}: SDPG's loss does not implement it.")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
+        if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
+            raise ValueError(
+                f"SDPGConfig.max_teacher_prompt_length must be >= 1 or None, got {self.max_teacher_prompt_length}."
+            )
+        if self.teacher_context_truncation_side not in ("left", "right"):
+            raise ValueError(
+                "SDPGConfig.teacher_context_truncation_side must be 'left' or 'right', "
+                f"got {self.teacher_context_truncation_side!r}."
+            )
         if not self.context_column:
             raise ValueError("SDPGConfig.context_column must name a dataset column.")
         try:

@@ -100,6 +100,7 @@ def rlsd_advantages(
     *,
     lam: float,
     clip: float = 0.2,
+    scored: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SPEC 3 (RLSD): per-token advantages `A_hat = A * ((1 - lam) + lam * clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w))`
     with `Delta = SG[log q(y_t) - log p_old(y_t)]`, clamped to +-20 as in the reference code.
@@ -108,11 +109,14 @@ def rlsd_advantages(
         advantages: `(B,)` group-relative advantages.
         teacher_logps: `(B, T)` teacher log-probs of the sampled tokens. old_logps: `(B, T)` sampler log-probs.
         lam: the scheduled `lam(k)`. clip: `eps_w`.
+        scored: `(B,)` bool, the rows the teacher scored; the others keep `A` (token weight 1). None: all rows.
     Returns: `(B, T)` detached advantages.
     """
     delta = (teacher_logps - old_logps).detach().clamp(-RLSD_DELTA_CLAMP, RLSD_DELTA_CLAMP)
     adv = advantages.detach().unsqueeze(1)
     weight = torch.exp(torch.sign(adv) * delta).clamp(1 - clip, 1 + clip)
+    if scored is not None:
+        weight = torch.where(scored.unsqueeze(1), weight, torch.ones_like(weight))
     return adv * ((1 - lam) + lam * weight)
 
 

@@ -6,7 +6,7 @@ tokenises the prompt with the same chat template as the student's and never re-t
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from typing import Any
 
 import torch
@@ -16,7 +16,9 @@ from transformers import PreTrainedTokenizerBase
 from .config import template_fields
 
 
-def build_teacher_prompt(prompt: str | list[dict[str, Any]], context: Any, template: str, column: str) -> Any:
+def build_teacher_prompt(
+    prompt: str | list[dict[str, Any]], context: Any, template: str, column: str, row: str = "A row"
+) -> Any:
     """Student prompt + `template.format(context=context)`.
 
     Conversational prompts (a list of messages) get the hint appended to their last user message, so the chat
@@ -27,46 +29,146 @@ def build_teacher_prompt(prompt: str | list[dict[str, Any]], context: Any, templ
         context: the row's privileged context.
         template: `SDPGConfig.teacher_template`, containing `{context}`.
         column: the context column's name, for the error message.
+        row: which row this is, for the error message (e.g. "train_dataset row 3").
     """
     if not isinstance(context, str) or not context.strip():
         raise ValueError(
-            f"Every row needs a non-empty string in the privileged-context column {column!r}; got {context!r}."
+            f"{row} has no privileged context in column {column!r} (SDPGConfig.context_column): {context!r}."
         )
-    hint = template.format(context=context)
+    if not isinstance(prompt, str) and not any(_role(message) == "user" for message in prompt):
+        raise ValueError(
+            f"{row} has a conversational prompt without a user message, which the privileged hint is appended to "
+            f"(its roles: {[_role(message) for message in prompt]})."
+        )
+    return _append_hint(prompt, template.format(context=context))
+
+
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else None
+
+
+def _preview(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _append_hint(prompt: str | list[dict[str, Any]], hint: str) -> Any:
     if isinstance(prompt, str):
         return prompt + hint
-    last_user = max((i for i, message in enumerate(prompt) if message["role"] == "user"), default=None)
-    if last_user is None:
-        raise ValueError("A conversational prompt needs a user message to carry the privileged hint.")
+    last_user = max(i for i, message in enumerate(prompt) if _role(message) == "user")
     message = prompt[last_user]
     content = message["content"]
     content = content + hint if isinstance(content, str) else [*content, {"type": "text", "text": hint}]
     return [*prompt[:last_user], {**message, "content": content}, *prompt[last_user + 1 :]]
 
 
-def check_context_column(dataset: Any, column: str, name: str) -> None:
-    """Fail before training when `dataset` (a Dataset, IterableDataset or dict of them) lacks `column`."""
+def describe_row(index: int, row: dict[str, Any], where: str) -> str:
+    """How an error names a row that has no dataset index (a streamed dataset): its position and its prompt."""
+    return f"Row {index} of {where} (prompt {_preview(row.get('prompt'), 80)})"
+
+
+def check_prompt_column(row: dict[str, Any], row_name: str) -> None:
+    if "prompt" not in row:
+        raise ValueError(f"{row_name} has no 'prompt' column; its columns are {sorted(row)}.")
+
+
+def fit_teacher_prompts(
+    teacher_prompts: list[Any],
+    prompts: list[Any],
+    contexts: list[str],
+    template: str,
+    *,
+    tokenize: Callable[[list[Any]], list[list[int]]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    side: str,
+) -> tuple[list[list[int]], list[bool], list[bool]]:
+    """Token ids of each row's teacher prompt, at most `max_length` long (`SDPGConfig.max_teacher_prompt_length`).
+
+    A prompt that is too long keeps the student prompt and the template whole and loses privileged-context tokens
+    from `side` ("left": the context's beginning, "right": its end). A row whose prompt is too long even with an
+    empty context cannot be scored: it gets no ids. Decoding a cut context and tokenising it again inside the prompt
+    can merge tokens differently, so each row is re-measured and cut further until it fits.
+
+    Args:
+        teacher_prompts: `build_teacher_prompt` of each row (which validates the row).
+        prompts: the student prompts (text or messages). contexts: their privileged contexts.
+        template: `SDPGConfig.teacher_template`.
+        tokenize: the trainer's prompt tokenisation (chat template included) of a whole batch of prompts.
+        tokenizer: the text tokenizer, to count and cut the context's own tokens.
+    Returns: the ids (`[]` for a row that cannot fit), whether each row fits, whether its context was cut.
+    """
+    ids = tokenize(teacher_prompts)
+    fits = [True] * len(ids)
+    over = [i for i, x in enumerate(ids) if max_length is not None and len(x) > max_length]
+    if not over:
+        return ids, fits, [False] * len(ids)
+    bare = tokenize([_append_hint(p, template.format(context="")) for p in prompts])
+    keep = {}  # row -> how many context tokens to try next
+    context_ids = {}
+    for i in over:
+        if len(bare[i]) > max_length:
+            fits[i] = False
+            continue
+        context_ids[i] = tokenizer(contexts[i], add_special_tokens=False)["input_ids"]
+        keep[i] = len(context_ids[i]) - (len(ids[i]) - max_length)
+    while keep:  # every round shortens each pending row by at least one token, so this ends
+        for i in [i for i, k in keep.items() if k < 1]:  # nothing of the context would be left
+            fits[i] = False
+            del keep[i]
+        candidates = list(teacher_prompts)
+        for i, k in keep.items():
+            kept = context_ids[i][-k:] if side == "left" else context_ids[i][:k]
+            candidates[i] = _append_hint(prompts[i], template.format(context=tokenizer.decode(kept)))
+        measured = tokenize(candidates) if keep else []
+        for i in list(keep):
+            if len(measured[i]) <= max_length:
+                ids[i] = measured[i]
+                del keep[i]
+            else:
+                keep[i] -= len(measured[i]) - max_length
+    for i in over:
+        if not fits[i]:
+            ids[i] = []
+    return ids, fits, [i in over and fits[i] for i in range(len(ids))]
+
+
+def check_dataset(dataset: Any, name: str, context_column: str | None = None, template: str = "{context}") -> None:
+    """Fail before training, naming the row, when `dataset` cannot be trained on.
+
+    Every dataset needs a `prompt` column; with a teacher (`context_column` given) also the context column, a
+    non-empty context in every row and a user message in every conversational prompt. A map-style `Dataset` has
+    every row checked now; a streamed one has its columns checked when they are known, and its rows as they arrive
+    (`SDPGTrainer._generate_and_score_completions`).
+
+    Args:
+        dataset: a Dataset, an IterableDataset, a dict of them, or None.
+        name: how errors name it ("train_dataset").
+        context_column: `SDPGConfig.context_column`, or None for a method without a teacher.
+        template: `SDPGConfig.teacher_template`.
+    """
     if dataset is None:
         return
     if isinstance(dataset, dict):
         for split, part in dataset.items():
-            check_context_column(part, column, f"{name}[{split!r}]")
+            check_dataset(part, f"{name}[{split!r}]", context_column, template)
         return
     columns = getattr(dataset, "column_names", None)
     if columns is None and isinstance(dataset, Sized) and len(dataset) > 0:
         columns = list(dataset[0])
-    if columns is not None and column not in columns:
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(f"{name} has no 'prompt' column; its columns are {list(columns)}.")
+    if context_column is None:
+        return
+    if columns is not None and context_column not in columns:
         raise ValueError(
-            f"{name} has no privileged-context column {column!r} (SDPGConfig.context_column, or "
+            f"{name} has no privileged-context column {context_column!r} (SDPGConfig.context_column, or "
             f"sdpg-evaluate's --context_column); "
             f"its columns are {list(columns)}."
         )
-    if isinstance(dataset, Dataset):  # map-style: cheap to check every value now rather than mid-training
-        for index, context in enumerate(dataset[column]):
-            if not isinstance(context, str) or not context.strip():
-                raise ValueError(
-                    f"{name} row {index} has no privileged context in column {column!r}: {context!r}."
-                )
+    if isinstance(dataset, Dataset):  # map-style: cheap to check every row now rather than mid-training
+        for index, (prompt, context) in enumerate(zip(dataset["prompt"], dataset[context_column])):
+            build_teacher_prompt(prompt, context, template, context_column, row=f"{name} row {index}")
 
 
 def teacher_view_dataset(dataset: Dataset, template: str, column: str, name: str = "dataset") -> Dataset:
@@ -81,7 +183,7 @@ def teacher_view_dataset(dataset: Dataset, template: str, column: str, name: str
             f"The teacher template must contain {{context}} and no other placeholder (write literal braces as {{{{ "
             f"and }}}}); its placeholders are {sorted(fields)}: {template!r}."
         )
-    check_context_column(dataset, column, name)
+    check_dataset(dataset, name, column, template)
     return dataset.map(
         lambda row: {"prompt": build_teacher_prompt(row["prompt"], row[column], template, column)},
         desc="teacher prompts",

@@ -27,6 +27,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, use_adapter
 
 from .config import SDPGConfig
+from .guards import StepGuard, reward_fault
 from .losses import (
     anchor_per_token,
     beta_schedule,
@@ -41,7 +42,14 @@ from .losses import (
     rlsd_lambda,
     sdpg_objective,
 )
-from .teacher import build_teacher_prompt, check_context_column, context_token_mask
+from .teacher import (
+    build_teacher_prompt,
+    check_dataset,
+    check_prompt_column,
+    context_token_mask,
+    describe_row,
+    fit_teacher_prompts,
+)
 
 # LM-head output transforms TRL's fused head knows but SDPG's head kernels need passed explicitly; SDPG reads the two
 # common ones and refuses the rest rather than distil from wrongly scaled logits.
@@ -115,20 +123,30 @@ class SDPGTrainer(GRPOTrainer):
             args = SDPGConfig(f"{str(model_name).split('/')[-1]}-SDPG")
         if not isinstance(args, SDPGConfig):
             raise TypeError(f"SDPGTrainer needs args of type SDPGConfig, got {type(args).__name__}.")
-        if args.needs_teacher:  # a method without a teacher (GRPO) needs no privileged context
-            check_context_column(train_dataset, args.context_column, "train_dataset")
-            check_context_column(eval_dataset, args.context_column, "eval_dataset")
+        context_column = args.context_column if args.needs_teacher else None  # GRPO needs no privileged context
+        check_dataset(train_dataset, "train_dataset", context_column, args.teacher_template)
+        check_dataset(eval_dataset, "eval_dataset", context_column, args.teacher_template)
         super().__init__(
             model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )  # fmt: skip
         self.teacher_model = self._setup_teacher_model()
+        # Non-finite steps are skipped (guards.py); DeepSpeed steps inside backward, before any callback could.
+        self._reward_fault: str | None = None  # why the current generation batch's rewards are unusable
+        self._step_guard = None
+        if self.is_deepspeed_enabled:
+            logger.warning("SDPG's step guard is off under DeepSpeed: a non-finite step cannot be skipped there.")
+        else:
+            self._step_guard = StepGuard(self.args.max_consecutive_skipped_steps)
+            self.add_callback(self._step_guard)
 
         text_config = self._causal_lm(self.model).config.get_text_config()
         for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
             if getattr(text_config, name, None) is not None:
                 raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
+        self._max_teacher_prompt_length = self._teacher_prompt_cap(text_config)
+        self._warned_teacher_prompt_too_long = False
         self._logit_scale = getattr(text_config, "logit_scale", None) or 1.0
         self._final_logit_softcapping = getattr(text_config, "final_logit_softcapping", None)
         if self.args.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_native_bf16():
@@ -142,29 +160,107 @@ class SDPGTrainer(GRPOTrainer):
     # Data: the teacher prompt of each rollout, built next to GRPO's student prompt
     # ----------------------------------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        # Rows of a streamed dataset are first seen here: check them before generating, and name the bad one.
+        where = f"the generation batch at step {self.state.global_step + 1}"
+        rows = [describe_row(i, x, where) for i, x in enumerate(inputs)]
+        for x, row in zip(inputs, rows):
+            check_prompt_column(x, row)
+        if self.args.needs_teacher:
+            contexts = [x.get(self.args.context_column) for x in inputs]
+            teacher_prompts = [
+                build_teacher_prompt(x["prompt"], context, self.args.teacher_template, self.args.context_column, row)
+                for x, context, row in zip(inputs, contexts, rows)
+            ]  # fmt: skip
         output = super()._generate_and_score_completions(inputs)
         if not self.args.needs_teacher:
             return output
-        contexts = [x.get(self.args.context_column) for x in inputs]
-        teacher_prompts = [
-            build_teacher_prompt(x["prompt"], x.get(self.args.context_column), self.args.teacher_template,
-                                 self.args.context_column)
-            for x in inputs
-        ]  # fmt: skip
-        teacher_ids, _, _ = self._tokenize_prompts(teacher_prompts)
-        teacher_ids = [torch.tensor(ids) for ids in teacher_ids]
+        # At most max_teacher_prompt_length tokens: the context is cut, never the problem; a row that cannot fit gets
+        # a one-pad placeholder, fully masked, and `teacher_prompt_fits` keeps it away from the teacher.
+        teacher_ids, fits, cut = fit_teacher_prompts(
+            teacher_prompts, [x["prompt"] for x in inputs], contexts, self.args.teacher_template,
+            tokenize=lambda prompts: self._tokenize_prompts(prompts)[0], tokenizer=self._tokenizer,
+            max_length=self._max_teacher_prompt_length, side=self.args.teacher_context_truncation_side,
+        )  # fmt: skip
+        pad_id = self._tokenizer.pad_token_id
+        teacher_ids = [torch.tensor(list(ids) or [pad_id], dtype=torch.long) for ids in teacher_ids]
         device = output["prompt_ids"].device
         output["teacher_prompt_ids"] = pad(
-            teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+            teacher_ids, padding_value=pad_id, padding_side="left",
             pad_to_multiple_of=self.pad_to_multiple_of,
         ).to(device)  # fmt: skip
         output["teacher_prompt_mask"] = pad(
-            [torch.ones_like(ids) for ids in teacher_ids], padding_value=0, padding_side="left",
-            pad_to_multiple_of=self.pad_to_multiple_of,
+            [torch.full_like(ids, int(ok)) for ids, ok in zip(teacher_ids, fits)], padding_value=0,
+            padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of,
         ).to(device)  # fmt: skip
+        output["teacher_prompt_fits"] = torch.tensor(fits, device=device)
+        self._log_teacher_prompt_fit(cut, fits)
         # Completion tokens that also occur in the row's privileged context: where the KL could teach guessing.
         output["context_token_mask"] = context_token_mask(output["completion_ids"], contexts, self._tokenizer)
         return output
+
+    def _teacher_prompt_cap(self, text_config) -> int | None:
+        """`max_teacher_prompt_length`, or by default the positions the model has left after the completion."""
+        if self.args.max_teacher_prompt_length is not None or not self.args.needs_teacher:
+            return self.args.max_teacher_prompt_length
+        max_positions = getattr(text_config, "max_position_embeddings", None)
+        if max_positions is None:
+            return None
+        cap = max_positions - (self.args.max_completion_length or 0)
+        if cap < 1:
+            raise ValueError(
+                f"SDPGConfig.max_completion_length ({self.args.max_completion_length}) leaves no room for a teacher "
+                f"prompt within the model's max_position_embeddings ({max_positions})."
+            )
+        return cap
+
+    def _log_teacher_prompt_fit(self, cut: list[bool], fits: list[bool]) -> None:
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        counts = self.accelerator.reduce(torch.tensor([sum(cut), len(fits) - sum(fits)], device=device), "sum")
+        truncated, too_long = counts.tolist()
+        self._metrics[mode]["sdpg/teacher_context_truncated"].append(float(truncated))
+        self._metrics[mode]["sdpg/teacher_prompt_too_long"].append(float(too_long))
+        if too_long and not self._warned_teacher_prompt_too_long:
+            self._warned_teacher_prompt_too_long = True
+            logger.warning(
+                "%d teacher prompts are longer than max_teacher_prompt_length (%d tokens) even without their "
+                "privileged context: those rows are not scored by the teacher (counted in "
+                "sdpg/teacher_prompt_too_long).",
+                too_long, self._max_teacher_prompt_length,
+            )  # fmt: skip
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.model.training:  # gathered over processes, so every process records the same fault
+            self._reward_fault = reward_fault(rewards_per_func, self.reward_func_names)
+        return rewards_per_func
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Training loop: the step guard sees every micro-batch's loss and rewrites the logged loss; checkpoints
+    # ----------------------------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._step_guard is not None:
+            self._step_guard.observe(loss, self._reward_fault)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._step_guard is not None:  # training logs only: eval logs carry `eval_loss`, not `loss`
+            self._step_guard.rewrite_logs(logs)
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        # A resume restarts GRPOTrainer's generation cycle, so only a checkpoint at a cycle's end resumes exactly.
+        cycle = self.args.generation_cycle_steps
+        if self.state.global_step % cycle:
+            logger.warning(
+                "SDPG did not save a checkpoint at step %d: it falls inside a generation cycle of %d optimizer steps "
+                "(steps_per_generation x num_iterations), and resuming from it would generate again mid-cycle and "
+                "replay prompts. Checkpoints are written at multiples of %d steps.",
+                self.state.global_step, cycle, cycle,
+            )  # fmt: skip
+            return
+        super()._save_checkpoint(model, trial)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -197,8 +293,9 @@ class SDPGTrainer(GRPOTrainer):
 
         # Teacher first, under no_grad, only on the rows a term needs: the distilled rows (the gate) and, for RLSD,
         # every row whose advantage is not 0 (A_hat is 0 where A is).
-        distill_rows = gate.bool() & terms.distill
-        teacher_rows = distill_rows | ((advantages != 0) & terms.rlsd)
+        fits = inputs.get("teacher_prompt_fits", True)  # rows whose teacher prompt fits max_teacher_prompt_length
+        distill_rows = gate.bool() & terms.distill & fits
+        teacher_rows = distill_rows | ((advantages != 0) & terms.rlsd & fits)
         rows = teacher_rows.nonzero().squeeze(1)
         teacher_hidden = None
         forward_rows = self._teacher_forward_rows(rows, terms.teacher)
@@ -261,7 +358,7 @@ class SDPGTrainer(GRPOTrainer):
         if terms.rlsd:
             sampler_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
             token_advantages = rlsd_advantages(advantages, teacher_logps, sampler_logps, lam=rlsd_lam,
-                                               clip=args.rlsd_clip)  # fmt: skip
+                                               clip=args.rlsd_clip, scored=teacher_rows)  # fmt: skip
         outcome, rho = outcome_per_token(
             per_token_logps, token_advantages, old_per_token_logps,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=args.dual_clip,
@@ -413,12 +510,15 @@ class SDPGTrainer(GRPOTrainer):
         """`(R, C, H)` teacher hidden states predicting the completion tokens of `rows`, and the teacher's LM head.
 
         The input is the teacher prompt followed by the student's completion ids unchanged (SPEC 1). Dropout is off
-        (eval mode) so the teacher's distribution does not depend on a dropout draw.
+        (eval mode) so the teacher's distribution does not depend on a dropout draw. Positions count from each row's
+        first real token, so the teacher prompt's left padding does not shift them (it would for absolute-position
+        models such as GPT-2; the student forward keeps GRPOTrainer's, which passes no positions).
         """
         teacher = model if self.teacher_model is None else self.teacher_model
         completion_ids, completion_mask = inputs["completion_ids"][rows], inputs["completion_mask"][rows]
         ids = torch.cat([inputs["teacher_prompt_ids"][rows], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["teacher_prompt_mask"][rows], completion_mask], dim=1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -428,7 +528,8 @@ class SDPGTrainer(GRPOTrainer):
             self.accelerator.autocast(),
         ):
             # Only the hidden states are needed: keep one logit row instead of projecting every position.
-            teacher(input_ids=ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+            teacher(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=1)
         weight, bias = self._lm_head_params(teacher)
         return self._completion_hidden(captured, completion_ids.size(1)), weight, bias
 

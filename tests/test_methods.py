@@ -90,6 +90,11 @@ def test_presets_fill_fields_left_at_default_and_explicit_fields_win(tmp_path):
         ({"beta": float("inf")}, "beta"),
         ({"rlsd_coef": float("nan")}, "rlsd_coef"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"dual_clip": float("nan")}, "dual_clip"),  # an optional float
+        ({"learning_rate": float("inf")}, "learning_rate"),  # a TrainingArguments field
+        ({"max_grad_norm": float("nan")}, "max_grad_norm"),
+        ({"reward_weights": [1.0, float("nan")]}, "reward_weights"),  # a list: a nan weight silently drops its reward
+        ({"reward_weights": [float("-inf")]}, "reward_weights"),
     ],
 )
 def test_bad_method_settings_name_the_field(tmp_path, overrides, field):
@@ -116,6 +121,14 @@ def test_rlsd_advantages_by_hand():
     assert got[0, 1] == pytest.approx(1.5 * (0.6 + 0.4 * 0.8))  # a far less likely token: weight clipped at 1 - eps
     assert rlsd_lambda(0, 0.5, 50) == 0.5 and rlsd_lambda(25, 0.5, 50) == 0.25 and rlsd_lambda(80, 0.5, 50) == 0.0
     assert rlsd_lambda(80, 0.5, 0) == 0.5
+
+
+def test_rlsd_rows_the_teacher_did_not_score_keep_their_advantage():
+    """A row whose teacher prompt does not fit max_teacher_prompt_length is not scored: weight 1, so A_hat = A."""
+    adv, teacher, old = torch.tensor([1.5, -0.5]), torch.zeros(2, 3), -torch.ones(2, 3)
+    got = rlsd_advantages(adv, teacher, old, lam=0.4, clip=0.2, scored=torch.tensor([True, False]))
+    torch.testing.assert_close(got[0], rlsd_advantages(adv, teacher, old, lam=0.4, clip=0.2)[0])
+    torch.testing.assert_close(got[1], torch.full((3,), -0.5))
 
 
 @pytest.mark.parametrize("off_policy", [False, True])

@@ -18,14 +18,9 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the demo only writes files
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from ..models import smollm2_checkpoint  # noqa: E402
-from .train import make_parser, train  # noqa: E402
+from ..models import smollm2_checkpoint
+from ..plotting import pyplot
+from .train import make_parser, train
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
 
@@ -57,6 +52,9 @@ def write_metrics(log_history: list[dict], output_dir: Path) -> None:
 
 def plot_curves(log_history: list[dict], output_dir: Path) -> list[Path]:
     """One PNG per entry of `CURVES`, value against optimiser step; returns the files written."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     written = []
     for name, (title, series) in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point `sdpg-train`; `argv` defaults to the command line. Use `train` to get the trainer back."""
     # Returns None: console scripts pass the return value to sys.exit, which treats an object as a failure.
     trainer = train(*make_parser().parse_args_and_config(args=argv))
-    trainer.end()  # finish the trackers and tear down the process group, as TRL's scripts do
+    # Finish the trackers and tear down the process group, as TRL's scripts do. `Trainer.end` is new in
+    # transformers 5.18 and only calls `accelerator.end_training()`, which older versions get directly.
+    end = getattr(trainer, "end", None) or trainer.accelerator.end_training
+    end()
 
 
 if __name__ == "__main__":

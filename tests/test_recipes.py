@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils.constants import FSDP2_STATE_DICT_TYPE
 
 from sdpg_trl import SDPGConfig
 from sdpg_trl.config import METHODS
@@ -95,6 +96,14 @@ def test_accelerate_config_loads(path):
         assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
     if path.stem == "fsdp2":
         assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_fsdp2_config_saves_full_weights():
+    # transformers' Trainer.save_model under FSDP writes weights only for a FULL_STATE_DICT; a sharded one leaves no
+    # model.safetensors at the end of the run.
+    config = load_config_from_file(str(RECIPES / "accelerate" / "fsdp2.yaml"))
+    state_dict_type = config.fsdp_config["fsdp_state_dict_type"]
+    assert state_dict_type == "FULL_STATE_DICT" and state_dict_type in FSDP2_STATE_DICT_TYPE
 
 
 def test_accelerate_rejects_unknown_keys(tmp_path):

@@ -14,11 +14,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+import sdpg_trl
 from sdpg_trl import _trl_compat
 from sdpg_trl.scripts import train as train_script
 
@@ -123,6 +125,27 @@ def test_train_script_ends_the_run_without_trainer_end(monkeypatch):
     assert ended == ["accelerator", "trainer"]
 
 
+def test_license_citation_and_changelog_agree_with_setup_cfg():
+    metadata = setup_cfg()["metadata"]
+    version, license_id = metadata["version"], metadata["license"]
+    assert license_id == "Apache-2.0" and metadata["license_files"].strip() == "LICENSE"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a notice
+
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["type"] == "software"
+    assert (citation["version"], citation["license"]) == (version, license_id) and version == sdpg_trl.__version__
+    paper = citation["preferred-citation"]
+    assert paper["title"] == "Self-Distilled Policy Gradient" and paper["url"] == "https://arxiv.org/abs/2606.04036"
+    assert [a["family-names"] for a in paper["authors"]] == ["Liu", "Zhang", "Zhang", "Gu"]
+    assert "2606.04036" in paper["journal"]
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "## Unreleased" in changelog and f"## {version} - " in changelog
+    assert (ROOT / "sdpg_trl" / "py.typed").is_file()
+
+
 # Build inputs of the package: a wheel is built from a copy of these, so the checkout stays clean.
 BUILD_INPUTS = ("setup.cfg", "pyproject.toml", "README.md", "LICENSE", "sdpg_trl")
 
@@ -145,7 +168,8 @@ def test_an_installed_wheel_ships_the_recipes_and_the_demo_finds_its_own(tmp_pat
                    check=True, capture_output=True)  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("sdpg_trl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"sdpg_trl/recipes/demo_cpu.yaml", "sdpg_trl/recipes/accelerate/fsdp2.yaml"} <= names
+    assert {"sdpg_trl/recipes/demo_cpu.yaml", "sdpg_trl/recipes/accelerate/fsdp2.yaml", "sdpg_trl/py.typed"} <= names
+    assert any(".dist-info/" in name and name.endswith("LICENSE") for name in names)
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True,
                    capture_output=True)  # fmt: skip

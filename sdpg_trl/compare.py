@@ -380,10 +380,9 @@ def render_table(results: dict[str, Any]) -> str:
 
 def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
     """One PNG per curve: every method in its own colour, each seed a thin line, the seeds' mean bold."""
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     written = []

@@ -16,8 +16,8 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
-from trl.models.utils import unwrap_model_for_generation
 
+from ._trl_compat import unwrap_model_for_generation
 from .rewards import get_reward_funcs, math_accuracy_reward
 from .teacher import teacher_view_dataset
 

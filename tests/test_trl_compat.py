@@ -1,0 +1,145 @@
+"""Every TRL internal sdpg-trl relies on resolves, with the parameters sdpg-trl calls it with.
+
+These are the names in `sdpg_trl/_trl_compat.py`. When TRL is upgraded and one of them moved or changed, this file
+fails first, naming the installed TRL and the one tested; fix the compat module, then widen `trl` in setup.cfg.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import make_dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from sdpg_trl import SDPGTrainer
+from sdpg_trl import _trl_compat as compat
+
+PACKAGE = Path(compat.__file__).resolve().parent
+TRL = f"trl {compat.installed_trl_version()} (tested: {compat.TESTED_TRL})"
+
+# Each internal -> its leading parameters, in the order sdpg-trl passes them (callables: their own parameters;
+# classes: their constructor's; autograd functions: `forward`'s, which `.apply` takes positionally).
+SIGNATURES = {
+    "ChunkedLogProbFunction": ["ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size",
+                               "final_logit_softcapping", "logit_scale", "outputs"],
+    "compute_dtype": ["hidden"],
+    "project_tile": ["tile", "hidden_chunk", "weight", "bias", "start", "end", "dtype"],
+    "addmm_fp32": ["acc", "a", "b"],
+    "maybe_gather_lm_head_ctx": ["params"],
+    "disable_gradient_checkpointing": ["model", "gradient_checkpointing_kwargs"],
+    "unwrap_model_for_generation": ["model", "accelerator", "gather_deepspeed3_params"],
+    "prepare_deepspeed": ["model", "accelerator"],
+    "prepare_fsdp": ["model", "accelerator"],
+    "pad": ["tensors", "padding_value", "padding_side", "pad_to_multiple_of"],
+    "create_model_from_path": ["model_id", "architecture", "kwargs"],
+    "get_config_model_id": ["config"],
+    "use_adapter": ["model", "adapter_name"],
+    "PEFTAdapterEMACallback": ["model", "teacher_adapter_name", "update_rate", "sync_steps", "accelerator"],
+    "SyncTeacherModelCallback": ["teacher_model", "accelerator"],
+    "is_pure_lora_training": ["model", "accelerator"],
+}  # fmt: skip
+CONSTANTS = {"GRPO_ATTRIBUTES", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL"}
+OWN_HELPERS = {"installed_trl_version", "tokenize_prompts"}  # defined in the compat module, checked below
+
+
+def _parameters(obj) -> list[str]:
+    target = obj.forward if hasattr(obj, "apply") and hasattr(obj, "forward") else obj
+    return list(inspect.signature(target).parameters)
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_trl_internal_resolves_with_the_parameters_sdpg_passes(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental announces itself
+        obj = getattr(compat, name)
+    expected = SIGNATURES[name]
+    actual = _parameters(obj)[: len(expected)]
+    assert actual == expected, f"{name} ({obj.__module__}) changed its parameters in {TRL}: {actual} != {expected}"
+
+
+def test_every_compat_name_is_checked():
+    exported = set(compat.__all__) | set(compat._LAZY)
+    assert exported - CONSTANTS - OWN_HELPERS == set(SIGNATURES), "add a signature for each new compat name"
+    for name in compat.__all__:
+        assert hasattr(compat, name), name
+
+
+def test_a_moved_internal_fails_at_import_naming_both_trl_versions():
+    with pytest.raises(ImportError) as err:
+        compat._load("trl.kernels.chunked_logprob", "_a_helper_trl_removed")
+    message = str(err.value)
+    assert "trl.kernels.chunked_logprob._a_helper_trl_removed" in message
+    assert compat.installed_trl_version() in message and compat.TESTED_TRL in message
+    assert f"trl{compat.SUPPORTED_TRL}" in message
+    with pytest.raises(ImportError, match="trl.no_such_module"):
+        compat._load("trl.no_such_module", "anything")
+    with pytest.raises(AttributeError):
+        compat.not_a_compat_name  # noqa: B018
+
+
+def test_importing_sdpg_trl_does_not_import_trls_experimental_sdpo():
+    # The EMA-teacher callbacks are loaded on first use: if TRL drops its experimental SDPO package, only
+    # `teacher_model_kind="ema"` stops working, not `import sdpg_trl`.
+    code = (
+        "import sys, sdpg_trl, sdpg_trl.scripts.train;"
+        "print(any(m.startswith('trl.experimental.sdpo') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("name", sorted(compat.GRPO_OVERRIDES))
+def test_overridden_grpo_methods_keep_their_parameters(name):
+    expected = list(compat.GRPO_OVERRIDES[name])
+    assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == expected, f"GRPOTrainer.{name} in {TRL}"
+    assert list(inspect.signature(getattr(SDPGTrainer, name)).parameters) == expected, f"SDPGTrainer.{name}"
+
+
+def test_grpo_trainer_sets_the_attributes_sdpg_reads_and_tokenizes_prompts(tmp_path, tokenizer, tiny_model_dir):
+    args = GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+        report_to="none", bf16=False, use_cpu=True,
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=tiny_model_dir, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions), args=args,
+        train_dataset=make_dataset(), processing_class=tokenizer,
+    )  # fmt: skip
+    missing = [name for name in compat.GRPO_ATTRIBUTES if not hasattr(trainer, name)]
+    assert not missing, f"GRPOTrainer in {TRL} no longer sets {missing}"
+
+    prompts = [row["prompt"] for row in make_dataset(2)]
+    prompt_ids, images, multimodal_fields = compat.tokenize_prompts(trainer, prompts)
+    expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                for p in prompts]  # fmt: skip
+    assert [list(ids) for ids in prompt_ids] == [list(ids) for ids in expected]
+    assert images is None and not multimodal_fields
+
+
+# Modules of TRL that are its public API; anything else is imported through `_trl_compat`.
+PUBLIC_TRL_MODULES = {"trl", "trl.rewards"}
+
+
+def test_trl_internals_are_imported_only_through_the_compat_module():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "_trl_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules, names = [node.module], [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                modules, names = [alias.name for alias in node.names], []
+            else:
+                continue
+            for module in modules:
+                if module.split(".")[0] != "trl":
+                    continue
+                if module not in PUBLIC_TRL_MODULES or any(name.startswith("_") for name in names):
+                    offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {module}")
+    assert not offenders, "import these through sdpg_trl/_trl_compat.py:\n" + "\n".join(offenders)

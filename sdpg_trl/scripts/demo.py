@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default="outputs/demo", help="Folder for metrics, plots and the model.")
     parser.add_argument(
         "--config", default=str(DEFAULT_RECIPE), help="Training recipe: a YAML file or a name from `sdpg-recipes list`."
+    )
     parser.add_argument(
         "--headroom_problems",
         type=int,

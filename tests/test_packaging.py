@@ -112,16 +112,19 @@ except ImportError as err:
 
 
 def test_train_script_ends_the_run_without_trainer_end(monkeypatch):
-    # `Trainer.end` is new in transformers 5.18; on older versions the script calls what it wraps.
+    # `Trainer.end` is new in transformers 5.18; on older versions `end_training` calls what it wraps.
     ended = []
-    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(end_training=lambda: ended.append("accelerator")))
+    accelerator = types.SimpleNamespace(
+        end_training=lambda: ended.append("accelerator"), free_memory=lambda: ended.append("freed")
+    )
+    trainer = types.SimpleNamespace(accelerator=accelerator, model="model")
     monkeypatch.setattr(train_script, "train", lambda *args: trainer)
     monkeypatch.setattr(train_script, "make_parser", lambda: types.SimpleNamespace(parse_args_and_config=lambda args: ()))
     train_script.main([])
-    assert ended == ["accelerator"]
+    assert ended == ["freed", "accelerator"] and trainer.model_wrapped == "model"
     trainer.end = lambda: ended.append("trainer")
     train_script.main([])
-    assert ended == ["accelerator", "trainer"]
+    assert ended == ["freed", "accelerator", "freed", "trainer"]
 
 
 def test_license_citation_and_changelog_agree_with_setup_cfg():

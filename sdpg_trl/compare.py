@@ -41,6 +41,18 @@ CURVES = {
     "kl": ("kl", "KL to the reference (k3)"),
     "completions/mean_length": ("response_length", "Response length (tokens)"),
 }
+# The diagnosis table (training rollouts, every logged step): column -> (numerator key, denominator key or None).
+# A ratio is taken step by step, on steps where both were logged and the denominator is not 0.
+DIAGNOSTICS = {
+    "distill / outcome grad norm": ("grad_norm/distill", "grad_norm/outcome"),
+    "gate ratio": ("sdpg/gate_ratio", None),
+    "teacher - student logp": ("sdpg/teacher_minus_student_logp", None),
+    "teacher entropy": ("sdpg/teacher_entropy", None),
+    "student entropy": ("sdpg/student_entropy", None),
+    "KL share on context tokens": ("sdpg/kl_share_on_context_tokens", None),
+    "context token share": ("sdpg/context_token_share", None),
+    "RLSD advantage weight": ("rlsd/advantage_weight", None),
+}
 # Per-step training values reported as "final": the mean of the last FINAL_WINDOW logged steps (one step is noisy).
 FINAL_WINDOW = 3
 FINISHED = "run.json"
@@ -348,6 +360,44 @@ def collect(output_dir: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_diagnostics(history: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """One run's `DIAGNOSTICS`: each the mean over the steps that logged it (a ratio: the mean of per-step ratios).
+    `history` is `summarise_run`'s `history`; a column the run never logged is left out."""
+    values = {}
+    for column, (key, denominator) in DIAGNOSTICS.items():
+        points = dict(history.get(key, []))
+        if denominator is not None:
+            below = dict(history.get(denominator, []))
+            points = {step: value / below[step] for step, value in points.items() if below.get(step)}
+        if points:
+            values[column] = statistics.mean(points.values())
+    return values
+
+
+def diagnostics(results: dict[str, Any]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per method, each `DIAGNOSTICS` column as mean and SE over its seeds (columns no seed logged are left out)."""
+    table = {}
+    for method, by_seed in results["runs"].items():
+        per_seed = [run_diagnostics(run["history"]) for run in by_seed.values()]
+        columns = [c for c in DIAGNOSTICS if any(c in seed for seed in per_seed)]
+        table[method] = {c: mean_and_se([seed[c] for seed in per_seed if c in seed]) for c in columns}
+    return table
+
+
+def render_diagnostics(results: dict[str, Any]) -> str:
+    """The diagnosis table: what the distillation term looked like on the training rollouts, per method."""
+    table = diagnostics(results)
+    columns = [c for c in DIAGNOSTICS if any(c in row for row in table.values())]
+    if not columns:
+        return ""
+    lines = [
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *(f"| {method} | " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for method, row in table.items()),
+    ]
+    return "Training rollouts, mean over logged steps, then mean ± SE over seeds:\n\n" + "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Table and figures
 # ---------------------------------------------------------------------------------------------------------------------
@@ -413,8 +463,10 @@ def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
 
 
 def write_report(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
-    """`results.json` (every number), `results.md` (the table) and the PNG figures, in `output_dir`."""
+    """`results.json` (every number), `results.md` (the table and the diagnosis table) and the PNG figures, in
+    `output_dir`."""
     output_dir = Path(output_dir)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (output_dir / "results.md").write_text(render_table(results) + "\n")
+    diagnosis = render_diagnostics(results)
+    (output_dir / "results.md").write_text(render_table(results) + ("\n\n" + diagnosis if diagnosis else "") + "\n")
     return [output_dir / "results.json", output_dir / "results.md", *plot_curves(results, output_dir)]

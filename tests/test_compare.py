@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdpg_trl.compare import aggregate, collect, execute, is_finished, load_recipe, plan_runs, summarise_run
+from sdpg_trl.compare import (
+    aggregate,
+    collect,
+    diagnostics,
+    execute,
+    is_finished,
+    load_recipe,
+    plan_runs,
+    render_diagnostics,
+    summarise_run,
+)
 from sdpg_trl.scripts.compare import main
 
 
@@ -42,6 +52,22 @@ def test_summary_and_aggregate_by_hand():
     assert table["a"]["sampling_se"] == pytest.approx(math.sqrt(0.35 * 0.65 / 100))
     assert table["b"]["last"][0] == 0.6 and math.isnan(table["b"]["last"][1])  # one seed: no spread
     assert table["a"]["seeds"] == [0, 1]
+
+
+def test_diagnostics_by_hand():
+    def run(distill: list[float | None], gap: float) -> dict:
+        log = [{"step": s, "grad_norm/outcome": 2.0 * s, "grad_norm/distill": d, "sdpg/teacher_minus_student_logp": gap}
+               for s, d in enumerate(distill, start=1)]  # fmt: skip
+        return summarise_run(log, base_accuracy=None)
+
+    # Seed 0: steps 1 and 3 give ratios 1/2 and 3/6 (step 2 logged no distillation norm); seed 1: 1/2 and 1/4.
+    results = {"runs": {"sdpg": {0: run([1.0, None, 3.0], -0.1), 1: run([1.0, 1.0], 0.3)}, "grpo": {0: run([None], 0.0)}}}
+    table = diagnostics(results)
+    assert table["sdpg"]["distill / outcome grad norm"] == pytest.approx((0.4375, 0.0625))  # means 0.5, 0.375
+    assert table["sdpg"]["teacher - student logp"] == pytest.approx((0.1, 0.2))
+    assert "distill / outcome grad norm" not in table["grpo"]  # never logged: no column, not 0
+    text = render_diagnostics(results)
+    assert "| sdpg | 0.438 ± 0.062 | 0.100 ± 0.200 |" in text and "| grpo | — | 0.000 |" in text
 
 
 def test_collect_counts_evaluation_samples_as_the_base_evaluation_did(tmp_path):
@@ -196,7 +222,8 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     main(argv)
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"grpo", "sdpg"} and results["base_accuracy"] is not None
-    assert (out / "accuracy.png").is_file() and "| grpo | 1 |" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert (out / "accuracy.png").is_file() and "| grpo | 1 |" in report and "teacher entropy" in report
     sdpg_log = json.loads((out / "sdpg" / "seed0" / "trainer_state.json").read_text())["log_history"]
     assert any("sdpg/opd_kl" in entry for entry in sdpg_log)
     stamp = (out / "grpo" / "seed0" / "run.json").stat().st_mtime

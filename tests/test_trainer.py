@@ -14,7 +14,7 @@ from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from sdpg_trl import SDPGConfig, SDPGTrainer
-from sdpg_trl.losses import beta_schedule, sdpg_loss_reference
+from sdpg_trl.losses import OutcomeOptions, beta_schedule, sdpg_loss_reference
 from sdpg_trl.teacher import build_teacher_prompt
 
 TEMPERATURE = 0.8
@@ -100,14 +100,29 @@ def reference_loss_and_grads(trainer, batch, model=None):
     student = completion_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch)
     with torch.no_grad():
         teacher = completion_logits(model, batch["teacher_prompt_ids"], batch["teacher_prompt_mask"], batch)
+    args = trainer.args
     loss, metrics = sdpg_loss_reference(
         student, teacher, batch["completion_ids"], batch["completion_mask"], batch["advantages"],
-        distill_coef=trainer.args.distill_coef, kl_coef=trainer.args.beta, kl_estimator=trainer.args.kl_estimator,
-        gate=trainer.args.distill_positive_only, ref_per_token_logps=batch.get("ref_per_token_logps"),
-        old_per_token_logps=batch.get("old_per_token_logps"),
+        distill_coef=args.distill_coef, kl_coef=args.beta, kl_estimator=args.kl_estimator,
+        gate=args.distill_positive_only, ref_per_token_logps=batch.get("ref_per_token_logps"),
+        old_per_token_logps=batch.get("old_per_token_logps"), **grpo_options(args),
     )  # fmt: skip
     loss.backward()
     return loss.detach(), grads(model), metrics
+
+
+def grpo_options(args: SDPGConfig) -> dict:
+    """`sdpg_loss_reference`'s arguments for the GRPO options of `args` (one accumulation step)."""
+    return dict(outcome=OutcomeOptions.from_config(args), anchor_ratio_weighted=args.anchor_ratio_weighted,
+                bias_correction_kl=args.use_bias_correction_kl, max_completion_length=args.max_completion_length)
+
+
+def off_policy(model, batch, spread: float = 0.5) -> dict[str, torch.Tensor]:
+    """`batch` with old log-probs around the model's: ratios inside and outside the clip range, for both signs of A."""
+    with torch.no_grad():
+        logits = completion_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch)
+        logps = logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    return {**batch, "old_per_token_logps": logps + torch.linspace(-spread, spread, logps.numel()).view_as(logps)}
 
 
 def assert_grads_close(a: dict, b: dict, rtol=1e-4, atol=1e-6):
@@ -141,16 +156,34 @@ def test_trainer_loss_equals_reference_off_policy_and_ungated(tmp_path, tokenize
         tmp_path, tiny_model_dir, tokenizer, distill_positive_only=False, distill_chunk_size=3,
         gradient_checkpointing=True,
     )  # fmt: skip
-    batch = hand_batch(tokenizer, seed=1)
-    with torch.no_grad():
-        logits = completion_logits(trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch)
-        logps = logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
-    # Ratios both inside and outside the clip range, for both advantage signs.
-    batch["old_per_token_logps"] = logps + torch.linspace(-0.5, 0.5, logps.numel()).view_as(logps)
+    batch = off_policy(trainer.model, hand_batch(tokenizer, seed=1))
     loss, g_trainer = trainer_loss_and_grads(trainer, batch)
     ref_loss, g_ref, _ = reference_loss_and_grads(trainer, batch)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(g_trainer, g_ref)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss_type": "grpo"},
+        {"loss_type": "sapo", "dual_clip": None},
+        {"loss_type": "cispo", "dual_clip": None, "epsilon_high": 1.1},
+        {"importance_sampling_level": "sequence"},
+        {"loss_type": "dr_grpo", "use_bias_correction_kl": True, "anchor_ratio_weighted": False},
+    ],
+    ids=["grpo", "sapo", "cispo", "sequence", "dr_grpo_bias_correction_kl"],
+)
+def test_trainer_with_grpo_options_equals_reference(tmp_path, tokenizer, tiny_model_dir, options):
+    """With the teacher on: the outcome and the anchor aggregated by loss_type, the distillation over N (SPEC 2)."""
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, distill_chunk_size=3, **options)
+    batch = off_policy(trainer.model, hand_batch(tokenizer, seed=1))
+    loss, g_trainer = trainer_loss_and_grads(trainer, batch)
+    ref_loss, g_ref, ref_metrics = reference_loss_and_grads(trainer, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_trainer, g_ref)
+    logged = trainer._metrics["train"]
+    assert logged["kl"][-1] == pytest.approx(ref_metrics["kl"], rel=1e-4) and ref_metrics["opd_kl"] > 0
 
 
 def test_peft_teacher_uses_the_adapter(tmp_path, tokenizer, tiny_model_dir):
@@ -317,10 +350,14 @@ def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_
         ({"beta": -0.1}, "beta"),
         ({"distill_warmup_steps": -1}, "distill_warmup_steps"),
         ({"distill_chunk_size": 0}, "distill_chunk_size"),
-        ({"loss_type": "grpo"}, "loss_type"),
+        ({"loss_type": "ppo"}, "loss_type"),
+        ({"importance_sampling_level": "batch"}, "importance_sampling_level"),
         ({"dual_clip": 0.5}, "dual_clip"),
-        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
-        ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),
+        ({"loss_type": "sapo"}, "dual_clip"),  # the dual clip floors PPO's clipped ratio, which sapo does not have
+        ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
+        ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),  # with anchor_ratio_weighted: weighed twice
+        ({"entropy_coef": 0.01}, "entropy_coef"),
+        ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, overrides, field):

@@ -92,6 +92,17 @@ def cpu_has_native_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
+def vision_language_signs(processing_class: Any, model_config: Any) -> list[str]:
+    """What marks a model as vision-language, for SDPGTrainer to refuse it: an image processor in its processing class,
+    a `vision_config` in its model config. Empty for a text-only model."""
+    signs = []
+    if isinstance(processing_class, ProcessorMixin) and getattr(processing_class, "image_processor", None) is not None:
+        signs.append(f"its processing class {type(processing_class).__name__} has an image processor")
+    if getattr(model_config, "vision_config", None) is not None:
+        signs.append(f"its config {type(model_config).__name__} has a vision_config")
+    return signs
+
+
 class SDPGTrainer(GRPOTrainer):
     """Self-Distilled Policy Gradient trainer: GRPO + gated full-vocabulary self-distillation + a reference anchor.
 
@@ -144,6 +155,15 @@ class SDPGTrainer(GRPOTrainer):
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )  # fmt: skip
+        vision = vision_language_signs(self.processing_class, self._causal_lm(self.model).config)
+        if vision:
+            teacher = ", and the teacher prompts would be tokenised without their images" if args.needs_teacher else ""
+            raise NotImplementedError(
+                f"SDPGTrainer is text-only, and this is a vision-language model ({'; '.join(vision)}). Image inputs "
+                "are not supported: SDPGTrainer's loss runs the student forward on token ids alone, so GRPO's image "
+                f"inputs (pixel_values, image_grid_thw, ...) would be dropped{teacher}. Train vision-language models "
+                "with trl.GRPOTrainer."
+            )
         self.teacher_model = self._setup_teacher_model()
         # Non-finite steps are skipped (guards.py); DeepSpeed steps inside backward, before any callback could.
         self._reward_fault: str | None = None  # why the current generation batch's rewards are unusable

@@ -11,11 +11,20 @@ import torch
 from conftest import make_dataset
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 from trl import GRPOConfig, GRPOTrainer
 
 from sdpg_trl import SDPGConfig, SDPGTrainer
 from sdpg_trl.losses import OutcomeOptions, beta_schedule, sdpg_loss_reference
 from sdpg_trl.teacher import build_teacher_prompt
+from sdpg_trl.trainer import vision_language_signs
 
 TEMPERATURE = 0.8
 
@@ -363,6 +372,36 @@ def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_
 def test_bad_config_names_the_field(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=rf"SDPGConfig\.{field}"):
         make_args(tmp_path, **overrides)
+
+
+def tiny_llava_config(tokenizer) -> LlavaConfig:
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=4, projection_dim=16)  # fmt: skip
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=tokenizer.unk_token_id)
+
+
+def test_vision_language_signs(tokenizer):
+    assert vision_language_signs(tokenizer, LlamaConfig()) == []
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 8}, crop_size=8),
+                               tokenizer=tokenizer, patch_size=4)  # fmt: skip
+    assert vision_language_signs(processor, LlamaConfig()) == [
+        "its processing class LlavaProcessor has an image processor"
+    ]
+    assert vision_language_signs(tokenizer, tiny_llava_config(tokenizer)) == [
+        "its config LlavaConfig has a vision_config"
+    ]
+
+
+@pytest.mark.parametrize("method", ["sdpg_urkl", "grpo"])
+def test_vision_language_models_are_refused(tmp_path, tokenizer, method):
+    """SDPG's student forward passes no image inputs, so a VLM is refused with the teacher off too."""
+    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
+    with pytest.raises(NotImplementedError, match="vision-language model .*vision_config.* would be dropped") as err:
+        SDPGTrainer(model=model, reward_funcs=parity_reward, args=make_args(tmp_path, method=method, distill_coef=1e-3, beta=0.0),
+                    train_dataset=make_dataset(), processing_class=tokenizer)  # fmt: skip
+    assert ("teacher prompts would be tokenised without their images" in str(err.value)) is (method != "grpo")
 
 
 def test_plain_grpo_config_is_rejected(tmp_path, tokenizer, tiny_model_dir):

@@ -404,6 +404,20 @@ def test_vision_language_models_are_refused(tmp_path, tokenizer, method):
     assert ("teacher prompts would be tokenised without their images" in str(err.value)) is (method != "grpo")
 
 
+def test_use_liger_kernel_applies_liger_layer_kernels_as_in_grpo(tmp_path, tokenizer, tiny_model_dir, monkeypatch):
+    """`use_liger_kernel` is not ignored: as in TRL's GRPOTrainer, train() patches the policy's layers with Liger's
+    kernels, with Liger's fused linear cross-entropy off (it would replace the LM-head pass SDPG computes itself).
+    Liger needs a GPU and is not installed here, so the call is recorded, not run."""
+    applied = []
+    monkeypatch.setattr("transformers.trainer.apply_liger_kernel", lambda model, cfg: applied.append((model, cfg)))
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, use_liger_kernel=True, max_steps=1)
+    trainer.train()
+    assert applied == [(trainer.model, {"fused_linear_cross_entropy": False})]
+    with pytest.raises(ValueError, match="fused_linear_cross_entropy"):  # GRPOTrainer's refusal, inherited
+        make_trainer(tmp_path, tiny_model_dir, tokenizer, use_liger_kernel=True,
+                     liger_kernel_config={"fused_linear_cross_entropy": True})  # fmt: skip
+
+
 def test_plain_grpo_config_is_rejected(tmp_path, tokenizer, tiny_model_dir):
     with pytest.raises(TypeError, match="SDPGConfig"):
         SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True),

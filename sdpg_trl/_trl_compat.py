@@ -117,9 +117,8 @@ GRPO_OVERRIDES = {"_generate_and_score_completions": ("self", "inputs")}
 GRPO_METHODS = {"get_high_entropy_mask": ("self", "entropies", "mask", "threshold")}
 # Attributes GRPOTrainer (or transformers' Trainer) sets in `__init__` that SDPGTrainer reads.
 GRPO_ATTRIBUTES = (
-    "_tokenizer", "_metrics", "pad_to_multiple_of", "beta", "ref_model", "epsilon_low", "epsilon_high",
-    "temperature", "use_vllm", "vllm_importance_sampling_correction", "eos_token_ids", "aux_loss_enabled",
-    "router_aux_loss_coef", "is_deepspeed_enabled", "is_fsdp_enabled",
+    "_tokenizer", "_metrics", "pad_to_multiple_of", "beta", "ref_model", "temperature", "eos_token_ids",
+    "aux_loss_enabled", "router_aux_loss_coef", "is_deepspeed_enabled", "is_fsdp_enabled",
 )  # fmt: skip
 
 

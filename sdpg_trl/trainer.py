@@ -393,9 +393,10 @@ class SDPGTrainer(GRPOTrainer):
             token_advantages = rlsd_advantages(advantages, teacher_logps, sampler_logps, lam=rlsd_lam,
                                                clip=args.rlsd_clip, scored=teacher_rows)  # fmt: skip
         # GRPO's policy loss for its loss_type; vLLM's `importance_sampling_ratio` corrects the sampler mismatch.
+        options = OutcomeOptions.from_config(args)
         policy = outcome_per_token(
-            per_token_logps, token_advantages, old_per_token_logps, mask=mask,
-            options=OutcomeOptions.from_config(args), sampler_ratio=inputs.get("importance_sampling_ratio"),
+            per_token_logps, token_advantages, old_per_token_logps, mask=mask, options=options,
+            sampler_ratio=inputs.get("importance_sampling_ratio"),
         )  # fmt: skip
         outcome = policy.loss
         # GRPO's filters of its policy term (not of SDPG's terms): DeepSeek-V3.2's off-policy sequence mask, measured
@@ -407,7 +408,7 @@ class SDPGTrainer(GRPOTrainer):
                 args.off_policy_mask_threshold,
             )  # fmt: skip
         if args.top_entropy_quantile < 1.0:
-            outcome = outcome * self.get_high_entropy_mask(entropies, mask, 1 - args.top_entropy_quantile)
+            outcome = outcome * self.get_high_entropy_mask(entropies.detach(), mask, 1 - args.top_entropy_quantile)
         anchor = None
         if terms.anchor:
             anchor = anchor_per_token(per_token_logps, inputs["ref_per_token_logps"], args.kl_estimator)
@@ -484,28 +485,33 @@ class SDPGTrainer(GRPOTrainer):
                 if args.use_bias_correction_kl:  # GRPOTrainer logs the importance-weighted estimate
                     kl = kl * policy.ratio
                 metrics["kl"].append(self._global_masked_mean(kl, mask))
-            self._log_ratio_metrics(metrics, policy, token_advantages, mask)
+            self._log_ratio_metrics(metrics, policy, options, token_advantages, mask)
         return loss
 
-    def _log_ratio_metrics(self, metrics: dict, policy: Outcome, advantages: torch.Tensor, mask: torch.Tensor) -> None:
+    def _log_ratio_metrics(
+        self, metrics: dict, policy: Outcome, options: OutcomeOptions, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> None:
         """GRPOTrainer's importance-ratio metrics for the loss type, under its names, so SDPG runs read like GRPO
         runs: `clip_ratio/*` (PPO's clip), `cispo_clip_ratio`, `vespo/phi_seq_mean` (sapo logs none)."""
         adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        ratio, loss_type = policy.ratio.detach(), self.args.loss_type
+        ratio, loss_type = policy.ratio.detach(), options.loss_type
+
+        def mean(values: torch.Tensor) -> float:  # `(B, 1)`: one value per sequence, averaged over sequences (TRL)
+            return self._global_masked_mean(values, torch.ones_like(values) if values.size(1) == 1 else mask)
+
         if loss_type == "cispo":
-            clipped = ((ratio > self.epsilon_high) & (adv > 0)).float()
-            metrics["cispo_clip_ratio"].append(self._global_masked_mean(clipped, mask))
+            metrics["cispo_clip_ratio"].append(mean(((ratio > options.epsilon_high) & (adv > 0)).float()))
         if loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"].append(self._global_masked_mean(policy.vespo_weight, mask))
+            metrics["vespo/phi_seq_mean"].append(mean(policy.vespo_weight))
         if loss_type not in CLIPPED_LOSS_TYPES:
             return
-        if self.args.delta is not None:  # GRPOTrainer measures the ratio after its two-sided cap
-            ratio = ratio.clamp(max=self.args.delta)
-        low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
-        high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
-        metrics["clip_ratio/low_mean"].append(self._global_masked_mean(low, mask))
-        metrics["clip_ratio/high_mean"].append(self._global_masked_mean(high, mask))
-        metrics["clip_ratio/region_mean"].append(self._global_masked_mean(torch.maximum(low, high), mask))
+        if options.delta is not None:  # GRPOTrainer measures the ratio after its two-sided cap
+            ratio = ratio.clamp(max=options.delta)
+        low = ((ratio < 1 - options.epsilon_low) & (adv < 0)).float()
+        high = ((ratio > 1 + options.epsilon_high) & (adv > 0)).float()
+        metrics["clip_ratio/low_mean"].append(mean(low))
+        metrics["clip_ratio/high_mean"].append(mean(high))
+        metrics["clip_ratio/region_mean"].append(mean(torch.maximum(low, high)))
 
         def per_sequence(x: torch.Tensor) -> torch.Tensor:  # nan for an empty row, as in TRL
             return x.squeeze(1) if x.size(1) == 1 else (x * mask).sum(-1) / mask.sum(-1)
@@ -647,8 +653,6 @@ class SDPGTrainer(GRPOTrainer):
         return hidden[:, -num_completion - 1 : -1]
 
     def _global_masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        """Mean of `values` over the tokens in `mask` on every process; `(B, 1)` values (one per sequence, as with
-        sequence-level importance sampling) are averaged over the sequences, as GRPOTrainer does."""
-        mask = torch.ones_like(values) if values.size(-1) == 1 else mask.float()
+        mask = mask.float()
         totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]), reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()

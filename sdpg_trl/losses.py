@@ -529,9 +529,9 @@ def sdpg_objective(
     distill_coef: float,
     kl_coef: float,
     normalizer: torch.Tensor | float,
+    policy_weights: torch.Tensor,
     outcome_coef: float = 1.0,
     anchor_ratio_weighted: bool = True,
-    policy_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SPEC 2: `c_out L_out + beta(k) L_OPD+ + alpha L_K`.
 
@@ -546,7 +546,7 @@ def sdpg_objective(
         distill_weight: `(B,)` gate m_i, or `(B, T)` the gate times per-token filters (EOS, teacher confidence).
         distill_coef: the scheduled beta(k). kl_coef: alpha. outcome_coef: 1 for every method but pure distillation.
         anchor_ratio_weighted: weigh the anchor by `SG[rho]` off-policy (SPEC 2.4); GRPO does not.
-        policy_weights: `(B, T)` from `policy_token_weights`; None: `mask / normalizer` (DAPO).
+        policy_weights: `(B, T)` from `policy_token_weights` (`mask / normalizer` for DAPO).
     Returns: scalar loss.
     """
     policy = torch.zeros_like(rho)
@@ -558,8 +558,7 @@ def sdpg_objective(
     if opd is not None and distill_coef != 0.0:
         weight = distill_weight.unsqueeze(1) if distill_weight.dim() == 1 else distill_weight
         distill = distill_coef * weight * rho * opd
-    weights = mask / normalizer if policy_weights is None else policy_weights
-    return (policy * weights).sum() + (distill * mask).sum() / normalizer
+    return (policy * policy_weights).sum() + (distill * mask).sum() / normalizer
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -399,8 +399,8 @@ def test_vision_language_models_are_refused(tmp_path, tokenizer, method):
     """SDPG's student forward passes no image inputs, so a VLM is refused with the teacher off too."""
     model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
     with pytest.raises(NotImplementedError, match="vision-language model .*vision_config.* would be dropped") as err:
-        SDPGTrainer(model=model, reward_funcs=parity_reward, args=make_args(tmp_path, method=method, distill_coef=1e-3, beta=0.0),
-                    train_dataset=make_dataset(), processing_class=tokenizer)  # fmt: skip
+        SDPGTrainer(model=model, reward_funcs=parity_reward, train_dataset=make_dataset(), processing_class=tokenizer,
+                    args=make_args(tmp_path, method=method, distill_coef=1e-3, beta=0.0))  # fmt: skip
     assert ("teacher prompts would be tokenised without their images" in str(err.value)) is (method != "grpo")
 
 

@@ -12,12 +12,14 @@ What is here:
 - Model and trainer helpers (`trainer.py`, `evaluation.py`) from `trl.models.utils` and `trl.trainer.utils`.
 - TRL's EMA-teacher callbacks, which live in `trl.experimental.sdpo` and are loaded on first use: TRL may drop an
   experimental package without deprecation, and then only `teacher_model_kind="ema"` should stop working.
-- The `GRPOTrainer` internals `SDPGTrainer` overrides or reads: `GRPO_OVERRIDES`, `GRPO_ATTRIBUTES`, and
-  `tokenize_prompts`, a call to the private `GRPOTrainer._tokenize_prompts`.
+- GRPOTrainer's static loss helpers (`losses.py`, `trainer.py`): the off-policy sequence mask and VESPO's weight.
+- The `GRPOTrainer` internals `SDPGTrainer` overrides, calls or reads: `GRPO_OVERRIDES`, `GRPO_METHODS`,
+  `GRPO_ATTRIBUTES`, and `tokenize_prompts`, a call to the private `GRPOTrainer._tokenize_prompts`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 from typing import Any
@@ -35,9 +37,9 @@ def installed_trl_version() -> str:
 
 
 def _load(module: str, name: str) -> Any:
-    """`module.name`, or an ImportError that names the installed and the tested TRL."""
+    """`module.name` (dotted: a class attribute), or an ImportError that names the installed and the tested TRL."""
     try:
-        return getattr(importlib.import_module(module), name)
+        return functools.reduce(getattr, name.split("."), importlib.import_module(module))
     except (ImportError, AttributeError) as err:
         raise ImportError(
             f"sdpg-trl needs `{module}.{name}` from TRL, which could not be imported from the installed trl "
@@ -80,6 +82,15 @@ get_config_model_id = _load("trl.trainer.utils", "get_config_model_id")
 # `use_adapter(model, adapter_name)`: context running a PEFT model with another adapter (None: adapters off).
 use_adapter = _load("trl.trainer.utils", "use_adapter")
 
+# --- GRPOTrainer's static loss helpers (pure functions on tensors) -------------------------------------------------
+# `off_policy_sequence_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)`:
+# DeepSeek-V3.2's off-policy sequence mask, `(B, 1)`: 0 for a sequence with a negative advantage whose mean
+# `log pi_sampler - log pi_theta` exceeds the threshold, 1 otherwise.
+off_policy_sequence_mask = _load("trl.trainer.grpo_trainer", "GRPOTrainer.get_off_policy_mask")
+# `vespo_gamma_weights(advantages, log_ratio_per_token, mask, importance_sampling_ratio, k_pos, lambda_pos, k_neg,
+# lambda_neg)`: VESPO's detached gamma weight `phi(w)` of the sequence ratio, `(B, 1)`.
+vespo_gamma_weights = _load("trl.trainer.grpo_trainer", "GRPOTrainer.get_gamma_weights")
+
 # --- EMA-teacher callbacks (trl.experimental.sdpo), loaded on first use --------------------------------------------
 # `PEFTAdapterEMACallback(model, teacher_adapter_name, update_rate, sync_steps, accelerator)`,
 # `SyncTeacherModelCallback(teacher_model, accelerator)`, `is_pure_lora_training(model, accelerator=None)`.
@@ -101,11 +112,13 @@ def __getattr__(name: str) -> Any:  # PEP 562: `from sdpg_trl._trl_compat import
 # --- GRPOTrainer internals -----------------------------------------------------------------------------------------
 # Private methods SDPGTrainer overrides, with the parameters it expects them to have.
 GRPO_OVERRIDES = {"_generate_and_score_completions": ("self", "inputs")}
+# Methods SDPGTrainer calls on itself, with their parameters. `get_high_entropy_mask(entropies, mask, threshold)`:
+# the tokens whose entropy is at or above the `threshold` quantile of every process's tokens (top_entropy_quantile).
+GRPO_METHODS = {"get_high_entropy_mask": ("self", "entropies", "mask", "threshold")}
 # Attributes GRPOTrainer (or transformers' Trainer) sets in `__init__` that SDPGTrainer reads.
 GRPO_ATTRIBUTES = (
-    "_tokenizer", "_metrics", "pad_to_multiple_of", "beta", "ref_model", "epsilon_low", "epsilon_high",
-    "temperature", "use_vllm", "vllm_importance_sampling_correction", "eos_token_ids", "aux_loss_enabled",
-    "router_aux_loss_coef", "is_deepspeed_enabled", "is_fsdp_enabled",
+    "_tokenizer", "_metrics", "pad_to_multiple_of", "beta", "ref_model", "temperature", "eos_token_ids",
+    "aux_loss_enabled", "router_aux_loss_coef", "is_deepspeed_enabled", "is_fsdp_enabled",
 )  # fmt: skip
 
 
@@ -120,8 +133,9 @@ def tokenize_prompts(trainer: Any, prompts: list) -> tuple[list[list[int]], list
 
 # The eager names; the lazy ones (`_LAZY`) are left out so that `import *` does not import `trl.experimental.sdpo`.
 __all__ = [
-    "ChunkedLogProbFunction", "GRPO_ATTRIBUTES", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL", "addmm_fp32",
-    "compute_dtype", "create_model_from_path", "disable_gradient_checkpointing", "get_config_model_id",
-    "installed_trl_version", "maybe_gather_lm_head_ctx", "pad", "prepare_deepspeed", "prepare_fsdp", "project_tile",
-    "tokenize_prompts", "unwrap_model_for_generation", "use_adapter",
+    "ChunkedLogProbFunction", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL",
+    "addmm_fp32", "compute_dtype", "create_model_from_path", "disable_gradient_checkpointing", "get_config_model_id",
+    "installed_trl_version", "maybe_gather_lm_head_ctx", "off_policy_sequence_mask", "pad", "prepare_deepspeed",
+    "prepare_fsdp", "project_tile", "tokenize_prompts", "unwrap_model_for_generation", "use_adapter",
+    "vespo_gamma_weights",
 ]  # fmt: skip

@@ -10,6 +10,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from .losses import CLIPPED_LOSS_TYPES, LOSS_TYPES
+
 KL_ESTIMATORS = ("k3", "urkl", "ufkl", "rkl", "fkl")
 TEACHER_MODEL_KINDS = ("live", "base", "ema")  # TRL SDPOTrainer's names
 
@@ -171,23 +173,46 @@ class SDPGConfig(GRPOConfig):
             sampled tokens: `"urkl"` `0.5 * log(w)^2` (the reference code's default), `"ufkl"` `1/w + log w`,
             `"rkl"` `0.5 * (log w + 1)^2`, `"fkl"` `1/w`, or `"k3"` TRL's `1/w + log w - 1` (same gradient as
             `"ufkl"`).
-        beta (`float`, *optional*, defaults to `1e-3`):
+        beta (`float`, *optional*, defaults to `1e-3`; GRPOConfig: `0.0`):
             The anchor coefficient `alpha` (TRL's name, kept so GRPO recipes keep their meaning). `0.0` skips the
             reference model entirely.
+        anchor_ratio_weighted (`bool`, *optional*, defaults to `True`):
+            Off-policy, weigh the anchor by the detached ratio `rho` (SPEC 2.4). GRPO does not (the `"grpo"` preset).
+        use_bias_correction_kl (`bool`, *optional*, defaults to `False`; GRPOConfig: `True`):
+            GRPO's bias-corrected KL (DeepSeek-V3.2): the anchor times the importance ratio at
+            `importance_sampling_level`, with its gradient, so it changes the gradient even on-policy. Off by default,
+            as SPEC 2.4 weighs the anchor by the detached ratio instead (`anchor_ratio_weighted`); turning it on needs
+            `anchor_ratio_weighted=False`, since both would weigh the anchor by the ratio.
+
+        > The outcome term: GRPO's options (SPEC 2.1)
+
+        The outcome term is GRPO's policy loss, with every option GRPOTrainer has for it, under GRPOConfig's names and
+        meanings: `loss_type`, `importance_sampling_level`, `epsilon`, `epsilon_high`, `delta`, `sapo_temperature_*`,
+        `vespo_*`, `top_entropy_quantile` and `off_policy_mask_threshold` (the last two filter the outcome term only,
+        as in GRPO). vLLM's `importance_sampling_ratio` corrects it as in GRPO. With the teacher off (the `"grpo"`
+        preset, or `distill_coef=0` with the same settings) SDPGTrainer's loss and gradient are GRPOTrainer's.
+
+        loss_type (`str`, *optional*, defaults to `"dapo"`, as GRPOConfig):
+            `"grpo"`, `"bnpo"`, `"dr_grpo"`, `"dapo"`, `"cispo"`, `"sapo"`, `"luspo"` or `"vespo"`: GRPO's surrogate
+            and aggregation of the outcome term and the anchor (GRPO's per-token loss is its policy term plus its KL
+            term). The distillation term is always summed over tokens and divided by the number of completion tokens
+            `N` (SPEC 2, DAPO-style), whatever the loss type; with `"dapo"` every term is over `N`, as in SPEC 2.
+            On-policy the outcome is the REINFORCE surrogate `-A log pi` (SPEC 2.1), which has the gradient of the
+            clipped and soft surrogates at ratio 1 (cispo and vespo keep their form with ratio 1).
         dual_clip (`float` or `None`, *optional*, defaults to `3.0`):
             Dual-clip constant `c` for negative advantages in the off-policy surrogate (SPEC 2.1; Ye et al., 2020).
             Only used when old log-probs differ from the current ones (`num_iterations > 1`, stale batches, vLLM).
-            `None` turns it off (GRPO). TRL's `delta` keeps its own meaning (the two-sided upper clip, default off).
-        anchor_ratio_weighted (`bool`, *optional*, defaults to `True`):
-            Off-policy, weigh the anchor by the detached ratio `rho` (SPEC 2.4). GRPO does not (the `"grpo"` preset).
-        loss_type (`str`, *optional*, defaults to `"dapo"`):
-            Must be `"dapo"`: SPEC 2 normalises every term by the number of completion tokens.
-        use_bias_correction_kl (`bool`, *optional*, defaults to `False`):
-            Must stay `False`: GRPO's importance-weighted KL is not one of SPEC 2.4's anchors (`kl_estimator` is).
-            Off-policy, the anchor is weighted by the detached ratio as SPEC 2.4 says.
+            `None` turns it off (GRPO). It floors PPO's clipped ratio, so it must be `None` for `"cispo"`, `"sapo"`
+            and `"vespo"`, which bound the ratio their own way. TRL's `delta` keeps its own meaning (the two-sided
+            upper clip, default off).
 
-    GRPO options that add a term SDPG's loss does not carry (`importance_sampling_level="sequence"`,
-    `top_entropy_quantile < 1`, an entropy bonus, `off_policy_mask_threshold`) are refused with an error.
+    SDPG's terms stay SDPG's whatever the outcome options: off-policy the distillation term (and the anchor, with
+    `anchor_ratio_weighted`) is weighted by the detached per-token ratio `rho` (SPEC 2.2, 2.4), also with
+    `importance_sampling_level="sequence"`, and neither is masked by `top_entropy_quantile` or
+    `off_policy_mask_threshold`. GRPO's entropy bonus (`entropy_coef`,
+    `use_adaptive_entropy`) is refused with an error: it is not implemented. `use_liger_kernel` does what it does in
+    GRPOTrainer: Liger's layer kernels (RMSNorm, RoPE, SwiGLU) on the policy; its fused linear cross-entropy, which
+    would replace the LM-head pass SDPG computes itself, is refused by GRPOTrainer.
     """
 
     method: str = field(
@@ -248,7 +273,7 @@ class SDPGConfig(GRPOConfig):
         default=True, metadata={"help": "Weigh the anchor by the detached ratio off-policy (SPEC 2.4)."}
     )
     use_bias_correction_kl: bool = field(
-        default=False, metadata={"help": "Unsupported (must stay False): the anchor is chosen by kl_estimator."}
+        default=False, metadata={"help": "Weigh the anchor by the importance ratio, with its gradient (GRPO's)."}
     )
 
     @property
@@ -273,6 +298,38 @@ class SDPGConfig(GRPOConfig):
         for name, value in METHODS[self.method].items():
             if getattr(self, name) == defaults[name]:
                 setattr(self, name, value)
+
+    def _check_outcome_options(self) -> None:
+        """GRPO's options for the outcome term: each is supported, unless it conflicts with SDPG's own terms."""
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"SDPGConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                "SDPGConfig.importance_sampling_level must be 'token' or 'sequence', "
+                f"got {self.importance_sampling_level!r}."
+            )
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"SDPGConfig.top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}.")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
+        if self.dual_clip is not None and self.loss_type not in CLIPPED_LOSS_TYPES:
+            raise ValueError(
+                f"SDPGConfig.dual_clip must be None with loss_type={self.loss_type!r}: the dual clip floors PPO's "
+                f"clipped ratio (loss types {CLIPPED_LOSS_TYPES}), which {self.loss_type} replaces with its own bound."
+            )
+        if self.use_bias_correction_kl and self.anchor_ratio_weighted:
+            raise ValueError(
+                "SDPGConfig.use_bias_correction_kl and anchor_ratio_weighted both weigh the anchor by the importance "
+                "ratio (GRPO's with its gradient, SPEC 2.4's detached); applying both would weigh it twice. Set "
+                "anchor_ratio_weighted=False to use GRPO's bias-corrected KL."
+            )
+        for name in ("entropy_coef", "use_adaptive_entropy"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"SDPGConfig.{name} must stay off: GRPO's entropy bonus is not implemented (SDPG's LM-head "
+                    "kernels return the entropy without its gradient, and the adaptive controller is GRPOTrainer's "
+                    "own state)."
+                )
 
     def __post_init__(self):
         self._apply_method_preset()
@@ -319,23 +376,7 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(
                 f"SDPGConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}."
             )
-        if self.loss_type != "dapo":
-            raise ValueError(
-                f"SDPGConfig.loss_type must be 'dapo' (SPEC 2 normalises by completion tokens), got {self.loss_type!r}."
-            )
-        # GRPO options whose term SDPG's loss does not carry; refuse them rather than ignore them silently.
-        for name, supported in (
-            ("importance_sampling_level", "token"),
-            ("top_entropy_quantile", 1.0),
-            ("entropy_coef", 0.0),
-            ("use_adaptive_entropy", False),
-            ("off_policy_mask_threshold", None),
-            ("use_bias_correction_kl", False),
-        ):
-            if getattr(self, name) != supported:
-                raise ValueError(f"SDPGConfig.{name} must stay {supported!r}: SDPG's loss does not implement it.")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
+        self._check_outcome_options()
         if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
             raise ValueError(
                 f"SDPGConfig.max_teacher_prompt_length must be >= 1 or None, got {self.max_teacher_prompt_length}."

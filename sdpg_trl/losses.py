@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-# TRL's kernel helpers (private to TRL, so imported through `_trl_compat`): fp32 projections and gradient GEMMs from
-# bf16/fp16 inputs, and ZeRO-3 gathering.
+# TRL's helpers (private to TRL, so imported through `_trl_compat`): fp32 projections and gradient GEMMs from
+# bf16/fp16 inputs, ZeRO-3 gathering, and GRPOTrainer's VESPO gamma weight.
 from ._trl_compat import ChunkedLogProbFunction, maybe_gather_lm_head_ctx
 from ._trl_compat import addmm_fp32 as _addmm_fp32
 from ._trl_compat import compute_dtype as _compute_dtype
 from ._trl_compat import project_tile as _project
+from ._trl_compat import vespo_gamma_weights
 
 # Vocabulary tile width of TRL's chunked log-prob kernel (the value TRL's own fused LM head uses).
 _VOCAB_TILE = 32768
@@ -47,37 +49,161 @@ def positive_advantage_gate(advantages: torch.Tensor, enabled: bool = True) -> t
     return (advantages > 0).float()
 
 
+# GRPO's loss types (TRL `GRPOConfig.loss_type`), and those whose surrogate is PPO's clipped ratio (the dual clip's).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+@dataclass(frozen=True)
+class OutcomeOptions:
+    """How the outcome term is formed: GRPO's choices, under TRL `GRPOConfig`'s names (SPEC 2.1 generalised).
+
+    `loss_type` picks the surrogate (PPO clip for the grpo family, CISPO, SAPO, VESPO) and, in `policy_token_weights`,
+    the aggregation; `importance_sampling_level` is per token or per sequence (GSPO). `dual_clip` is SDPG's (SPEC 2.1)
+    and only applies to PPO's clipped surrogate. The defaults are SDPG's: DAPO aggregation, token ratios, dual clip 3.
+    """
+
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    dual_clip: float | None = 3.0
+    delta: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+
+    @classmethod
+    def from_config(cls, args: Any) -> OutcomeOptions:
+        """The options of an `SDPGConfig`; `epsilon_high` defaults to `epsilon`, as in GRPOTrainer."""
+        names = {f.name for f in fields(cls)} - {"epsilon_low", "epsilon_high"}
+        high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+        return cls(epsilon_low=args.epsilon, epsilon_high=high, **{name: getattr(args, name) for name in names})
+
+
+class Outcome(NamedTuple):
+    """`outcome_per_token`'s result.
+
+    Attributes:
+        loss: `(B, T)` per-token outcome surrogate.
+        rho: `(B, T)` detached token ratio `pi_theta / pi_old` (1 on-policy), SPEC 2.2 and 2.4's weight of SDPG's
+            terms (per token, whatever the importance-sampling level of the outcome).
+        ratio: the importance ratio at `importance_sampling_level`, with gradient (value 1 on-policy): `(B, T)` per
+            token, `(B, 1)` per sequence. GRPO's `coef_1`, which `use_bias_correction_kl` multiplies the anchor by.
+        vespo_weight: `(B, 1)` VESPO's detached gamma weight `phi(w)`, or None for the other loss types.
+    """
+
+    loss: torch.Tensor
+    rho: torch.Tensor
+    ratio: torch.Tensor
+    vespo_weight: torch.Tensor | None
+
+
 def outcome_per_token(
     per_token_logps: torch.Tensor,
     advantages: torch.Tensor,
     old_per_token_logps: torch.Tensor | None = None,
     *,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    dual_clip: float | None = 3.0,
-    upper_clip: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 2.1: per-token outcome surrogate `(B, T)` and the detached ratio `rho` `(B, T)`.
+    mask: torch.Tensor | None = None,
+    options: OutcomeOptions = OutcomeOptions(),
+    sampler_ratio: torch.Tensor | None = None,
+) -> Outcome:
+    """SPEC 2.1: the per-token outcome surrogate for GRPO's `loss_type`, exactly as TRL GRPOTrainer forms it.
 
-    On-policy (`old_per_token_logps is None`): the REINFORCE surrogate `-A * log pi`, `rho = 1`.
-    Off-policy: `-max(min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), c A)` for `A < 0`, without the `c A`
-    floor for `A >= 0` (PPO clipping with the dual clip `c`). `upper_clip` is TRL's `delta` (INTELLECT-2's two-sided
-    clip): `rho` is capped at it in the unclipped branch.
+    With `w` the importance ratio (per token, or GSPO's `exp(mean_t log ratio)` per sequence) and `A` the advantage:
+    - grpo, bnpo, dr_grpo, dapo, luspo: `-max(min(w' A, clip(w, 1 - eps_low, 1 + eps_high) A), c A)`, where `w'` is
+      `w` capped at `delta` (INTELLECT-2's two-sided clip) and the dual-clip floor `c A` only applies for `A < 0`;
+    - cispo: `-SG[min(w, eps_high)] A log pi`;
+    - sapo: `-sigmoid(tau (w - 1)) 4 / tau A`, with `tau` the temperature of `A`'s sign;
+    - vespo: `-SG[phi(w_seq)] A log pi` with TRL's gamma weight of the sequence ratio.
+    On-policy (`old_per_token_logps is None`), the clipped and soft surrogates become the REINFORCE surrogate
+    `-A log pi` (SPEC 2.1), which has their gradient at `w = 1`; cispo and vespo keep their form, with `w = 1`.
 
     Args:
         per_token_logps: `(B, T)` log pi_theta of the sampled tokens, with grad.
         advantages: `(B,)` group-relative advantages, or `(B, T)` per-token ones (RLSD's `A_hat`).
         old_per_token_logps: `(B, T)` log-probs of the policy that sampled, or None when on-policy.
+        mask: `(B, T)` completion mask, for sequence-level ratios and VESPO; None: every token counts.
+        sampler_ratio: `(B, T)` or `(B, 1)` vLLM importance-sampling correction `pi_old / pi_sampler` (TRL's
+            `importance_sampling_ratio`), or None. It multiplies the surrogate; VESPO folds it into its weight.
     """
+    if options.loss_type not in LOSS_TYPES:
+        raise ValueError(f"Unknown loss_type {options.loss_type!r}; expected one of {LOSS_TYPES}.")
+    if options.importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"Unknown importance_sampling_level {options.importance_sampling_level!r}.")
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    if old_per_token_logps is None:
-        return -adv * per_token_logps, torch.ones_like(per_token_logps).detach()
-    rho = torch.exp(per_token_logps - old_per_token_logps)
-    unclipped = rho if upper_clip is None else torch.clamp(rho, max=upper_clip)
-    surrogate = torch.min(unclipped * adv, torch.clamp(rho, 1 - epsilon_low, 1 + epsilon_high) * adv)
-    if dual_clip is not None:
-        surrogate = torch.where(adv < 0, torch.max(surrogate, dual_clip * adv), surrogate)
-    return -surrogate, rho.detach()
+    mask = torch.ones_like(per_token_logps) if mask is None else mask.to(per_token_logps.dtype)
+    on_policy = old_per_token_logps is None
+    log_ratio = per_token_logps - (per_token_logps.detach() if on_policy else old_per_token_logps)
+    if options.importance_sampling_level == "sequence":
+        ratio = torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+    else:
+        ratio = torch.exp(log_ratio)
+    vespo_weight = None
+    if options.loss_type == "cispo":
+        loss = -torch.clamp(ratio, max=options.epsilon_high).detach() * adv * per_token_logps
+    elif options.loss_type == "vespo":
+        vespo_weight = vespo_gamma_weights(
+            adv, log_ratio, mask, sampler_ratio, k_pos=options.vespo_k_pos, lambda_pos=options.vespo_lambda_pos,
+            k_neg=options.vespo_k_neg, lambda_neg=options.vespo_lambda_neg,
+        )  # fmt: skip
+        loss = -vespo_weight * adv * per_token_logps
+    elif on_policy:
+        loss = -adv * per_token_logps
+    elif options.loss_type == "sapo":
+        tau = torch.where(adv > 0, options.sapo_temperature_pos, options.sapo_temperature_neg)
+        loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    else:
+        unclipped = ratio if options.delta is None else torch.clamp(ratio, max=options.delta)
+        clipped = torch.clamp(ratio, 1 - options.epsilon_low, 1 + options.epsilon_high)
+        surrogate = torch.min(unclipped * adv, clipped * adv)
+        if options.dual_clip is not None:
+            surrogate = torch.where(adv < 0, torch.max(surrogate, options.dual_clip * adv), surrogate)
+        loss = -surrogate
+    if sampler_ratio is not None and options.loss_type != "vespo":
+        loss = loss * sampler_ratio
+    return Outcome(loss.expand_as(per_token_logps), torch.exp(log_ratio).detach(), ratio, vespo_weight)
+
+
+def policy_token_weights(
+    mask: torch.Tensor,
+    loss_type: str,
+    *,
+    token_normalizer: torch.Tensor | float,
+    accumulation_steps: float = 1.0,
+    max_completion_length: int | None = None,
+) -> torch.Tensor:
+    """`(B, T)` weight of each token's outcome and anchor terms in the loss: GRPOTrainer's aggregation for `loss_type`
+    (its per-token loss is the outcome plus the KL anchor), written as a weighted sum over tokens.
+
+    - dapo, cispo, vespo: `1 / token_normalizer`, the completion tokens of the accumulated batch (SPEC 2's `N`);
+    - grpo, sapo: each sequence's mean, then the mean over the `B` sequences;
+    - bnpo: `1 / (tokens in this micro-batch)`; dr_grpo: `1 / (B * max_completion_length)`;
+    - luspo: each sequence's sum, then the mean over sequences.
+    All but the first are divided by `accumulation_steps` (TRL scales them for gradient accumulation; the DAPO
+    normaliser already spans the accumulated batch).
+
+    Args:
+        mask: `(B, T)` completion mask. token_normalizer: `N` for one micro-batch, as the trainer computes it.
+        max_completion_length: dr_grpo's constant; None: `T`.
+    """
+    mask = mask.float()
+    if loss_type in ("dapo", "cispo", "vespo"):
+        return mask / token_normalizer
+    if loss_type in ("grpo", "sapo"):
+        weights = mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / mask.size(0)
+    elif loss_type == "bnpo":
+        weights = mask / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        weights = mask / (mask.size(0) * (mask.size(1) if max_completion_length is None else max_completion_length))
+    elif loss_type == "luspo":
+        weights = mask / mask.size(0)
+    else:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+    return weights / accumulation_steps
 
 
 # Reference code's clamp on RLSD's log-ratio, so exp() stays finite before the clip.
@@ -403,10 +529,16 @@ def sdpg_objective(
     distill_coef: float,
     kl_coef: float,
     normalizer: torch.Tensor | float,
+    policy_weights: torch.Tensor,
     outcome_coef: float = 1.0,
     anchor_ratio_weighted: bool = True,
 ) -> torch.Tensor:
-    """SPEC 2: `c_out L_out + beta(k) L_OPD+ + alpha L_K`, every term summed over tokens and divided by `normalizer`.
+    """SPEC 2: `c_out L_out + beta(k) L_OPD+ + alpha L_K`.
+
+    The distillation term is summed over tokens and divided by `normalizer`, SPEC 2's `N` (the completion tokens,
+    DAPO-style), whatever GRPO's `loss_type`. The outcome and the anchor are GRPO's per-token loss (its policy term
+    plus its KL term), so they are aggregated the way `loss_type` aggregates it: by `policy_weights`. With the default
+    `loss_type="dapo"` those weights are `mask / N` too, and every term is over `N` as SPEC 2 says.
 
     Args:
         outcome, opd, anchor: `(B, T)` per-token terms, or None when the step does not use the term.
@@ -414,17 +546,19 @@ def sdpg_objective(
         distill_weight: `(B,)` gate m_i, or `(B, T)` the gate times per-token filters (EOS, teacher confidence).
         distill_coef: the scheduled beta(k). kl_coef: alpha. outcome_coef: 1 for every method but pure distillation.
         anchor_ratio_weighted: weigh the anchor by `SG[rho]` off-policy (SPEC 2.4); GRPO does not.
+        policy_weights: `(B, T)` from `policy_token_weights` (`mask / normalizer` for DAPO).
     Returns: scalar loss.
     """
-    per_token = torch.zeros_like(rho)
+    policy = torch.zeros_like(rho)
     if outcome is not None and outcome_coef != 0.0:
-        per_token = per_token + outcome_coef * outcome
+        policy = policy + outcome_coef * outcome
+    if anchor is not None and kl_coef != 0.0:
+        policy = policy + kl_coef * (rho if anchor_ratio_weighted else 1.0) * anchor
+    distill = torch.zeros_like(rho)
     if opd is not None and distill_coef != 0.0:
         weight = distill_weight.unsqueeze(1) if distill_weight.dim() == 1 else distill_weight
-        per_token = per_token + distill_coef * weight * rho * opd
-    if anchor is not None and kl_coef != 0.0:
-        per_token = per_token + kl_coef * (rho if anchor_ratio_weighted else 1.0) * anchor
-    return (per_token * mask).sum() / normalizer
+        distill = distill_coef * weight * rho * opd
+    return (policy * policy_weights).sum() + (distill * mask).sum() / normalizer
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -482,9 +616,14 @@ def sdpg_loss_reference(
     rlsd_clip: float = 0.2,
     eos_token_ids: list[int] | None = None,
     teacher_confident_only: bool = False,
+    outcome: OutcomeOptions = OutcomeOptions(),
+    anchor_ratio_weighted: bool = True,
+    bias_correction_kl: bool = False,
+    max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain-PyTorch loss of every method from full logits (SPEC 2.1-2.4, SPEC 3): the oracle the chunked trainer is
-    tested against.
+    tested against. GRPO's token filters (top-entropy quantile, off-policy sequence mask) and vLLM's sampler
+    correction are not modelled here: they are TRL's, and the trainer is tested against stock GRPOTrainer for them.
 
     Args:
         student_logits, teacher_logits: `(B, T, V)` temperature-scaled logits predicting each completion token.
@@ -494,10 +633,14 @@ def sdpg_loss_reference(
         ref_per_token_logps, old_per_token_logps: `(B, T)` or None.
         rlsd_lam, rlsd_clip: RLSD's scheduled `lam(k)` and `eps_w`; `rlsd_lam > 0` reweights the advantages.
         eos_token_ids, teacher_confident_only: the optional distillation token filters (`distill_token_weight`).
-    Returns: the scalar loss (normalised by all completion tokens of the batch) and float metrics:
+        outcome: GRPO's loss type, importance-sampling level and clipping (`OutcomeOptions`). anchor_ratio_weighted:
+            weigh the anchor by `SG[rho]`. bias_correction_kl: multiply the anchor by the importance ratio, with its
+            gradient (TRL's `use_bias_correction_kl`). max_completion_length: dr_grpo's constant (None: `T`).
+    Returns: the scalar loss (the distillation term normalised by all completion tokens of the batch, the outcome and
+        the anchor aggregated by `outcome.loss_type` in one accumulation step) and float metrics:
         `opd_kl`, `teacher_minus_student_logp`, `teacher_entropy` and `student_entropy` (means over the gated tokens),
-        `gate_ratio` (fraction of rollouts distilled), `anchor` (mean surrogate) and `kl` (mean k3) when a reference
-        is given.
+        `gate_ratio` (fraction of rollouts distilled), `anchor` (mean surrogate) and `kl` (mean k3, importance-weighted
+        with `bias_correction_kl` as GRPOTrainer logs it) when a reference is given.
     """
     mask = completion_mask.float()
     log_p = F.log_softmax(_upcast(student_logits), dim=-1)
@@ -507,7 +650,7 @@ def sdpg_loss_reference(
     if rlsd_lam > 0:
         old = per_token_logps if old_per_token_logps is None else old_per_token_logps
         advantages = rlsd_advantages(advantages, teacher_logps, old, lam=rlsd_lam, clip=rlsd_clip)
-    outcome, rho = outcome_per_token(per_token_logps, advantages, old_per_token_logps)
+    policy = outcome_per_token(per_token_logps, advantages, old_per_token_logps, mask=mask, options=outcome)
     opd = full_vocab_reverse_kl(student_logits, teacher_logits)
     student_entropy, teacher_entropy = entropy_from_logits(student_logits), entropy_from_logits(teacher_logits)
     weight = distill_token_weight(
@@ -517,9 +660,15 @@ def sdpg_loss_reference(
     )  # fmt: skip
     use_anchor = ref_per_token_logps is not None and kl_coef != 0.0
     anchor = anchor_per_token(per_token_logps, ref_per_token_logps, kl_estimator) if use_anchor else None
+    if use_anchor and bias_correction_kl:
+        anchor = anchor * policy.ratio
+    n_tokens = mask.sum().clamp(min=1.0)
+    policy_weights = policy_token_weights(mask, outcome.loss_type, token_normalizer=n_tokens,
+                                          max_completion_length=max_completion_length)  # fmt: skip
     loss = sdpg_objective(
-        outcome, opd, anchor, mask, weight, rho, outcome_coef=outcome_coef,
-        distill_coef=distill_coef, kl_coef=kl_coef, normalizer=mask.sum().clamp(min=1.0),
+        policy.loss, opd, anchor, mask, weight, policy.rho, outcome_coef=outcome_coef, distill_coef=distill_coef,
+        kl_coef=kl_coef, normalizer=n_tokens, anchor_ratio_weighted=anchor_ratio_weighted,
+        policy_weights=policy_weights,
     )  # fmt: skip
 
     with torch.no_grad():
@@ -533,5 +682,6 @@ def sdpg_loss_reference(
         }
         if use_anchor:
             metrics["anchor"] = masked_mean(anchor, mask).item()
-            metrics["kl"] = masked_mean(k3_kl(per_token_logps, ref_per_token_logps), mask).item()
+            kl = k3_kl(per_token_logps, ref_per_token_logps) * (policy.ratio if bias_correction_kl else 1.0)
+            metrics["kl"] = masked_mean(kl, mask).item()
     return loss, metrics

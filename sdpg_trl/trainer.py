@@ -28,6 +28,7 @@ from ._trl_compat import (
     create_model_from_path,
     disable_gradient_checkpointing,
     get_config_model_id,
+    off_policy_sequence_mask,
     pad,
     prepare_deepspeed,
     prepare_fsdp,
@@ -37,6 +38,9 @@ from ._trl_compat import (
 from .config import SDPGConfig
 from .guards import StepGuard, reward_fault
 from .losses import (
+    CLIPPED_LOSS_TYPES,
+    Outcome,
+    OutcomeOptions,
     anchor_per_token,
     beta_schedule,
     chunked_logps_and_entropy,
@@ -45,6 +49,7 @@ from .losses import (
     k3_kl,
     loss_terms,
     outcome_per_token,
+    policy_token_weights,
     positive_advantage_gate,
     rlsd_advantages,
     rlsd_lambda,
@@ -85,6 +90,17 @@ def cpu_has_native_bf16() -> bool:
     # Private probes, read defensively: torch exposes no public query for this.
     probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(probe is not None and probe() for probe in probes)
+
+
+def vision_language_signs(processing_class: Any, model_config: Any) -> list[str]:
+    """What marks a model as vision-language, for SDPGTrainer to refuse it: an image processor in its processing class,
+    a `vision_config` in its model config. Empty for a text-only model."""
+    signs = []
+    if isinstance(processing_class, ProcessorMixin) and getattr(processing_class, "image_processor", None) is not None:
+        signs.append(f"its processing class {type(processing_class).__name__} has an image processor")
+    if getattr(model_config, "vision_config", None) is not None:
+        signs.append(f"its config {type(model_config).__name__} has a vision_config")
+    return signs
 
 
 class SDPGTrainer(GRPOTrainer):
@@ -139,6 +155,15 @@ class SDPGTrainer(GRPOTrainer):
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )  # fmt: skip
+        vision = vision_language_signs(self.processing_class, self._causal_lm(self.model).config)
+        if vision:
+            teacher = ", and the teacher prompts would be tokenised without their images" if args.needs_teacher else ""
+            raise NotImplementedError(
+                f"SDPGTrainer is text-only, and this is a vision-language model ({'; '.join(vision)}). Image inputs "
+                "are not supported: SDPGTrainer's loss runs the student forward on token ids alone, so GRPO's image "
+                f"inputs (pixel_values, image_grid_thw, ...) would be dropped{teacher}. Train vision-language models "
+                "with trl.GRPOTrainer."
+            )
         self.teacher_model = self._setup_teacher_model()
         # Non-finite steps are skipped (guards.py); DeepSpeed steps inside backward, before any callback could.
         self._reward_fault: str | None = None  # why the current generation batch's rewards are unusable
@@ -367,16 +392,28 @@ class SDPGTrainer(GRPOTrainer):
             sampler_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
             token_advantages = rlsd_advantages(advantages, teacher_logps, sampler_logps, lam=rlsd_lam,
                                                clip=args.rlsd_clip, scored=teacher_rows)  # fmt: skip
-        outcome, rho = outcome_per_token(
-            per_token_logps, token_advantages, old_per_token_logps,
-            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, dual_clip=args.dual_clip,
-            upper_clip=args.delta,
+        # GRPO's policy loss for its loss_type; vLLM's `importance_sampling_ratio` corrects the sampler mismatch.
+        options = OutcomeOptions.from_config(args)
+        policy = outcome_per_token(
+            per_token_logps, token_advantages, old_per_token_logps, mask=mask, options=options,
+            sampler_ratio=inputs.get("importance_sampling_ratio"),
         )  # fmt: skip
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            outcome = outcome * inputs["importance_sampling_ratio"]  # sampler/trainer mismatch, as in GRPO
+        outcome = policy.loss
+        # GRPO's filters of its policy term (not of SDPG's terms): DeepSeek-V3.2's off-policy sequence mask, measured
+        # against the sampler's log-probs, and the top-entropy-quantile token mask ("Beyond the 80/20 Rule").
+        if args.off_policy_mask_threshold is not None:
+            old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+            outcome = outcome * off_policy_sequence_mask(
+                advantages.unsqueeze(1), per_token_logps, inputs.get("sampling_per_token_logps", old), mask,
+                args.off_policy_mask_threshold,
+            )  # fmt: skip
+        if args.top_entropy_quantile < 1.0:
+            outcome = outcome * self.get_high_entropy_mask(entropies.detach(), mask, 1 - args.top_entropy_quantile)
         anchor = None
         if terms.anchor:
             anchor = anchor_per_token(per_token_logps, inputs["ref_per_token_logps"], args.kl_estimator)
+            if args.use_bias_correction_kl:  # DeepSeek-V3.2: times the importance ratio, with its gradient
+                anchor = anchor * policy.ratio
         distill_weight = distill_token_weight(
             mask, gate * distill_rows, completion_ids=completion_ids,
             eos_token_ids=self.eos_token_ids if args.distill_exclude_eos else None,
@@ -384,11 +421,17 @@ class SDPGTrainer(GRPOTrainer):
             teacher_entropy=teacher_entropies if args.distill_teacher_confident_only else None,
         )  # fmt: skip
 
-        # DAPO aggregation exactly as GRPOTrainer: `num_items_in_batch` spans the generation batch on all processes.
+        # SPEC 2's N as GRPOTrainer's DAPO computes it: `num_items_in_batch` spans the generation batch on all
+        # processes. The distillation term is over N; the outcome and the anchor are aggregated by loss_type.
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / args.steps_per_generation
-        objective = dict(mask=mask, distill_weight=distill_weight, rho=rho, normalizer=normalizer)
+        policy_weights = policy_token_weights(
+            mask, args.loss_type, token_normalizer=normalizer, max_completion_length=args.max_completion_length,
+            accumulation_steps=self.current_gradient_accumulation_steps if mode == "train" else 1.0,
+        )  # fmt: skip
+        objective = dict(mask=mask, distill_weight=distill_weight, rho=policy.rho, normalizer=normalizer,
+                         policy_weights=policy_weights)  # fmt: skip
         coefs = dict(outcome_coef=args.outcome_coef, distill_coef=distill_coef, kl_coef=self.beta,
                      anchor_ratio_weighted=args.anchor_ratio_weighted)  # fmt: skip
         outcome = outcome if terms.outcome else None
@@ -438,23 +481,45 @@ class SDPGTrainer(GRPOTrainer):
                     metrics["rlsd/teacher_minus_sampler_logp"].append(self._global_masked_mean(gap, scored))
             if anchor is not None:
                 metrics["sdpg/anchor"].append(self._global_masked_mean(anchor, mask))
-                metrics["kl"].append(
-                    self._global_masked_mean(k3_kl(per_token_logps, inputs["ref_per_token_logps"]), mask)
-                )
-            self._log_clip_ratios(metrics, rho, token_advantages, mask)
+                kl = k3_kl(per_token_logps, inputs["ref_per_token_logps"])
+                if args.use_bias_correction_kl:  # GRPOTrainer logs the importance-weighted estimate
+                    kl = kl * policy.ratio
+                metrics["kl"].append(self._global_masked_mean(kl, mask))
+            self._log_ratio_metrics(metrics, policy, options, token_advantages, mask)
         return loss
 
-    def _log_clip_ratios(self, metrics: dict, rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> None:
-        """GRPOTrainer's `clip_ratio/*` metrics, under the same names, so SDPG runs read like GRPO runs."""
+    def _log_ratio_metrics(
+        self, metrics: dict, policy: Outcome, options: OutcomeOptions, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """GRPOTrainer's importance-ratio metrics for the loss type, under its names, so SDPG runs read like GRPO
+        runs: `clip_ratio/*` (PPO's clip), `cispo_clip_ratio`, `vespo/phi_seq_mean` (sapo logs none)."""
         adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        low = ((rho < 1 - self.epsilon_low) & (adv < 0)).float()
-        high = ((rho > 1 + self.epsilon_high) & (adv > 0)).float()
-        metrics["clip_ratio/low_mean"].append(self._global_masked_mean(low, mask))
-        metrics["clip_ratio/high_mean"].append(self._global_masked_mean(high, mask))
-        metrics["clip_ratio/region_mean"].append(self._global_masked_mean(torch.maximum(low, high), mask))
-        per_sequence = lambda x: (x * mask).sum(-1) / mask.sum(-1)  # noqa: E731  (nan for an empty row, as in TRL)
-        metrics["clip_ratio/low_min"].append(self.accelerator.gather(per_sequence(low)).nan_to_num(nan=float("inf")).min().item())
-        metrics["clip_ratio/high_max"].append(self.accelerator.gather(per_sequence(high)).nan_to_num(nan=-float("inf")).max().item())
+        ratio, loss_type = policy.ratio.detach(), options.loss_type
+
+        def mean(values: torch.Tensor) -> float:  # `(B, 1)`: one value per sequence, averaged over sequences (TRL)
+            return self._global_masked_mean(values, torch.ones_like(values) if values.size(1) == 1 else mask)
+
+        if loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(mean(((ratio > options.epsilon_high) & (adv > 0)).float()))
+        if loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"].append(mean(policy.vespo_weight))
+        if loss_type not in CLIPPED_LOSS_TYPES:
+            return
+        if options.delta is not None:  # GRPOTrainer measures the ratio after its two-sided cap
+            ratio = ratio.clamp(max=options.delta)
+        low = ((ratio < 1 - options.epsilon_low) & (adv < 0)).float()
+        high = ((ratio > 1 + options.epsilon_high) & (adv > 0)).float()
+        metrics["clip_ratio/low_mean"].append(mean(low))
+        metrics["clip_ratio/high_mean"].append(mean(high))
+        metrics["clip_ratio/region_mean"].append(mean(torch.maximum(low, high)))
+
+        def per_sequence(x: torch.Tensor) -> torch.Tensor:  # nan for an empty row, as in TRL
+            return x.squeeze(1) if x.size(1) == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+        low_min = self.accelerator.gather(per_sequence(low)).nan_to_num(nan=float("inf")).min()
+        high_max = self.accelerator.gather(per_sequence(high)).nan_to_num(nan=-float("inf")).max()
+        metrics["clip_ratio/low_min"].append(low_min.item())
+        metrics["clip_ratio/high_max"].append(high_max.item())
 
     # ----------------------------------------------------------------------------------------------------------------
     # The teacher: which weights score the privileged view

@@ -10,12 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from sdpg_trl.losses import (
+    CLIPPED_LOSS_TYPES,
+    LOSS_TYPES,
+    OutcomeOptions,
     anchor_per_token,
     beta_schedule,
     chunked_logps_and_entropy,
     full_vocab_reverse_kl,
     fused_policy_distillation,
     outcome_per_token,
+    policy_token_weights,
     positive_advantage_gate,
     sdpg_loss_reference,
 )
@@ -226,24 +230,101 @@ def test_ufkl_gradient_equals_trl_k3():
 def test_outcome_on_policy_is_reinforce():
     logp = torch.randn(2, 3, requires_grad=True)
     adv = torch.tensor([1.5, -0.5])
-    loss, rho = outcome_per_token(logp, adv)
-    torch.testing.assert_close(loss, -adv[:, None] * logp)
-    assert torch.equal(rho, torch.ones(2, 3))
+    out = outcome_per_token(logp, adv)
+    torch.testing.assert_close(out.loss, -adv[:, None] * logp)
+    assert torch.equal(out.rho, torch.ones(2, 3))
+    (g_ratio,) = torch.autograd.grad(out.ratio.sum(), logp)  # value 1, gradient of log pi (GRPO's coef_1)
+    assert torch.equal(out.ratio.detach(), torch.ones(2, 3)) and torch.equal(g_ratio, torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_outcome_on_policy_has_the_reinforce_gradient_of_every_loss_type(loss_type, level):
+    """On-policy every surrogate has the gradient of `-A log pi` at ratio 1, up to CISPO's cap `min(1, eps_high)`.
+    The surrogate is evaluated off-policy with `old = SG[log pi]`, where its value is GRPO's."""
+    logp = torch.randn(3, 4, requires_grad=True)
+    adv = torch.tensor([1.5, -0.5, 0.7])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    options = OutcomeOptions(loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.5,
+                             dual_clip=3.0 if loss_type in CLIPPED_LOSS_TYPES else None)  # fmt: skip
+    scale = 0.5 if loss_type == "cispo" else 1.0
+    for old in (None, logp.detach()):
+        out = outcome_per_token(logp, adv, old, mask=mask, options=options)
+        (grad,) = torch.autograd.grad((out.loss * mask).sum(), logp)
+        torch.testing.assert_close(grad, -scale * adv[:, None] * mask)
 
 
 def test_outcome_off_policy_clipping_and_dual_clip():
     old = torch.zeros(1, 4)
     ratios = torch.tensor([[0.5, 1.1, 1.5, 5.0]])
     logp = ratios.log()
-    pos, rho = outcome_per_token(logp, torch.tensor([1.0]), old, epsilon_low=0.2, epsilon_high=0.2, dual_clip=3.0)
+    options = OutcomeOptions(epsilon_low=0.2, epsilon_high=0.2, dual_clip=3.0)
+    pos = outcome_per_token(logp, torch.tensor([1.0]), old, options=options)
     # A > 0: min(r, clip(r)) * A
-    torch.testing.assert_close(pos, -torch.tensor([[0.5, 1.1, 1.2, 1.2]]))
-    torch.testing.assert_close(rho, ratios)
-    neg, _ = outcome_per_token(logp, torch.tensor([-1.0]), old, epsilon_low=0.2, epsilon_high=0.2, dual_clip=3.0)
+    torch.testing.assert_close(pos.loss, -torch.tensor([[0.5, 1.1, 1.2, 1.2]]))
+    torch.testing.assert_close(pos.rho, ratios)
+    neg = outcome_per_token(logp, torch.tensor([-1.0]), old, options=options)
     # A < 0: max(min(rA, clip(r)A), cA): 0.5 -> clip 0.8; 5.0 -> dual clip 3
-    torch.testing.assert_close(neg, torch.tensor([[0.8, 1.1, 1.5, 3.0]]))
-    no_dual, _ = outcome_per_token(logp, torch.tensor([-1.0]), old, dual_clip=None)
-    assert no_dual[0, 3].item() == pytest.approx(5.0)
+    torch.testing.assert_close(neg.loss, torch.tensor([[0.8, 1.1, 1.5, 3.0]]))
+    no_dual = outcome_per_token(logp, torch.tensor([-1.0]), old, options=OutcomeOptions(dual_clip=None))
+    assert no_dual.loss[0, 3].item() == pytest.approx(5.0)
+    # TRL's delta caps the unclipped ratio: A < 0 at r = 5 takes min(4 A, 1.2 A) = 4 A instead of 5 A
+    capped = outcome_per_token(logp, torch.tensor([-1.0]), old, options=OutcomeOptions(dual_clip=None, delta=4.0))
+    assert capped.loss[0, 3].item() == pytest.approx(4.0)
+
+
+def test_outcome_loss_types_by_hand():
+    """Each loss type's surrogate and ratios against the formulas in its papers, one scalar at a time."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -4.0]])
+    old = logp - torch.tensor([[0.3, -0.4, 0.1], [-0.2, 0.5, 9.0]])  # log ratios; the last token is padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([0.8, -1.3])
+    log_r = (logp - old).tolist()
+    seq_log_r = [sum(log_r[0]) / 3, sum(log_r[1][:2]) / 2]  # GSPO: the mean over the sequence's tokens
+
+    def run(**options):
+        return outcome_per_token(logp, adv, old, mask=mask, options=OutcomeOptions(**options))
+
+    for i, t in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        a, r = adv[i].item(), math.exp(log_r[i][t])
+        cispo = run(loss_type="cispo", dual_clip=None, epsilon_high=1.2).loss
+        assert cispo[i, t].item() == pytest.approx(-min(r, 1.2) * a * logp[i, t].item())
+        sapo = run(loss_type="sapo", dual_clip=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.5).loss
+        tau = 1.0 if a > 0 else 1.5
+        assert sapo[i, t].item() == pytest.approx(-4 / tau / (1 + math.exp(-tau * (r - 1))) * a)
+        gspo = run(loss_type="grpo", importance_sampling_level="sequence", dual_clip=None)
+        r_seq = math.exp(seq_log_r[i])
+        assert gspo.ratio[i, 0].item() == pytest.approx(r_seq)
+        assert gspo.loss[i, t].item() == pytest.approx(-min(r_seq * a, min(max(r_seq, 0.8), 1.2) * a))
+        assert gspo.rho[i, t].item() == pytest.approx(r)  # SDPG's terms keep the token ratio
+        # VESPO: phi(w) = exp(lam + k log w - lam w) of the sequence's summed log ratio, (k, lam) by A's sign
+        vespo = run(loss_type="vespo", dual_clip=None)
+        k, lam = (2.0, 3.0) if a >= 0 else (3.0, 2.0)
+        log_w = sum(log_r[i][: 3 if i == 0 else 2])
+        phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+        assert vespo.vespo_weight[i, 0].item() == pytest.approx(phi)
+        assert vespo.loss[i, t].item() == pytest.approx(-phi * a * logp[i, t].item())
+    # vLLM's sampler correction multiplies the surrogate (VESPO takes it inside phi instead)
+    sampler = torch.full((2, 3), 0.5)
+    corrected = outcome_per_token(logp, adv, old, mask=mask, sampler_ratio=sampler).loss
+    torch.testing.assert_close(corrected, 0.5 * run().loss)
+
+
+def test_policy_token_weights_are_grpo_aggregations():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    n = torch.tensor(10.0)  # the accumulated batch's tokens, as the trainer computes SPEC 2's N
+
+    def check(loss_type, row0, row1):  # the weight of each valid token of the two rows
+        got = policy_token_weights(mask, loss_type, token_normalizer=n, accumulation_steps=2, max_completion_length=5)
+        torch.testing.assert_close(got, torch.tensor([[row0] * 3 + [0.0], [row1, 0.0, 0.0, 0.0]], dtype=got.dtype))
+
+    for loss_type in ("dapo", "cispo", "vespo"):  # over N, which already spans the accumulated batch
+        check(loss_type, 1 / 10, 1 / 10)
+    for loss_type in ("grpo", "sapo"):  # per-sequence mean, then mean over 2 sequences, over 2 accumulation steps
+        check(loss_type, 1 / 3 / 2 / 2, 1 / 2 / 2)
+    check("bnpo", 1 / 4 / 2, 1 / 4 / 2)
+    check("dr_grpo", 1 / (2 * 5) / 2, 1 / (2 * 5) / 2)
+    check("luspo", 1 / 2 / 2, 1 / 2 / 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -328,6 +409,21 @@ def test_reference_loss_equals_hand_computation():
     assert metrics["gate_ratio"] == 0.5
     assert set(metrics) == {"opd_kl", "gate_ratio", "teacher_minus_student_logp", "teacher_entropy", "student_entropy",
                             "anchor", "kl"}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "luspo"])
+def test_distillation_stays_over_completion_tokens_whatever_the_loss_type(loss_type):
+    """GRPO's loss type aggregates the outcome and the anchor; the distillation term stays over N (SPEC 2)."""
+    student, teacher, ids, mask = _batch()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    ref = torch.randn(4, 5) - 2.0
+
+    def loss(distill_coef, kind):
+        return sdpg_loss_reference(student, teacher, ids, mask, adv, distill_coef=distill_coef, kl_coef=0.05,
+                                   ref_per_token_logps=ref, outcome=OutcomeOptions(loss_type=kind))[0]  # fmt: skip
+
+    torch.testing.assert_close(loss(0.3, loss_type) - loss(0.0, loss_type), loss(0.3, "dapo") - loss(0.0, "dapo"))
+    assert not torch.allclose(loss(0.0, loss_type), loss(0.0, "dapo"))  # while the outcome and anchor do change
 
 
 def test_reference_off_policy_weights_distillation_and_anchor_by_rho():

@@ -12,9 +12,11 @@ from test_trainer import (
     assert_grads_close,
     completion_logits,
     grads,
+    grpo_options,
     hand_batch,
     make_args,
     make_trainer,
+    off_policy,
     parity_reward,
     trainer_loss_and_grads,
 )
@@ -41,7 +43,7 @@ def reference(trainer, batch, *, teacher_model=None, teacher_ctx=None, **overrid
         ref_per_token_logps=batch.get("ref_per_token_logps"), old_per_token_logps=batch.get("old_per_token_logps"),
         outcome_coef=args.outcome_coef, rlsd_lam=trainer.rlsd_lambda_at(trainer.state.global_step),
         rlsd_clip=args.rlsd_clip, eos_token_ids=trainer.eos_token_ids if args.distill_exclude_eos else None,
-        teacher_confident_only=args.distill_teacher_confident_only,
+        teacher_confident_only=args.distill_teacher_confident_only, **grpo_options(args),
     )  # fmt: skip
     kwargs.update(overrides)
     loss, metrics = sdpg_loss_reference(student, teacher, batch["completion_ids"], batch["completion_mask"],
@@ -175,34 +177,89 @@ def test_opcd_has_no_outcome_gradient(tmp_path, tokenizer, tiny_model_dir):
 # ---------------------------------------------------------------------------------------------------------------------
 # GRPO: the same loss, gradient and metrics as TRL's GRPOTrainer, and no teacher at all
 # ---------------------------------------------------------------------------------------------------------------------
-def test_grpo_preset_equals_stock_grpo_trainer(tmp_path, tokenizer, tiny_model_dir, monkeypatch):
-    windows = dict(gradient_accumulation_steps=2, steps_per_generation=4)
-    data = make_dataset().remove_columns("privileged_context")  # GRPO needs no privileged context
-    sdpg = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, train_dataset=data, processing_class=tokenizer,
-                       args=make_args(tmp_path / "sdpg", method="grpo", distill_coef=1e-3, beta=0.2, **windows))  # fmt: skip
-    grpo_args = GRPOConfig(
-        output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-        report_to="none", bf16=False, use_cpu=True, temperature=TEMPERATURE, beta=0.2, loss_type="dapo", **windows,
-        use_bias_correction_kl=False,  # TRL's default multiplies the k3 term by a differentiable ratio
+# GRPO's options for the outcome term, set on both trainers. Each changes GRPO's loss or gradient on the batch (the
+# test checks it against the plain `dapo` run), so an option SDPG ignored or got wrong would fail.
+GRPO_OPTIONS = {
+    "dapo": {},
+    "grpo": {"loss_type": "grpo"},
+    "bnpo": {"loss_type": "bnpo"},
+    "dr_grpo": {"loss_type": "dr_grpo"},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.1},
+    "sapo": {"loss_type": "sapo"},
+    "luspo": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    "vespo": {"loss_type": "vespo"},
+    "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+    "dapo_sequence": {"importance_sampling_level": "sequence"},
+    "two_sided_clip": {"delta": 1.15},  # below 1 + epsilon_high, so that it also changes the clip metrics
+    "top_entropy_quantile": {"top_entropy_quantile": 0.4},
+    "off_policy_mask": {"off_policy_mask_threshold": 0.1},
+    "bias_correction_kl": {"use_bias_correction_kl": True},
+    "bias_correction_kl_sequence": {"use_bias_correction_kl": True, "loss_type": "grpo",
+                                    "importance_sampling_level": "sequence"},
+}  # fmt: skip
+WINDOWS = dict(gradient_accumulation_steps=2, steps_per_generation=4)  # so that every aggregation's scaling differs
+
+
+def stock_grpo(path, tiny_model_dir, tokenizer, data, **options) -> GRPOTrainer:
+    args = GRPOConfig(
+        output_dir=str(path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+        report_to="none", bf16=False, use_cpu=True, temperature=TEMPERATURE, beta=0.2, **WINDOWS,
+        **{"use_bias_correction_kl": False, **options},  # TRL's default is True; SDPG's False
     )  # fmt: skip
-    grpo = GRPOTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=grpo_args, train_dataset=data,
+    return GRPOTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=data,
                        processing_class=tokenizer)  # fmt: skip
-    monkeypatch.setattr(sdpg, "_teacher_hidden", lambda *a, **k: pytest.fail("GRPO ran a teacher forward"))
+
+
+def grpo_batch(tokenizer, model=None) -> dict[str, torch.Tensor]:
+    """`hand_batch` without teacher prompts; off-policy with old log-probs around `model`'s, when given."""
     batch = hand_batch(tokenizer)
     for key in ("teacher_prompt_ids", "teacher_prompt_mask"):
         batch.pop(key)
-    with torch.no_grad():  # off-policy, so the clip metrics are not trivially 0
-        logits = completion_logits(grpo.model, batch["prompt_ids"], batch["prompt_mask"], batch)
-        logps = logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
-    batch["old_per_token_logps"] = logps + torch.linspace(-0.4, 0.4, logps.numel()).view_as(logps)
+    return batch if model is None else off_policy(model, batch, spread=0.6)
+
+
+@pytest.fixture(scope="module")
+def plain_grpo(tmp_path_factory, tokenizer, tiny_model_dir):
+    """Stock GRPOTrainer's off-policy loss and gradient with none of the options (`loss_type="dapo"`)."""
+    data = make_dataset().remove_columns("privileged_context")
+    grpo = stock_grpo(tmp_path_factory.mktemp("plain-grpo"), tiny_model_dir, tokenizer, data)
+    return trainer_loss_and_grads(grpo, grpo_batch(tokenizer, grpo.model))
+
+
+@pytest.mark.parametrize("options", GRPO_OPTIONS.values(), ids=GRPO_OPTIONS.keys())
+def test_teacher_off_equals_stock_grpo_trainer(tmp_path, tokenizer, tiny_model_dir, monkeypatch, plain_grpo, options):
+    """The `grpo` preset (no teacher) with each of GRPO's options: GRPOTrainer's loss, gradient and metrics."""
+    data = make_dataset().remove_columns("privileged_context")  # GRPO needs no privileged context
+    args = make_args(tmp_path / "sdpg", method="grpo", distill_coef=1e-3, beta=0.2, **WINDOWS, **options)
+    sdpg = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=data,
+                       processing_class=tokenizer)  # fmt: skip
+    grpo = stock_grpo(tmp_path / "grpo", tiny_model_dir, tokenizer, data, **options)
+    monkeypatch.setattr(sdpg, "_teacher_hidden", lambda *a, **k: pytest.fail("GRPO ran a teacher forward"))
+    batch = grpo_batch(tokenizer, grpo.model)
     loss_sdpg, g_sdpg = trainer_loss_and_grads(sdpg, batch)
     loss_grpo, g_grpo = trainer_loss_and_grads(grpo, batch)
     torch.testing.assert_close(loss_sdpg, loss_grpo, rtol=1e-5, atol=1e-6)
     assert_grads_close(g_sdpg, g_grpo)
     for key, values in grpo._metrics["train"].items():
         assert sdpg._metrics["train"][key][-1] == pytest.approx(values[-1], rel=1e-4, abs=1e-6), key
-    assert 0 < grpo._metrics["train"]["clip_ratio/region_mean"][-1] < 1
-    # and no teacher prompts are built for a method without a teacher
+    plain_loss, plain_grads = plain_grpo
+    if options:  # the option does change GRPO's result on this batch
+        assert not torch.allclose(loss_grpo, plain_loss) or not all(
+            torch.allclose(g_grpo[n], plain_grads[n]) for n in g_grpo
+        )  # fmt: skip
+    if options.get("loss_type", "dapo") in ("dapo", "grpo"):  # clipping happened, so the clip metrics were compared
+        assert 0 < grpo._metrics["train"]["clip_ratio/region_mean"][-1] < 1
+    # On-policy SDPG's outcome is the REINFORCE surrogate `-A log pi` (SPEC 2.1), GRPO's the ratio `-A pi / SG[pi]`:
+    # the values differ, the gradients are the same.
+    on_policy = grpo_batch(tokenizer)
+    assert_grads_close(trainer_loss_and_grads(sdpg, on_policy)[1], trainer_loss_and_grads(grpo, on_policy)[1])
+
+
+def test_grpo_preset_builds_no_teacher_prompts(tmp_path, tokenizer, tiny_model_dir):
+    data = make_dataset().remove_columns("privileged_context")
+    args = make_args(tmp_path, method="grpo", distill_coef=1e-3, beta=0.2)
+    sdpg = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=data,
+                       processing_class=tokenizer)  # fmt: skip
     out = sdpg._generate_and_score_completions([row for row in data for _ in range(4)][:4])
     assert "teacher_prompt_ids" not in out
 

@@ -11,11 +11,20 @@ import torch
 from conftest import make_dataset
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 from trl import GRPOConfig, GRPOTrainer
 
 from sdpg_trl import SDPGConfig, SDPGTrainer
-from sdpg_trl.losses import beta_schedule, sdpg_loss_reference
+from sdpg_trl.losses import OutcomeOptions, beta_schedule, sdpg_loss_reference
 from sdpg_trl.teacher import build_teacher_prompt
+from sdpg_trl.trainer import vision_language_signs
 
 TEMPERATURE = 0.8
 
@@ -100,14 +109,29 @@ def reference_loss_and_grads(trainer, batch, model=None):
     student = completion_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch)
     with torch.no_grad():
         teacher = completion_logits(model, batch["teacher_prompt_ids"], batch["teacher_prompt_mask"], batch)
+    args = trainer.args
     loss, metrics = sdpg_loss_reference(
         student, teacher, batch["completion_ids"], batch["completion_mask"], batch["advantages"],
-        distill_coef=trainer.args.distill_coef, kl_coef=trainer.args.beta, kl_estimator=trainer.args.kl_estimator,
-        gate=trainer.args.distill_positive_only, ref_per_token_logps=batch.get("ref_per_token_logps"),
-        old_per_token_logps=batch.get("old_per_token_logps"),
+        distill_coef=args.distill_coef, kl_coef=args.beta, kl_estimator=args.kl_estimator,
+        gate=args.distill_positive_only, ref_per_token_logps=batch.get("ref_per_token_logps"),
+        old_per_token_logps=batch.get("old_per_token_logps"), **grpo_options(args),
     )  # fmt: skip
     loss.backward()
     return loss.detach(), grads(model), metrics
+
+
+def grpo_options(args: SDPGConfig) -> dict:
+    """`sdpg_loss_reference`'s arguments for the GRPO options of `args` (one accumulation step)."""
+    return dict(outcome=OutcomeOptions.from_config(args), anchor_ratio_weighted=args.anchor_ratio_weighted,
+                bias_correction_kl=args.use_bias_correction_kl, max_completion_length=args.max_completion_length)
+
+
+def off_policy(model, batch, spread: float = 0.5) -> dict[str, torch.Tensor]:
+    """`batch` with old log-probs around the model's: ratios inside and outside the clip range, for both signs of A."""
+    with torch.no_grad():
+        logits = completion_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch)
+        logps = logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    return {**batch, "old_per_token_logps": logps + torch.linspace(-spread, spread, logps.numel()).view_as(logps)}
 
 
 def assert_grads_close(a: dict, b: dict, rtol=1e-4, atol=1e-6):
@@ -141,16 +165,34 @@ def test_trainer_loss_equals_reference_off_policy_and_ungated(tmp_path, tokenize
         tmp_path, tiny_model_dir, tokenizer, distill_positive_only=False, distill_chunk_size=3,
         gradient_checkpointing=True,
     )  # fmt: skip
-    batch = hand_batch(tokenizer, seed=1)
-    with torch.no_grad():
-        logits = completion_logits(trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch)
-        logps = logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
-    # Ratios both inside and outside the clip range, for both advantage signs.
-    batch["old_per_token_logps"] = logps + torch.linspace(-0.5, 0.5, logps.numel()).view_as(logps)
+    batch = off_policy(trainer.model, hand_batch(tokenizer, seed=1))
     loss, g_trainer = trainer_loss_and_grads(trainer, batch)
     ref_loss, g_ref, _ = reference_loss_and_grads(trainer, batch)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(g_trainer, g_ref)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss_type": "grpo"},
+        {"loss_type": "sapo", "dual_clip": None},
+        {"loss_type": "cispo", "dual_clip": None, "epsilon_high": 1.1},
+        {"importance_sampling_level": "sequence"},
+        {"loss_type": "dr_grpo", "use_bias_correction_kl": True, "anchor_ratio_weighted": False},
+    ],
+    ids=["grpo", "sapo", "cispo", "sequence", "dr_grpo_bias_correction_kl"],
+)
+def test_trainer_with_grpo_options_equals_reference(tmp_path, tokenizer, tiny_model_dir, options):
+    """With the teacher on: the outcome and the anchor aggregated by loss_type, the distillation over N (SPEC 2)."""
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, distill_chunk_size=3, **options)
+    batch = off_policy(trainer.model, hand_batch(tokenizer, seed=1))
+    loss, g_trainer = trainer_loss_and_grads(trainer, batch)
+    ref_loss, g_ref, ref_metrics = reference_loss_and_grads(trainer, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_trainer, g_ref)
+    logged = trainer._metrics["train"]
+    assert logged["kl"][-1] == pytest.approx(ref_metrics["kl"], rel=1e-4) and ref_metrics["opd_kl"] > 0
 
 
 def test_peft_teacher_uses_the_adapter(tmp_path, tokenizer, tiny_model_dir):
@@ -317,15 +359,63 @@ def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_
         ({"beta": -0.1}, "beta"),
         ({"distill_warmup_steps": -1}, "distill_warmup_steps"),
         ({"distill_chunk_size": 0}, "distill_chunk_size"),
-        ({"loss_type": "grpo"}, "loss_type"),
+        ({"loss_type": "ppo"}, "loss_type"),
+        ({"importance_sampling_level": "batch"}, "importance_sampling_level"),
         ({"dual_clip": 0.5}, "dual_clip"),
-        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
-        ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),
+        ({"loss_type": "sapo"}, "dual_clip"),  # the dual clip floors PPO's clipped ratio, which sapo does not have
+        ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
+        ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),  # with anchor_ratio_weighted: weighed twice
+        ({"entropy_coef": 0.01}, "entropy_coef"),
+        ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=rf"SDPGConfig\.{field}"):
         make_args(tmp_path, **overrides)
+
+
+def tiny_llava_config(tokenizer) -> LlavaConfig:
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=4, projection_dim=16)  # fmt: skip
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=tokenizer.unk_token_id)
+
+
+def test_vision_language_signs(tokenizer):
+    assert vision_language_signs(tokenizer, LlamaConfig()) == []
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 8}, crop_size=8),
+                               tokenizer=tokenizer, patch_size=4)  # fmt: skip
+    assert vision_language_signs(processor, LlamaConfig()) == [
+        "its processing class LlavaProcessor has an image processor"
+    ]
+    assert vision_language_signs(tokenizer, tiny_llava_config(tokenizer)) == [
+        "its config LlavaConfig has a vision_config"
+    ]
+
+
+@pytest.mark.parametrize("method", ["sdpg_urkl", "grpo"])
+def test_vision_language_models_are_refused(tmp_path, tokenizer, method):
+    """SDPG's student forward passes no image inputs, so a VLM is refused with the teacher off too."""
+    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
+    with pytest.raises(NotImplementedError, match="vision-language model .*vision_config.* would be dropped") as err:
+        SDPGTrainer(model=model, reward_funcs=parity_reward, train_dataset=make_dataset(), processing_class=tokenizer,
+                    args=make_args(tmp_path, method=method, distill_coef=1e-3, beta=0.0))  # fmt: skip
+    assert ("teacher prompts would be tokenised without their images" in str(err.value)) is (method != "grpo")
+
+
+def test_use_liger_kernel_applies_liger_layer_kernels_as_in_grpo(tmp_path, tokenizer, tiny_model_dir, monkeypatch):
+    """`use_liger_kernel` is not ignored: as in TRL's GRPOTrainer, train() patches the policy's layers with Liger's
+    kernels, with Liger's fused linear cross-entropy off (it would replace the LM-head pass SDPG computes itself).
+    Liger needs a GPU and is not installed here, so the call is recorded, not run."""
+    applied = []
+    monkeypatch.setattr("transformers.trainer.apply_liger_kernel", lambda model, cfg: applied.append((model, cfg)))
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, use_liger_kernel=True, max_steps=1)
+    trainer.train()
+    assert applied == [(trainer.model, {"fused_linear_cross_entropy": False})]
+    with pytest.raises(ValueError, match="fused_linear_cross_entropy"):  # GRPOTrainer's refusal, inherited
+        make_trainer(tmp_path, tiny_model_dir, tokenizer, use_liger_kernel=True,
+                     liger_kernel_config={"fused_linear_cross_entropy": True})  # fmt: skip
 
 
 def test_plain_grpo_config_is_rejected(tmp_path, tokenizer, tiny_model_dir):

@@ -40,11 +40,15 @@ SIGNATURES = {
     "create_model_from_path": ["model_id", "architecture", "kwargs"],
     "get_config_model_id": ["config"],
     "use_adapter": ["model", "adapter_name"],
+    "off_policy_sequence_mask": ["advantages", "per_token_logps", "sampling_per_token_logps", "mask",
+                                 "off_policy_threshold"],
+    "vespo_gamma_weights": ["advantages", "log_ratio_per_token", "mask", "importance_sampling_ratio", "k_pos",
+                            "lambda_pos", "k_neg", "lambda_neg"],
     "PEFTAdapterEMACallback": ["model", "teacher_adapter_name", "update_rate", "sync_steps", "accelerator"],
     "SyncTeacherModelCallback": ["teacher_model", "accelerator"],
     "is_pure_lora_training": ["model", "accelerator"],
 }  # fmt: skip
-CONSTANTS = {"GRPO_ATTRIBUTES", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL"}
+CONSTANTS = {"GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL"}
 OWN_HELPERS = {"installed_trl_version", "tokenize_prompts"}  # defined in the compat module, checked below
 
 
@@ -99,6 +103,12 @@ def test_overridden_grpo_methods_keep_their_parameters(name):
     expected = list(compat.GRPO_OVERRIDES[name])
     assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == expected, f"GRPOTrainer.{name} in {TRL}"
     assert list(inspect.signature(getattr(SDPGTrainer, name)).parameters) == expected, f"SDPGTrainer.{name}"
+
+
+@pytest.mark.parametrize("name", sorted(compat.GRPO_METHODS))
+def test_called_grpo_methods_keep_their_parameters(name):
+    expected = list(compat.GRPO_METHODS[name])
+    assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == expected, f"GRPOTrainer.{name} in {TRL}"
 
 
 def test_grpo_trainer_sets_the_attributes_sdpg_reads_and_tokenizes_prompts(tmp_path, tokenizer, tiny_model_dir):

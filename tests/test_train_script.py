@@ -77,12 +77,24 @@ def test_train_script_applies_lora_from_model_config(tiny_model_dir, tmp_path):
         (("--dataset_name", "missing.parquet", "--dataset_source", "aime24"), "missing.parquet"),
         (("--arithmetic_level", "9"), "level"),
         (("--eval_reward_func", "nope"), "nope"),
+        (("--dataset_name", "{no_context}"), r"no_context\.jsonl \(split 'train'\) has no privileged-context column"),
     ],
 )
 def test_train_script_rejects_bad_input_before_loading_the_model(tmp_path, extra, message):
+    no_context = tmp_path / "no_context.jsonl"
+    no_context.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n")
+    extra = [arg.format(no_context=no_context) for arg in extra]
     # The model path does not exist: each error must come from the inputs, before any model loading.
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         main(_argv(str(tmp_path / "no-model"), str(tmp_path), *extra))
+
+
+def test_a_method_without_a_teacher_needs_no_context_column(tmp_path):
+    data = tmp_path / "no_context.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n")
+    # The data passes; what fails is the model, which does not exist.
+    with pytest.raises(OSError, match="no-model"):
+        main(_argv(str(tmp_path / "no-model"), str(tmp_path), "--dataset_name", str(data), "--distill_coef", "0"))
 
 
 def test_train_script_needs_a_held_out_set_for_in_training_eval(tmp_path):

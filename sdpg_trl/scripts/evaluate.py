@@ -26,7 +26,7 @@ from trl import TrlParser
 from datasets import Dataset
 
 from ..config import DEFAULT_TEACHER_TEMPLATE, SDPGConfig
-from ..data import ARITHMETIC, DataArguments, held_out_dataset, load_math_dataset, train_dataset
+from ..data import ARITHMETIC, DataArguments, held_out_dataset, train_dataset
 from ..evaluation import (
     VIEW_CHOICES,
     MeanAtKArguments,
@@ -87,14 +87,21 @@ class EvaluateArguments(DataArguments, MeanAtKArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # Both bases check their own fields; neither calls the other.
+        DataArguments.__post_init__(self)
+        MeanAtKArguments.__post_init__(self)
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required.")
         if self.view not in VIEW_CHOICES:
             raise ValueError(f"view must be one of {VIEW_CHOICES}, got {self.view!r}.")
         if self.eval_split not in SPLITS:
             raise ValueError(f"eval_split must be one of {SPLITS}, got {self.eval_split!r}.")
-        if self.eval_split == "train" and self.eval_dataset_name is not None:
+        if self.eval_dataset_name and len(self.eval_dataset_name) > 1:
+            raise ValueError(
+                f"sdpg-evaluate evaluates one data set; eval_dataset_name names {len(self.eval_dataset_name)}: "
+                f"{self.eval_dataset_name}. Run it once per set."
+            )
+        if self.eval_split == "train" and self.eval_dataset_name:
             raise ValueError(
                 "eval_split train evaluates dataset_name's training rows; eval_dataset_name names a held-out set. "
                 "Drop one of them."
@@ -110,16 +117,12 @@ def evaluation_dataset(args: EvaluateArguments) -> tuple[Dataset, str]:
         name = f"{args.dataset_name} (training split)" if args.dataset_name == ARITHMETIC else args.dataset_name
     else:
         dataset = held_out_dataset(args)
-        if args.eval_dataset_name is not None:
-            name = args.eval_dataset_name
+        if args.eval_dataset_name:
+            [name] = args.eval_dataset_name
         elif dataset is not None:
             name = f"{args.dataset_name} (held-out split)"
-        else:
-            name = args.dataset_name
-            dataset = load_math_dataset(
-                args.dataset_name, args.dataset_source, None, args.question_column, args.answer_column,
-                args.solution_column,
-            )  # fmt: skip
+        else:  # a data set without a held-out split: all of it
+            name, dataset = args.dataset_name, train_dataset(args)
     if args.max_problems:
         dataset = dataset.select(range(min(args.max_problems, len(dataset))))
     return dataset, name
@@ -155,7 +158,7 @@ def run(args: EvaluateArguments) -> dict:
     report = evaluate_prompt_views(evaluate, dataset, args.view, args.teacher_template, args.context_column, name)
     report = {
         "model": args.model_name_or_path,
-        "dataset": args.eval_dataset_name or args.dataset_name,
+        "dataset": args.eval_dataset_name[0] if args.eval_dataset_name else args.dataset_name,
         "split": args.eval_split,
         **report,
     }

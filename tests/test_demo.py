@@ -46,10 +46,10 @@ def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, 
     ])  # fmt: skip
 
     history = json.loads((out / "metrics.json").read_text())
-    evals = [entry for entry in history if "eval/accuracy" in entry]
+    evals = [entry for entry in history if "eval_accuracy" in entry]
     assert [entry["step"] for entry in evals] == [0, 1, 2]
-    assert summary["accuracy_before"] == evals[0]["eval/accuracy"]
-    assert summary["accuracy_after"] == evals[-1]["eval/accuracy"]
+    assert summary["accuracy_before"] == evals[0]["eval_accuracy"]
+    assert summary["accuracy_after"] == evals[-1]["eval_accuracy"]
     assert summary["steps"] == 2 and summary["wall_time_s"] > 0
     assert json.loads((out / "summary.json").read_text()) == summary
     with open(out / "metrics.csv") as f:
@@ -75,7 +75,7 @@ def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, 
 
 
 def test_demo_headroom_can_be_skipped_and_takes_the_first_training_problems(cached_tiny_smollm2, tmp_path, monkeypatch):
-    history = [{"step": 0, "eval/accuracy": 0.1}, {"step": 2, "eval/accuracy": 0.2}]
+    history = [{"step": 0, "eval_accuracy": 0.1}, {"step": 2, "eval_accuracy": 0.2}]
     fake_trainer = types.SimpleNamespace(state=types.SimpleNamespace(log_history=history, global_step=2))
     monkeypatch.setattr(demo, "train", lambda *args: fake_trainer)
     calls = []

@@ -33,8 +33,9 @@ class SDPGScriptArguments(DataArguments, MeanAtKArguments):
 
     Args:
         reward_funcs: reward functions by registry name (`sdpg_trl.rewards.REWARD_FUNCS`) or dotted import path.
-        eval_every_steps: run mean@k on the held-out set every this many optimiser steps and log `eval/accuracy`;
-            `0` turns it off.
+        eval_every_steps: run mean@k on the held-out set(s) every this many optimiser steps and log it as
+            `Trainer.evaluate` names its metrics: `eval_accuracy`, or `eval_<name>_accuracy` per set when
+            `eval_dataset_name` names several (`sdpg_trl.evaluation.eval_metrics`); `0` turns it off.
         eval_before_training: also evaluate at step 0, so that curves start from the base model.
     """
 

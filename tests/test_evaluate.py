@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import CHAT_TEMPLATE, make_dataset, make_model, make_tokenizer
 from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_headroom import _write_problems, fake_vllm, last_digit_model  # noqa: F401 - a fixture
+from transformers import AutoModelForCausalLM
 
 from sdpg_trl import SDPGConfig, SDPGTrainer
 from sdpg_trl._trl_compat import VLLM_SAMPLING_ATTRIBUTES
 from sdpg_trl.data import arithmetic_dataset
 from sdpg_trl.evaluation import MeanAtKArguments, MeanAtKCallback, eval_metrics, evaluate_mean_at_k, prompt_token_ids
+from sdpg_trl.models import adapter_base_model, merge_adapter
 from sdpg_trl.rewards import lenient_math_accuracy_reward
 from sdpg_trl.scripts.evaluate import main as evaluate_main
 
@@ -205,3 +210,65 @@ def test_the_callback_evaluates_named_sets_with_the_trainers_engine_and_chat_tem
                                       max_completion_length=3, generation_kwargs={})  # fmt: skip
     assert engine.synced == 1  # the current weights, once for this step
 
+
+def test_evaluate_without_a_model_prints_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main([])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage:")
+    assert "the following arguments are required: --model_name_or_path" in err
+
+
+@pytest.mark.parametrize("use_vllm", [False, True])
+def test_evaluate_passes_chat_template_kwargs_to_either_back_end(tmp_path, monkeypatch, tokenizer, last_digit_model,
+                                                                 use_vllm):  # fmt: skip
+    monkeypatch.setattr(tokenizer, "chat_template", HINT_TEMPLATE)
+    _, calls = fake_vllm(monkeypatch, tokenizer)
+    data, output = _write_problems(tmp_path / "amc.jsonl"), tmp_path / "report.json"
+    evaluate_main([
+        "--model_name_or_path", "tiny", "--dataset_name", str(data), "--dataset_source", "amc23", "--eval_k", "1",
+        "--eval_max_new_tokens", "2", "--eval_reward_func", "lenient_math_accuracy_reward", "--output_file",
+        str(output), "--use_vllm", str(use_vllm), "--chat_template_kwargs", '{"hint": "4"}',
+    ])  # fmt: skip
+    seen = calls[0] if use_vllm else last_digit_model.seen
+    assert len(seen) == 4 and all(tokenizer.decode(ids).endswith(" hint 4") for ids in seen)  # after the header
+    # The prompt's last digit is now the hint's, which answers "what is 3 plus 1 ?", not "what is 0 plus 1 ?".
+    assert [p["accuracy"] for p in json.loads(output.read_text())["problems"]] == [0.0, 0.0, 0.0, 1.0]
+
+
+@pytest.fixture
+def adapter_dir(tiny_model_dir, tmp_path) -> str:
+    """A LoRA adapter of the tiny model as `save_model` writes one, with weights that change its output."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return str(tmp_path / "adapter")
+
+
+def test_an_adapter_folder_merges_into_its_base_model(tiny_model_dir, adapter_dir, tmp_path):
+    assert adapter_base_model(adapter_dir) == tiny_model_dir and adapter_base_model(tiny_model_dir) is None
+    merged = merge_adapter(adapter_dir, tmp_path / "merged", dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 12, 7]])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
+    base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+    merged_logits = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+    torch.testing.assert_close(merged_logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter is in the weights
+    assert (merged / "tokenizer_config.json").is_file() and not (merged / "adapter_config.json").exists()
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        merge_adapter(tiny_model_dir, tmp_path / "again")
+
+
+def test_evaluate_with_vllm_loads_an_adapter_merged_into_its_base(tiny_model_dir, adapter_dir, tmp_path, monkeypatch,
+                                                                  tokenizer):  # fmt: skip
+    engines, calls = fake_vllm(monkeypatch, tokenizer)
+    data, output = _write_problems(tmp_path / "amc.jsonl"), tmp_path / "report.json"
+    argv = ["--dataset_name", str(data), "--dataset_source", "amc23", "--eval_k", "1", "--use_vllm", "true",
+            "--output_file", str(output), "--dtype", "float32"]  # fmt: skip
+    evaluate_main(["--model_name_or_path", adapter_dir, *argv])
+    [engine] = engines
+    merged = Path(engine["model"])
+    assert merged.name.startswith("sdpg-merged-") and not merged.exists()  # built from it, then cleaned up
+    assert engine["loaded_config"]["num_hidden_layers"] == 2 and len(calls) == 1
+    evaluate_main(["--model_name_or_path", tiny_model_dir, *argv])  # a full checkpoint is loaded as it is
+    assert engines[1]["model"] == tiny_model_dir

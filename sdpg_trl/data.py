@@ -326,6 +326,19 @@ def rename_columns(dataset: Dataset, mapping: dict[str, str] | None, where: str,
     return dataset.rename_columns(mapping)
 
 
+def _sdpg_split(
+    splits: DatasetDict, name: str, split: str, mapping: dict[str, str] | None, context_column: str | None, flag: str
+) -> Dataset:
+    """`split` of the data set `name` in SDPG form, its columns renamed by `mapping` (the argument `flag`) and
+    checked (`check_columns`)."""
+    if split not in splits:
+        raise ValueError(f"{name} has no split {split!r}; its splits are {list(splits)}.")
+    where = f"{name} (split {split!r})"
+    dataset = rename_columns(splits[split], mapping, where, flag)
+    check_columns(dataset, where, context_column, flag)
+    return dataset
+
+
 def load_sdpg_dataset(
     name_or_path: str,
     config: str | None = None,
@@ -348,12 +361,7 @@ def load_sdpg_dataset(
     Raises `ValueError` naming the data set and the missing split or column, and the ones it has.
     """
     splits = load_splits(name_or_path, config)
-    if split not in splits:
-        raise ValueError(f"{name_or_path} has no split {split!r}; its splits are {list(splits)}.")
-    where = f"{name_or_path} (split {split!r})"
-    dataset = rename_columns(splits[split], column_mapping, where, "dataset_column_mapping")
-    check_columns(dataset, where, context_column, "dataset_column_mapping")
-    return dataset
+    return _sdpg_split(splits, name_or_path, split, column_mapping, context_column, "dataset_column_mapping")
 
 
 def parse_dict_argument(value: dict | str | None, name: str) -> dict | None:
@@ -508,10 +516,8 @@ def _eval_set(args: DataArguments, name: str, context_column: str | None) -> Dat
             f"Eval set {name} has no split {args.dataset_test_split!r} (dataset_test_split) and several others, "
             f"{list(splits)}: name one with dataset_test_split."
         )
-    where = f"{name} (split {split!r})"
-    dataset = rename_columns(splits[split], args.eval_dataset_column_mapping, where, "eval_dataset_column_mapping")
-    check_columns(dataset, where, context_column, "eval_dataset_column_mapping")
-    return dataset
+    mapping = args.eval_dataset_column_mapping
+    return _sdpg_split(splits, name, split, mapping, context_column, "eval_dataset_column_mapping")
 
 
 def held_out_dataset(args: DataArguments, context_column: str | None = None) -> Dataset | dict[str, Dataset] | None:
@@ -527,9 +533,10 @@ def held_out_dataset(args: DataArguments, context_column: str | None = None) -> 
     if args.dataset_name == ARITHMETIC:
         return _arithmetic(args)["test"]
     if is_sdpg_form(args.dataset_name, args.dataset_source):
-        if args.dataset_test_split in load_splits(args.dataset_name, args.dataset_config):
-            return load_sdpg_dataset(
-                args.dataset_name, args.dataset_config, args.dataset_test_split, args.dataset_column_mapping,
-                context_column,
+        splits = load_splits(args.dataset_name, args.dataset_config)
+        if args.dataset_test_split in splits:
+            return _sdpg_split(
+                splits, args.dataset_name, args.dataset_test_split, args.dataset_column_mapping, context_column,
+                "dataset_column_mapping",
             )  # fmt: skip
     return None

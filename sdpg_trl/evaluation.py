@@ -93,7 +93,9 @@ def _gold(row: dict) -> Any:
     return next((row[column] for column in GOLD_COLUMNS if column in row), None)
 
 
-def _score(index: int, row: dict, completion_ids: list[list[int]], tokenizer, reward_func: RewardFunc) -> dict:
+def _score(
+    index: int, row: dict, completion_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase, reward_func: RewardFunc
+) -> dict:
     """One problem's entry of the report, its completions scored as GRPOTrainer calls a reward function."""
     texts, lengths = [], []
     for ids in completion_ids:
@@ -451,7 +453,7 @@ class MeanAtKCallback(TrainerCallback):
     def _evaluate(self) -> None:
         trainer, args = self.trainer, self.trainer.args
         chat_template_kwargs = args.chat_template_kwargs or {}
-        if trainer.use_vllm:
+        if getattr(trainer, "use_vllm", False):  # GRPOTrainer's; a plain Trainer has no engine
             settings = {key: value for key, value in self.eval_kwargs.items() if key not in ("batch_size", "seed")}
             reports = {
                 name: evaluate_mean_at_k_trainer_vllm(

@@ -148,7 +148,7 @@ def test_data_arguments_pick_train_and_held_out_sets(tmp_path):
     assert held_out_dataset(args)["answer"] == ["9"]
 
 
-# --- Data sets already in SDPG form, as a Hub repository lays them out ------------------------------------------------
+# --- Data sets already in SDPG form, as a Hub repository lays them out -----------------------------------------------
 
 
 def _chat_rows(n: int, offset: int = 0) -> list[dict]:
@@ -236,7 +236,7 @@ def test_a_data_set_in_sdpg_form_without_a_column_fails_naming_it_the_data_set_a
 
 
 def test_data_arguments_refuse_settings_that_would_be_ignored():
-    with pytest.raises(ValueError, match="dataset_column_mapping renames columns of a data set in SDPG form; 'aime24'"):
+    with pytest.raises(ValueError, match="dataset_column_mapping renames columns of a data set in SDPG form; 'aime2"):
         DataArguments(dataset_name="aime24", dataset_column_mapping={"a": "b"})
     with pytest.raises(ValueError, match="answer_column apply to the built-in layouts.*dataset_column_mapping"):
         DataArguments(dataset_name="my-org/sdpg-set", answer_column="gold")
@@ -263,3 +263,13 @@ def test_several_eval_sets_are_named_as_they_are_logged(tmp_path):
     assert isinstance(held_out_dataset(args), Dataset)
     with pytest.raises(ValueError, match=r"mine\.jsonl \(split 'train'\) has no privileged-context column 'ctx'"):
         held_out_dataset(args, context_column="ctx")
+    # Several splits and none of them `test`: which one is held out must be said.
+    two = tmp_path / "two"
+    two.mkdir()
+    for split in ("train", "validation"):
+        Dataset.from_list(_chat_rows(1)).to_parquet(two / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"Eval set .*two has no split 'test' \(dataset_test_split\) and several "
+                                         r"others, \['train', 'validation'\]"):  # fmt: skip
+        held_out_dataset(DataArguments(eval_dataset_name=[str(two)]))
+    args = DataArguments(eval_dataset_name=[str(two)], dataset_test_split="validation")
+    assert held_out_dataset(args)["solution"] == ["1"]

@@ -86,17 +86,19 @@ def test_demo_headroom_can_be_skipped_and_takes_the_first_training_problems(cach
 
     seen = []
 
-    def evaluate(model, tokenizer, data, k, **kwargs):  # the student gets 1 in 4 right, the teacher 1 in 2
-        seen.append((data["prompt"], k))
+    def evaluate(model, tokenizer, data, k, chat_template_kwargs, **kwargs):  # student 1 in 4 right, teacher 1 in 2
+        seen.append((data["prompt"], k, chat_template_kwargs))
         teacher = "Hint: " in data["prompt"][0][0]["content"]
         return {"accuracy": 0.5 if teacher else 0.25, "num_problems": len(data), "k": k}
 
     monkeypatch.setattr(demo, "evaluate_prompt_views", evaluate_prompt_views)
     monkeypatch.setattr(demo, "evaluate_mean_at_k", evaluate)
-    summary = main([*argv, "--headroom_problems", "3", "--teacher_template", "Hint: {context}", "--eval_k", "4"])
+    summary = main([*argv, "--headroom_problems", "3", "--teacher_template", "Hint: {context}", "--eval_k", "4",
+                    "--chat_template_kwargs", '{"enable_thinking": false}'])  # fmt: skip
     rows = arithmetic_dataset(256, 48, 1)["train"].select(range(3))  # the recipe's training split, first 3
     teacher = [build_teacher_prompt(r["prompt"], r["privileged_context"], "Hint: {context}", "c") for r in rows]
-    assert seen == [(rows["prompt"], 4), (teacher, 4)]
+    thinking_off = {"enable_thinking": False}  # the recipe's chat template settings, as in training
+    assert seen == [(rows["prompt"], 4, thinking_off), (teacher, 4, thinking_off)]
     headroom = summary["teacher_headroom"]
     assert (headroom["num_problems"], headroom["samples"], headroom["split"]) == (3, 12, "train")
     assert headroom["ratio"] == 2.0 and headroom["teacher_template"] == "Hint: {context}"

@@ -97,7 +97,7 @@ def measure_teacher_headroom(
     problems = train_dataset(script_args)
     problems = problems.select(range(min(num_problems, len(problems))))
     model, tokenizer = load_model_and_tokenizer(str(model_dir), dtype=dtype)
-    settings = script_args.eval_kwargs()
+    settings = dict(script_args.eval_kwargs(), chat_template_kwargs=training_args.chat_template_kwargs)
     report = evaluate_prompt_views(
         lambda data: evaluate_mean_at_k(model, tokenizer, data, **settings),
         problems,

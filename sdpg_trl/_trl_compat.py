@@ -15,6 +15,8 @@ What is here:
 - GRPOTrainer's static loss helpers (`losses.py`, `trainer.py`): the off-policy sequence mask and VESPO's weight.
 - The `GRPOTrainer` internals `SDPGTrainer` overrides, calls or reads: `GRPO_OVERRIDES`, `GRPO_METHODS`,
   `GRPO_ATTRIBUTES`, and `tokenize_prompts`, a call to the private `GRPOTrainer._tokenize_prompts`.
+- `vllm_generate`: sampling with GRPOTrainer's vLLM engine (`trainer.vllm_generation`, a `VLLMGeneration`) at other
+  settings than the rollouts', for the in-training evaluation (`evaluation.py`).
 """
 
 from __future__ import annotations
@@ -131,11 +133,51 @@ def tokenize_prompts(trainer: Any, prompts: list) -> tuple[list[list[int]], list
     return trainer._tokenize_prompts(prompts)
 
 
+# `VLLMGeneration`'s sampling settings, constructor arguments that it keeps under the same names and reads on every
+# `generate` call; `vllm_generate` swaps them for the evaluation's and back.
+VLLM_SAMPLING_ATTRIBUTES = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length", "generation_kwargs",
+)  # fmt: skip
+
+
+def vllm_generate(
+    trainer: Any, prompt_ids: list[list[int]], num_generations: int, *, temperature: float, top_p: float,
+    max_tokens: int,
+) -> list[list[int]]:  # fmt: skip
+    """`num_generations` completions (token ids, prompt-major) of each prompt from GRPOTrainer's vLLM engine, colocate
+    or server mode, sampled at these settings instead of the rollouts' (no top-k, min-p, repetition penalty or extra
+    generation kwargs).
+
+    As `GRPOTrainer._generate_single_turn` does before a rollout, the engine first gets the policy's current weights
+    unless it has this step's already. Every process must call it with as many prompts (server mode gathers them).
+    """
+    engine = trainer.vllm_generation
+    if trainer.state.global_step != trainer._last_loaded_step:
+        engine.sync_weights()
+        trainer._last_loaded_step = trainer.state.global_step
+    saved = {name: getattr(engine, name) for name in VLLM_SAMPLING_ATTRIBUTES}
+    settings = dict(
+        temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
+        max_completion_length=max_tokens, generation_kwargs={},
+    )  # fmt: skip
+    try:
+        for name, value in settings.items():
+            setattr(engine, name, value)
+        # Each prompt repeated, as GRPO's rollout batches are: server mode samples every `num_generations`-th prompt
+        # `num_generations` times, colocate mode each entry once.
+        repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
+        _, completion_ids, _, _ = engine.generate(prompts=repeated, images=None, num_generations=num_generations)
+    finally:
+        for name, value in saved.items():
+            setattr(engine, name, value)
+    return [list(ids) for ids in completion_ids]
+
+
 # The eager names; the lazy ones (`_LAZY`) are left out so that `import *` does not import `trl.experimental.sdpo`.
 __all__ = [
     "ChunkedLogProbFunction", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL",
-    "addmm_fp32", "compute_dtype", "create_model_from_path", "disable_gradient_checkpointing", "get_config_model_id",
-    "installed_trl_version", "maybe_gather_lm_head_ctx", "off_policy_sequence_mask", "pad", "prepare_deepspeed",
-    "prepare_fsdp", "project_tile", "tokenize_prompts", "unwrap_model_for_generation", "use_adapter",
-    "vespo_gamma_weights",
+    "VLLM_SAMPLING_ATTRIBUTES", "addmm_fp32", "compute_dtype", "create_model_from_path",
+    "disable_gradient_checkpointing", "get_config_model_id", "installed_trl_version", "maybe_gather_lm_head_ctx",
+    "off_policy_sequence_mask", "pad", "prepare_deepspeed", "prepare_fsdp", "project_tile", "tokenize_prompts",
+    "unwrap_model_for_generation", "use_adapter", "vespo_gamma_weights", "vllm_generate",
 ]  # fmt: skip

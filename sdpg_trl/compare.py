@@ -33,9 +33,13 @@ from typing import Any
 
 import yaml
 
+# The held-out accuracy as `MeanAtKCallback` logs it for one eval set (TRL's `eval_` naming).
+ACCURACY = "eval_accuracy"
+# How runs made before that named their evaluation metrics, read as today's names so their folders still count.
+LEGACY_KEYS = {"eval/accuracy": ACCURACY, "eval/completion_length": "eval_completion_length"}
 # Curves drawn against the optimiser step: log key -> (file name, axis title).
 CURVES = {
-    "eval/accuracy": ("accuracy", "Held-out mean@k accuracy"),
+    ACCURACY: ("accuracy", "Held-out mean@k accuracy"),
     "reward": ("reward", "Training reward (rollout mean)"),
     "entropy": ("entropy", "Policy entropy of sampled tokens"),
     "kl": ("kl", "KL to the reference (k3)"),
@@ -255,7 +259,7 @@ def execute(
         marker = {"method": run.method, "seed": run.seed, "wall_s": durations[-1], "started": started,
                   "finished": _now(), **facts, **revision, "config": run.config}  # fmt: skip
         (run.folder / FINISHED).write_text(json.dumps(marker, indent=2))
-        evals = [h["eval/accuracy"] for h in read_history(run.folder) if "eval/accuracy" in h]
+        evals = [h[ACCURACY] for h in read_history(run.folder) if ACCURACY in h]
         eta = statistics.mean(durations) * (len(todo) - index) / 60
         last = f"held-out last {evals[-1]:.3f}" if evals else "no evaluation"
         echo(f"{label} done in {durations[-1] / 60:.1f} min ({last}); about {eta:.0f} min to go")
@@ -263,7 +267,9 @@ def execute(
 
 
 def read_history(folder: Path) -> list[dict]:
-    return json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    """A run's log history (`trainer_state.json`), with the metric names of older runs (`LEGACY_KEYS`) updated."""
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [{LEGACY_KEYS.get(key, key): value for key, value in entry.items()} for entry in history]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,11 +300,11 @@ def summarise_run(history: list[dict], base_accuracy: float | None) -> dict[str,
     keeps every logged series as it was logged (without the base model's step 0)."""
     curves = {key: series(history, key) for key in CURVES}
     if base_accuracy is not None:
-        curves["eval/accuracy"] = [(0, base_accuracy), *[p for p in curves["eval/accuracy"] if p[0] != 0]]
-    trained = [value for step, value in curves["eval/accuracy"] if step > 0]
+        curves[ACCURACY] = [(0, base_accuracy), *[p for p in curves[ACCURACY] if p[0] != 0]]
+    trained = [value for step, value in curves[ACCURACY] if step > 0]
     final = {
         key: statistics.mean(v for _, v in points[-FINAL_WINDOW:]) if points else None
-        for key, points in curves.items() if key != "eval/accuracy"
+        for key, points in curves.items() if key != ACCURACY
     }  # fmt: skip
     return {
         "curves": curves,
@@ -324,7 +330,7 @@ def aggregate(runs: dict[str, dict[int, dict]], num_eval_samples: int | None) ->
         for name in ("last", "best"):
             row[name] = mean_and_se([r[name] for r in done])
         for key in CURVES:
-            if key == "eval/accuracy":
+            if key == ACCURACY:
                 continue
             values = [r["final"][key] for r in done if r["final"].get(key) is not None]
             row[key] = mean_and_se(values) if values else None
@@ -437,17 +443,19 @@ def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
 
     written = []
     colours = plt.get_cmap("tab10")
+    legacy = {new: old for old, new in LEGACY_KEYS.items()}  # a results.json written before the `eval_` names
     for key, (name, title) in CURVES.items():
         fig, ax = plt.subplots(figsize=(7, 4))
         for index, (method, by_seed) in enumerate(results["runs"].items()):
             colour = colours(index % 10)
-            curves = [dict(r["curves"][key]) for r in by_seed.values() if r["curves"].get(key)]
+            found = (r["curves"].get(key) or r["curves"].get(legacy.get(key)) for r in by_seed.values())
+            curves = [dict(curve) for curve in found if curve]
             for curve in curves:
                 ax.plot(list(curve), list(curve.values()), color=colour, alpha=0.3, linewidth=0.8)
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
             if steps:
                 mean = [statistics.mean(c[s] for c in curves) for s in steps]
-                ax.plot(steps, mean, color=colour, linewidth=2.2, marker="o" if key == "eval/accuracy" else None,
+                ax.plot(steps, mean, color=colour, linewidth=2.2, marker="o" if key == ACCURACY else None,
                         markersize=4, label=f"{method} (n={len(curves)})")  # fmt: skip
         if ax.lines:
             ax.set(title=title, xlabel="optimiser step")

@@ -1,11 +1,13 @@
-"""Math data in SDPG's row schema: a conversational student prompt plus the privileged context for the teacher.
+"""Math data in SDPG's row schema: a student prompt plus the privileged context for the teacher.
 
-Every loader here returns a `datasets.Dataset` with exactly these columns:
+The data contract (what any data set needs) is in the README, "Data contract". A data set already in that form, on
+the Hub or in a local folder or file, is loaded as it is, the way TRL's scripts load `dataset_name`
+(`load_sdpg_dataset`: name, config, split, column renaming). The built-in sources below are mapped into this schema:
 
 - `prompt`: `[{"role": "user", "content": question + BOXED_INSTRUCTION}]` (TRL's conversational format);
 - `privileged_context`: `"The correct answer is X."`, plus `" A common way to solve this is: ..."` when a worked
   solution exists (SPEC 1; filled into `SDPGConfig.teacher_template`);
-- `answer`: the gold final answer, read by the rewards in `sdpg_trl.rewards`;
+- `answer`: the gold final answer, read by the rewards in `sdpg_trl.rewards` (which also take TRL's `solution`);
 - `reference_solution`: the worked solution, or `""`.
 
 Sources are the built-in arithmetic generator (no download) and the paper's Hub data sets (SPEC 4), each loadable
@@ -14,12 +16,15 @@ from its Hub id or from a local parquet/json/jsonl/csv file with the same column
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+
+from .rewards import GOLD_COLUMNS
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 FEATURES = Features(
@@ -177,6 +182,7 @@ SOURCES: dict[str, MathSource] = {
     "aime25": MathSource("math-ai/aime25", "test", "problem", "answer"),
     "amc23": MathSource("math-ai/amc23", "test", "question", "answer"),
 }
+BY_HUB_ID = {spec.hub_id: spec for spec in SOURCES.values()}
 LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -202,9 +208,8 @@ def _resolve(name_or_path: str, source: str | None) -> tuple[MathSource, str | N
         return SOURCES[source], LOCAL_FORMATS[path.suffix]
     if name_or_path in SOURCES:
         return SOURCES[name_or_path], None
-    by_hub_id = {spec.hub_id: spec for spec in SOURCES.values()}
-    if name_or_path in by_hub_id:
-        return by_hub_id[name_or_path], None
+    if name_or_path in BY_HUB_ID:
+        return BY_HUB_ID[name_or_path], None
     if source is None:
         raise ValueError(
             f"{name_or_path!r} is neither a known data set {sorted(SOURCES)}, nor one of their Hub ids, nor a local "
@@ -220,6 +225,7 @@ def load_math_dataset(
     question_column: str | None = None,
     answer_column: str | None = None,
     solution_column: str | None = None,
+    config: str | None = None,
 ) -> Dataset:
     """Load one of `SOURCES` (by short name, Hub id, or local file) and map it into the row schema of this module.
 
@@ -231,6 +237,7 @@ def load_math_dataset(
         split: split to load; defaults to the source's usual split (ignored for local files, which have one).
         question_column, answer_column, solution_column: override the source's column names, e.g. to use a local
             DAPO file with generated worked solutions.
+        config: the Hub configuration to load; defaults to the source's own (ignored for local files).
     """
     spec, builder = _resolve(name_or_path, source)
     question_column = question_column or spec.question
@@ -242,7 +249,7 @@ def load_math_dataset(
         raw = load_dataset(builder, data_files=where, split="train")
     else:
         where = spec.hub_id if name_or_path in SOURCES else name_or_path
-        config = spec.config if where == spec.hub_id else None  # another repo's configs are its own
+        config = config or (spec.config if where == spec.hub_id else None)  # another repo's configs are its own
         raw = load_dataset(where, config, split=split or spec.split)
     # A source's worked solutions are optional (a local copy may lack them); a column the caller named is not.
     if not explicit_solution and solution_column not in raw.column_names:
@@ -265,55 +272,271 @@ def load_math_dataset(
     return raw.map(to_row, remove_columns=raw.column_names, features=FEATURES)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Data sets already in SDPG form (README, "Data contract"), loaded as TRL's scripts load `dataset_name`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_sdpg_form(name_or_path: str, source: str | None) -> bool:
+    """Whether `name_or_path` is loaded as a data set already in SDPG form, rather than generated (`arithmetic`) or
+    mapped from a built-in layout (a key or Hub id of `SOURCES`, or any file or Hub id with `source` named)."""
+    built_in = name_or_path == ARITHMETIC or name_or_path in SOURCES or name_or_path in BY_HUB_ID
+    return source is None and not built_in
+
+
+def load_splits(name_or_path: str, config: str | None = None) -> DatasetDict:
+    """Every split of a Hub data set or local folder (`datasets.load_dataset(name_or_path, config)`, as TRL's scripts
+    load `dataset_name`), or of one local parquet/json/jsonl/csv file (a single `train` split)."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise FileNotFoundError(f"Data file {path} does not exist.")
+        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path))
+    return load_dataset(name_or_path, config)
+
+
+def check_columns(dataset: Dataset, where: str, context_column: str | None = None, rename_flag: str = "") -> None:
+    """Fail, naming the column, `where` and the columns there are, unless `dataset` has what SDPG reads: `prompt`, a
+    gold answer (`answer` or TRL's `solution`) and, when `context_column` is given, the privileged context.
+
+    `rename_flag`, when given, is the argument that renames columns, suggested in the message.
+    """
+    columns = dataset.column_names
+    hint = f" Rename a column with {rename_flag} ({{old: new}})." if rename_flag else ""
+    required = [("prompt", "prompt")] + ([("privileged-context", context_column)] if context_column else [])
+    for role, column in required:
+        if column not in columns:
+            raise ValueError(f"{where} has no {role} column {column!r}; its columns are {columns}.{hint}")
+    if not any(column in columns for column in GOLD_COLUMNS):
+        raise ValueError(
+            f"{where} has no gold-answer column ({' or '.join(map(repr, GOLD_COLUMNS))}); its columns are "
+            f"{columns}.{hint}"
+        )
+
+
+def rename_columns(dataset: Dataset, mapping: dict[str, str] | None, where: str, flag: str) -> Dataset:
+    """`dataset` with the columns of `mapping` ({old: new}, `flag` on the command line) renamed."""
+    if not mapping:
+        return dataset
+    missing = [column for column in mapping if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{flag} renames {missing[0]!r}, but {where} has no such column; its columns are {dataset.column_names}."
+        )
+    return dataset.rename_columns(mapping)
+
+
+def _sdpg_split(
+    splits: DatasetDict, name: str, split: str, mapping: dict[str, str] | None, context_column: str | None, flag: str
+) -> Dataset:
+    """`split` of the data set `name` in SDPG form, its columns renamed by `mapping` (the argument `flag`) and
+    checked (`check_columns`)."""
+    if split not in splits:
+        raise ValueError(f"{name} has no split {split!r}; its splits are {list(splits)}.")
+    where = f"{name} (split {split!r})"
+    dataset = rename_columns(splits[split], mapping, where, flag)
+    check_columns(dataset, where, context_column, flag)
+    return dataset
+
+
+def load_sdpg_dataset(
+    name_or_path: str,
+    config: str | None = None,
+    split: str = "train",
+    column_mapping: dict[str, str] | None = None,
+    context_column: str | None = None,
+) -> Dataset:
+    """One split of a data set already in SDPG form, from the Hub, a local folder or a local file, with every column
+    kept (TRL passes them all to the reward functions).
+
+    Args:
+        name_or_path: a Hub id, a local folder (parquet/json/csv files, split by their names as on the Hub), or a
+            local parquet/json/jsonl/csv file (whose one split is `train`).
+        config: the configuration (subset) to load, `datasets.load_dataset`'s `name`.
+        split: the split to return.
+        column_mapping: columns to rename first, `{old: new}`, e.g. `{"hint": "privileged_context"}`.
+        context_column: the privileged-context column to require (`SDPGConfig.context_column` when the method has
+            a teacher), or None.
+
+    Raises `ValueError` naming the data set and the missing split or column, and the ones it has.
+    """
+    splits = load_splits(name_or_path, config)
+    return _sdpg_split(splits, name_or_path, split, column_mapping, context_column, "dataset_column_mapping")
+
+
+def parse_dict_argument(value: dict | str | None, name: str) -> dict | None:
+    """A dict-valued argument as `TrlParser` gives it: a dict from a YAML recipe, or a JSON object string from the
+    command line (as `GRPOConfig`'s dict fields take it); None stays None."""
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a JSON object, e.g. '{{\"hint\": \"privileged_context\"}}'; got {value!r}.")
+    return parsed
+
+
+def eval_set_name(name_or_path: str) -> str:
+    """What an eval set is called in logs (`eval_<name>_accuracy`): a known set's key (`aime24`), else the last part
+    of its Hub id or path, without a data-file suffix (`org/my_set` -> `my_set`, `data/amc.jsonl` -> `amc`)."""
+    path = Path(name_or_path.rstrip("/"))
+    return path.stem if path.suffix in LOCAL_FORMATS else path.name
+
+
 @dataclass
 class DataArguments:
     """Which data to train and evaluate on; shared by `sdpg-train`, `sdpg-evaluate` and the demo.
 
+    `dataset_name`, `dataset_config`, `dataset_train_split` and `dataset_test_split` mean what they mean in TRL's
+    `ScriptArguments`. A name that is neither `arithmetic` nor a built-in source (nor has `dataset_source` named) is
+    a data set already in SDPG form (README, "Data contract").
+
     Args:
-        dataset_name: `"arithmetic"` (the built-in generator), a key of `SOURCES`, a Hub id, or a local file.
-        dataset_source: column layout (a key of `SOURCES`) for local files and unlisted Hub ids.
-        question_column, answer_column, solution_column: override the layout's column names.
-        eval_dataset_name: held-out set for mean@k evaluation; defaults to the generator's `test` split when
-            training on `"arithmetic"`.
-        eval_dataset_source: column layout of `eval_dataset_name`, as `dataset_source`.
+        dataset_name: `"arithmetic"` (the built-in generator), a key of `SOURCES` or its Hub id, a Hub id or local
+            folder or file in SDPG form, or a local file in a built-in layout (with `dataset_source`).
+        dataset_config: configuration (subset) of `dataset_name`, `datasets.load_dataset`'s `name`.
+        dataset_train_split: split trained on; defaults to `train`, or to a built-in source's own split.
+        dataset_test_split: split of a data set in SDPG form that is the held-out set when `eval_dataset_name` is
+            not given (if it has one), and the split taken from eval sets in SDPG form that have it.
+        dataset_column_mapping: columns of a data set in SDPG form to rename, `{old: new}` (JSON on the command
+            line), e.g. `{"hint": "privileged_context", "final_answer": "answer"}`.
+        dataset_source: column layout (a key of `SOURCES`) for local files and unlisted Hub ids in that layout.
+        question_column, answer_column, solution_column: override a built-in layout's column names.
+        eval_dataset_name: held-out sets for mean@k evaluation, each as `dataset_name` (several are logged each
+            under its `eval_set_name`); defaults to `dataset_test_split` of a data set in SDPG form, or the
+            generator's `test` split when training on `"arithmetic"`.
+        eval_dataset_source: column layout of the eval sets that are local files or unlisted Hub ids, as
+            `dataset_source`.
+        eval_dataset_column_mapping: as `dataset_column_mapping`, for the eval sets in SDPG form.
         arithmetic_level, arithmetic_num_train, arithmetic_num_eval, arithmetic_seed: the generator's settings; the
             same values give the same disjoint train and held-out problems in every script.
     """
 
-    dataset_name: str = field(default=ARITHMETIC, metadata={"help": "'arithmetic', a known set, Hub id or file."})
+    dataset_name: str = field(
+        default=ARITHMETIC, metadata={"help": "'arithmetic', a known set, or a Hub id, folder or file in SDPG form."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration (subset) of dataset_name."})
+    dataset_train_split: str | None = field(
+        default=None, metadata={"help": "Split to train on; default 'train', or a known set's own split."}
+    )
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Held-out split of a data set in SDPG form, when it has one."}
+    )
+    dataset_column_mapping: dict | str | None = field(
+        default=None, metadata={"help": 'Columns to rename in a data set in SDPG form, JSON: \'{"old": "new"}\'.'}
+    )
     dataset_source: str | None = field(
         default=None, metadata={"help": "Column layout of a local file or unlisted Hub id.", "choices": sorted(SOURCES)}
     )
     question_column: str | None = field(default=None, metadata={"help": "Override the question column."})
     answer_column: str | None = field(default=None, metadata={"help": "Override the gold-answer column."})
     solution_column: str | None = field(default=None, metadata={"help": "Override the worked-solution column."})
-    eval_dataset_name: str | None = field(default=None, metadata={"help": "Held-out set for mean@k evaluation."})
+    eval_dataset_name: list[str] | None = field(
+        default=None, metadata={"help": "Held-out sets for mean@k evaluation (one or several)."}
+    )
     eval_dataset_source: str | None = field(
-        default=None, metadata={"help": "Column layout of eval_dataset_name.", "choices": sorted(SOURCES)}
+        default=None, metadata={"help": "Column layout of eval sets that need one.", "choices": sorted(SOURCES)}
+    )
+    eval_dataset_column_mapping: dict | str | None = field(
+        default=None, metadata={"help": "Columns to rename in the eval sets in SDPG form, JSON."}
     )
     arithmetic_level: int = field(default=1, metadata={"help": f"Generator difficulty, 1 to {len(LEVELS)}."})
     arithmetic_num_train: int = field(default=256, metadata={"help": "Generated training problems."})
     arithmetic_num_eval: int = field(default=64, metadata={"help": "Generated held-out problems."})
     arithmetic_seed: int = field(default=0, metadata={"help": "Seed of the generator."})
 
+    def __post_init__(self):
+        self.dataset_column_mapping = parse_dict_argument(self.dataset_column_mapping, "dataset_column_mapping")
+        self.eval_dataset_column_mapping = parse_dict_argument(
+            self.eval_dataset_column_mapping, "eval_dataset_column_mapping"
+        )
+        if isinstance(self.eval_dataset_name, str):  # a recipe's `eval_dataset_name: aime24`
+            self.eval_dataset_name = [self.eval_dataset_name]
+        sdpg_form = is_sdpg_form(self.dataset_name, self.dataset_source)
+        if self.dataset_column_mapping and not sdpg_form:
+            raise ValueError(
+                f"dataset_column_mapping renames columns of a data set in SDPG form; {self.dataset_name!r} is "
+                "generated or mapped from a built-in layout (use question_column/answer_column/solution_column)."
+            )
+        overrides = [n for n in ("question_column", "answer_column", "solution_column") if getattr(self, n)]
+        if overrides and (sdpg_form or self.dataset_name == ARITHMETIC):
+            raise ValueError(
+                f"{', '.join(overrides)} apply to the built-in layouts (dataset_source); {self.dataset_name!r} is "
+                f"{'in SDPG form: rename its columns with dataset_column_mapping' if sdpg_form else 'generated'}."
+            )
+        names = self.eval_dataset_name or []
+        if self.eval_dataset_column_mapping and not any(is_sdpg_form(n, self.eval_dataset_source) for n in names):
+            raise ValueError("eval_dataset_column_mapping renames columns of eval sets in SDPG form; there is none.")
+        logged = [eval_set_name(name) for name in names]
+        if len(set(logged)) < len(logged):
+            raise ValueError(
+                f"The eval sets {names} would be logged under the same name ({logged}, eval_<name>_accuracy); give "
+                "each a distinct file or folder name."
+            )
+
 
 def _arithmetic(args: DataArguments) -> DatasetDict:
     return arithmetic_dataset(args.arithmetic_num_train, args.arithmetic_num_eval, args.arithmetic_level, args.arithmetic_seed)
 
 
-def train_dataset(args: DataArguments) -> Dataset:
-    """Training rows for `args`."""
+def train_dataset(args: DataArguments, context_column: str | None = None) -> Dataset:
+    """Training rows for `args`; with `context_column` (`SDPGConfig.context_column`, for a method with a teacher),
+    a data set without that column fails here, naming it."""
     if args.dataset_name == ARITHMETIC:
-        return _arithmetic(args)["train"]
-    return load_math_dataset(
-        args.dataset_name, args.dataset_source, None, args.question_column, args.answer_column, args.solution_column
-    )
+        dataset = _arithmetic(args)["train"]
+    elif is_sdpg_form(args.dataset_name, args.dataset_source):
+        return load_sdpg_dataset(
+            args.dataset_name, args.dataset_config, args.dataset_train_split or "train", args.dataset_column_mapping,
+            context_column,
+        )  # fmt: skip
+    else:
+        dataset = load_math_dataset(
+            args.dataset_name, args.dataset_source, args.dataset_train_split, args.question_column,
+            args.answer_column, args.solution_column, config=args.dataset_config,
+        )  # fmt: skip
+    check_columns(dataset, args.dataset_name, context_column)
+    return dataset
 
 
-def held_out_dataset(args: DataArguments) -> Dataset | None:
-    """Evaluation rows for `args`: `eval_dataset_name`, else the generator's held-out split, else `None`."""
-    if args.eval_dataset_name is not None:
-        return load_math_dataset(args.eval_dataset_name, args.eval_dataset_source)
+def _eval_set(args: DataArguments, name: str, context_column: str | None) -> Dataset:
+    """One named eval set: in SDPG form its `dataset_test_split`, or its only split; else a built-in layout's."""
+    if not is_sdpg_form(name, args.eval_dataset_source):
+        dataset = load_math_dataset(name, args.eval_dataset_source)
+        check_columns(dataset, name, context_column)
+        return dataset
+    splits = load_splits(name)
+    if args.dataset_test_split in splits:
+        split = args.dataset_test_split
+    elif len(splits) == 1:
+        [split] = splits
+    else:
+        raise ValueError(
+            f"Eval set {name} has no split {args.dataset_test_split!r} (dataset_test_split) and several others, "
+            f"{list(splits)}: name one with dataset_test_split."
+        )
+    mapping = args.eval_dataset_column_mapping
+    return _sdpg_split(splits, name, split, mapping, context_column, "eval_dataset_column_mapping")
+
+
+def held_out_dataset(args: DataArguments, context_column: str | None = None) -> Dataset | dict[str, Dataset] | None:
+    """Evaluation rows for `args`, as `Trainer`'s `eval_dataset`: one `Dataset`, or several by name.
+
+    The sets of `eval_dataset_name` (one: a `Dataset`; several: a dict keyed by `eval_set_name`), else the
+    `dataset_test_split` of a data set in SDPG form that has one, else the generator's held-out split, else None.
+    `context_column` is required as in `train_dataset`.
+    """
+    if args.eval_dataset_name:
+        sets = {eval_set_name(name): _eval_set(args, name, context_column) for name in args.eval_dataset_name}
+        return next(iter(sets.values())) if len(sets) == 1 else sets
     if args.dataset_name == ARITHMETIC:
         return _arithmetic(args)["test"]
+    if is_sdpg_form(args.dataset_name, args.dataset_source):
+        splits = load_splits(args.dataset_name, args.dataset_config)
+        if args.dataset_test_split in splits:
+            return _sdpg_split(
+                splits, args.dataset_name, args.dataset_test_split, args.dataset_column_mapping, context_column,
+                "dataset_column_mapping",
+            )  # fmt: skip
     return None

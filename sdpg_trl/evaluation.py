@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,8 +18,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
-from ._trl_compat import unwrap_model_for_generation
-from .rewards import get_reward_funcs, math_accuracy_reward
+from ._trl_compat import pad, unwrap_model_for_generation, vllm_generate
+from .rewards import GOLD_COLUMNS, get_reward_funcs, math_accuracy_reward
 from .teacher import teacher_view_dataset
 
 RewardFunc = Callable[..., list[float]]
@@ -69,9 +70,99 @@ class MeanAtKArguments:
         )
 
 
-def _summary(problems: list[dict], k: int, temperature: float, max_new_tokens: int) -> dict:
-    """Aggregate per-problem results into the evaluation report (shared by both generation back-ends)."""
-    problems = sorted(problems, key=lambda p: p["index"])
+# The generation back-end of `mean_at_k`: (token ids of some prompts, samples per prompt) -> the completions' token
+# ids, prompt-major (the samples of the first prompt, then those of the second, ...).
+Sampler = Callable[[list[list[int]], int], list[list[int]]]
+
+
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], chat_template_kwargs: dict | None = None
+) -> list[int]:
+    """Token ids of one prompt as GRPOTrainer builds them: a conversational prompt through the chat template, with
+    `chat_template_kwargs` (e.g. `{"enable_thinking": False}`) and the generation prompt; a plain-text one as it is."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    text = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
+    )
+    # The chat template already holds the special tokens; adding them again would double the BOS.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _gold(row: dict) -> Any:
+    return next((row[column] for column in GOLD_COLUMNS if column in row), None)
+
+
+def _score(
+    index: int, row: dict, completion_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase, reward_func: RewardFunc
+) -> dict:
+    """One problem's entry of the report, its completions scored as GRPOTrainer calls a reward function."""
+    texts, lengths = [], []
+    for ids in completion_ids:
+        # Up to and including the first EOS: what a trainer counts as the response.
+        length = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
+        texts.append(tokenizer.decode(ids[:length], skip_special_tokens=True))
+        lengths.append(length)
+    n = len(texts)
+    completions = texts if isinstance(row["prompt"], str) else [[{"role": "assistant", "content": t}] for t in texts]
+    columns = {key: [value] * n for key, value in row.items() if key != "prompt"}  # the gold answer among them
+    rewards = reward_func(
+        prompts=[row["prompt"]] * n, completions=completions, completion_ids=completion_ids, **columns
+    )
+    return {
+        "index": index,
+        "answer": _gold(row),
+        "accuracy": sum(rewards) / n,
+        "mean_completion_tokens": sum(lengths) / n,
+        "rewards": rewards,
+        "completions": texts,
+    }
+
+
+def mean_at_k(
+    sample: Sampler,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    reward_func: RewardFunc = math_accuracy_reward,
+    problems_per_call: int = 1,
+    chat_template_kwargs: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """mean@k of `dataset` (rows with `prompt` and a gold answer, README "Data contract") with completions from
+    `sample`, any generation back-end; `temperature` and `max_new_tokens` are `sample`'s, recorded in the report.
+
+    Each problem is sampled `k` times, `problems_per_call` problems per `sample` call; its score is the fraction of
+    samples `reward_func` marks correct (called as GRPOTrainer calls it: prompts, completions, completion ids and
+    every other column of the row), and `accuracy` is the mean over problems. Under `accelerate launch` the
+    problems are split over processes, padded so that every process calls `sample` as often and with as many
+    prompts (sharded models and vLLM's server mode need every process in each call), and the result gathered, so
+    every process gets the same report.
+
+    Returns a JSON-serialisable dict: `accuracy`, `mean_completion_tokens`, `num_problems`, `k`, `temperature`,
+    `max_new_tokens`, and `problems` (per problem: `answer`, `accuracy`, `rewards`, `completions`).
+    """
+    state = PartialState()
+    indices = list(range(len(dataset)))
+    with state.split_between_processes(indices, apply_padding=True) as mine:
+        disable = not progress or not state.is_main_process
+        bar = tqdm(total=len(mine) * k, desc="mean@k eval", unit="sample", disable=disable)
+        scored = []
+        for start in range(0, len(mine), problems_per_call):
+            rows = [(index, dataset[index]) for index in mine[start : start + problems_per_call]]
+            prompts = [prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs) for _, row in rows]
+            completions = [list(ids) for ids in sample(prompts, k)]
+            if len(completions) != len(rows) * k:
+                raise RuntimeError(f"The sampler returned {len(completions)} completions for {len(rows)} x {k}.")
+            for slot, (index, row) in enumerate(rows):
+                scored.append(_score(index, row, completions[slot * k : (slot + 1) * k], tokenizer, reward_func))
+            bar.update(len(rows) * k)
+        bar.close()
+    if state.num_processes > 1:
+        scored = list({problem["index"]: problem for problem in reversed(gather_object(scored))}.values())
+    problems = sorted(scored, key=lambda p: p["index"])
     num = len(problems)
     return {
         "accuracy": sum(p["accuracy"] for p in problems) / num if num else 0.0,
@@ -81,19 +172,6 @@ def _summary(problems: list[dict], k: int, temperature: float, max_new_tokens: i
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
         "problems": problems,
-    }
-
-
-def _score(index: int, row: dict, texts: list[str], lengths: list[int], reward_func: RewardFunc) -> dict:
-    completions = [[{"role": "assistant", "content": text}] for text in texts]
-    rewards = reward_func(completions=completions, answer=[row["answer"]] * len(texts))
-    return {
-        "index": index,
-        "answer": row["answer"],
-        "accuracy": sum(rewards) / len(rewards),
-        "mean_completion_tokens": sum(lengths) / len(lengths),
-        "rewards": rewards,
-        "completions": texts,
     }
 
 
@@ -110,63 +188,46 @@ def evaluate_mean_at_k(
     reward_func: RewardFunc = math_accuracy_reward,
     seed: int = 0,
     progress: bool = True,
+    chat_template_kwargs: dict | None = None,
 ) -> dict:
-    """mean@k of `model` on `dataset` (rows with `prompt` and `answer`, see `sdpg_trl.data`) with transformers.
-
-    Each problem is sampled `k` times at `temperature` (`0` = greedy); its score is the fraction of samples
-    `reward_func` marks correct, and `accuracy` is the mean over problems. Under `accelerate launch` the problems are
-    split over processes and the result gathered, so every process gets the same report.
-
-    Returns a JSON-serialisable dict: `accuracy`, `mean_completion_tokens`, `num_problems`, `k`, `temperature`,
-    `max_new_tokens`, and `problems` (per problem: `answer`, `accuracy`, `rewards`, `completions`).
+    """`mean_at_k` of `model` on `dataset`, generating with transformers (`model.generate`), `batch_size`
+    sequences per call, sampled at `temperature` (`0` = greedy) with `seed` (plus the process index), without
+    touching the caller's random state.
     """
     if k < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"k, batch_size and max_new_tokens must be >= 1, got {k}, {batch_size}, {max_new_tokens}.")
-    state = PartialState()
     was_training = model.training
     model.eval()
-    # Decoder-only batch generation needs left padding; restore the caller's setting afterwards.
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+
+    def sample(prompts: list[list[int]], n: int) -> list[list[int]]:
+        jobs = [torch.tensor(ids) for ids in prompts for _ in range(n)]
+        completions = []
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            # Decoder-only batch generation needs left padding.
+            input_ids = pad(batch, padding_value=pad_token_id, padding_side="left").to(model.device)
+            attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0, padding_side="left")
+            output = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask.to(model.device), max_new_tokens=max_new_tokens,
+                pad_token_id=pad_token_id, **sampling,
+            )  # fmt: skip
+            completions.extend(output[:, input_ids.shape[1] :].tolist())
+        return completions
+
     # fork_rng: seeding here must not change the sampling of a training run this evaluation interrupts.
     devices = [model.device] if model.device.type == "cuda" else []
     try:
-        # Padding gives every process the same number of problems, hence of `generate` calls: sharded models
-        # (ZeRO-3, FSDP) need all processes in each forward. The repeated problem is dropped after the gather.
-        indices = list(range(len(dataset)))
-        with torch.random.fork_rng(devices=devices), state.split_between_processes(indices, apply_padding=True) as mine:
-            torch.manual_seed(seed + state.process_index)
-            jobs = [slot for slot in range(len(mine)) for _ in range(k)]  # a slot is one of this process's problems
-            texts: list[list[str]] = [[] for _ in mine]
-            lengths: list[list[int]] = [[] for _ in mine]
-            bar = tqdm(total=len(jobs), desc="mean@k eval", unit="sample", disable=not progress or not state.is_main_process)
-            for start in range(0, len(jobs), batch_size):
-                batch = jobs[start : start + batch_size]
-                prompts = [
-                    tokenizer.apply_chat_template(dataset[mine[slot]]["prompt"], add_generation_prompt=True, tokenize=False)
-                    for slot in batch
-                ]
-                # The chat template already holds the special tokens; adding them again would double the BOS.
-                inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **sampling)
-                for slot, ids in zip(batch, output[:, inputs["input_ids"].shape[1] :], strict=True):
-                    # Count tokens up to and including the first EOS: what a trainer would count as the response.
-                    eos = (ids == tokenizer.eos_token_id).nonzero()
-                    length = int(eos[0]) + 1 if len(eos) else len(ids)
-                    texts[slot].append(tokenizer.decode(ids[:length], skip_special_tokens=True))
-                    lengths[slot].append(length)
-                bar.update(len(batch))
-            bar.close()
-            scored = [
-                _score(index, dataset[index], texts[slot], lengths[slot], reward_func) for slot, index in enumerate(mine)
-            ]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + PartialState().process_index)
+            return mean_at_k(
+                sample, tokenizer, dataset, k, temperature, max_new_tokens, reward_func,
+                problems_per_call=max(1, batch_size // k), chat_template_kwargs=chat_template_kwargs,
+                progress=progress,
+            )  # fmt: skip
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
-    if state.num_processes > 1:
-        scored = list({problem["index"]: problem for problem in reversed(gather_object(scored))}.values())
-    return _summary(scored, k, temperature, max_new_tokens)
 
 
 def evaluate_mean_at_k_vllm(
@@ -178,13 +239,15 @@ def evaluate_mean_at_k_vllm(
     max_new_tokens: int = 4096,
     reward_func: RewardFunc = math_accuracy_reward,
     seed: int = 0,
+    chat_template_kwargs: dict | None = None,
     **llm_kwargs,
 ) -> dict:
-    """Same report as `evaluate_mean_at_k`, with generation by vLLM (`pip install sdpg-trl[vllm]`, GPU only).
+    """`mean_at_k` with generation by vLLM (`pip install sdpg-trl[vllm]`, GPU only), from the same prompt token ids
+    as `evaluate_mean_at_k` (the engine's own tokenizer and chat template, with `chat_template_kwargs`).
 
-    `model` is a Hub id or local path, from which a `vllm.LLM` is built with `llm_kwargs` (e.g. `tensor_parallel_size`,
-    `gpu_memory_utilization`, `max_model_len`), or an `LLM` already built, so that several evaluations (the student
-    and the teacher view) share one engine.
+    `model` is a Hub id or local path, from which a `vllm.LLM` is built with `llm_kwargs` (e.g.
+    `tensor_parallel_size`, `gpu_memory_utilization`, `max_model_len`), or an `LLM` already built, so that several
+    evaluations (the student and the teacher view) share one engine.
     """
     from vllm import LLM, SamplingParams
 
@@ -194,19 +257,39 @@ def evaluate_mean_at_k_vllm(
         raise ValueError(f"llm_kwargs {sorted(llm_kwargs)} only apply when a model name is given, not an LLM.")
     else:
         llm = model
-    params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
-    outputs = llm.chat([row["prompt"] for row in dataset], params, use_tqdm=True)
-    problems = [
-        _score(
-            index,
-            dataset[index],
-            [sample.text for sample in output.outputs],
-            [len(sample.token_ids) for sample in output.outputs],
-            reward_func,
-        )
-        for index, output in enumerate(outputs)
-    ]
-    return _summary(problems, k, temperature, max_new_tokens)
+
+    def sample(prompts: list[list[int]], n: int) -> list[list[int]]:
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
+        return [list(completion.token_ids) for output in outputs for completion in output.outputs]
+
+    return mean_at_k(
+        sample, llm.get_tokenizer(), dataset, k, temperature, max_new_tokens, reward_func,
+        problems_per_call=max(1, len(dataset)), chat_template_kwargs=chat_template_kwargs, progress=False,
+    )  # fmt: skip
+
+
+def evaluate_mean_at_k_trainer_vllm(
+    trainer: Trainer,
+    dataset: Dataset,
+    k: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 4096,
+    reward_func: RewardFunc = math_accuracy_reward,
+    progress: bool = True,
+    chat_template_kwargs: dict | None = None,
+) -> dict:
+    """`mean_at_k` generated by a GRPOTrainer's own vLLM engine (`use_vllm`, colocate or server mode), which gets
+    the policy's current weights first, as before a rollout; every process takes part, as in a rollout.
+
+    The engine seeds and batches itself, so there is no `seed` or `batch_size` here.
+    """
+    sample = partial(vllm_generate, trainer, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+    return mean_at_k(
+        sample, trainer.processing_class, dataset, k, temperature, max_new_tokens, reward_func,
+        problems_per_call=max(1, len(dataset)), chat_template_kwargs=chat_template_kwargs, progress=progress,
+    )  # fmt: skip
 
 
 def prompt_view(
@@ -328,44 +411,77 @@ def evaluate_prompt_views(
     return {**report, **reports[view]}
 
 
-class MeanAtKCallback(TrainerCallback):
-    """Runs `evaluate_mean_at_k` every `eval_every` optimiser steps (and before the first) and logs `eval/accuracy`
-    and `eval/completion_length` into `trainer.state.log_history` and the `report_to` back-ends.
+def eval_metrics(reports: dict[str | None, dict]) -> dict[str, float]:
+    """Mean@k reports as logged metrics, named as `Trainer.evaluate` names them (`metric_key_prefix`):
+    `eval_accuracy` and `eval_completion_length` for the one unnamed set (key None), `eval_<name>_accuracy` and
+    `eval_<name>_completion_length` for each named one. Trackers file `eval_*` under their evaluation section."""
+    metrics = {}
+    for name, report in reports.items():
+        prefix = "eval" if name is None else f"eval_{name}"
+        metrics[f"{prefix}_accuracy"] = report["accuracy"]
+        metrics[f"{prefix}_completion_length"] = report["mean_completion_tokens"]
+    return metrics
 
-    Like TRL's `LogCompletionsCallback`, it holds the trainer: it needs its model, tokenizer and logger.
+
+class MeanAtKCallback(TrainerCallback):
+    """Runs mean@k on held-out data every `eval_every` optimiser steps (and before the first) and logs it
+    (`eval_metrics`: `eval_accuracy`, or `eval_<name>_accuracy` per named set, and the completion lengths) into
+    `trainer.state.log_history` and the `report_to` back-ends.
+
+    `eval_dataset` is what `Trainer` takes as its own: one `Dataset`, or a dict of them by name. Prompts are built
+    as the trainer builds its own, with `SDPGConfig.chat_template_kwargs`. Generation uses the trainer's vLLM engine
+    when it has one (`use_vllm`, colocate or server mode), with the current weights, as a rollout does (there
+    `eval_seed` and `eval_generation_batch_size` do not apply: the engine seeds and batches itself); otherwise
+    `model.generate`. Like TRL's `LogCompletionsCallback`, it holds the trainer: it needs its model, tokenizer,
+    engine and logger.
     """
 
     def __init__(
         self,
         trainer: Trainer,
-        dataset: Dataset,
+        eval_dataset: Dataset | dict[str, Dataset],
         eval_every: int,
         eval_on_start: bool = True,
         **eval_kwargs,
     ):
         if eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 step, got {eval_every}.")
-        self.trainer, self.dataset, self.eval_every = trainer, dataset, eval_every
+        self.trainer, self.eval_every = trainer, eval_every
         self.eval_on_start, self.eval_kwargs = eval_on_start, eval_kwargs
+        self.eval_sets = dict(eval_dataset) if isinstance(eval_dataset, dict) else {None: eval_dataset}
 
     def _evaluate(self) -> None:
         trainer, args = self.trainer, self.trainer.args
-        # As GRPOTrainer does for its rollouts: gathers ZeRO-3 shards, and turns gradient checkpointing (which
-        # disables the KV cache) off while generating.
-        with unwrap_model_for_generation(
-            trainer.model_wrapped,
-            trainer.accelerator,
-            gather_deepspeed3_params=args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-        ) as model:
-            report = evaluate_mean_at_k(model, trainer.processing_class, self.dataset, **self.eval_kwargs)
+        chat_template_kwargs = args.chat_template_kwargs or {}
+        if getattr(trainer, "use_vllm", False):  # GRPOTrainer's; a plain Trainer has no engine
+            settings = {key: value for key, value in self.eval_kwargs.items() if key not in ("batch_size", "seed")}
+            reports = {
+                name: evaluate_mean_at_k_trainer_vllm(
+                    trainer, data, chat_template_kwargs=chat_template_kwargs, **settings
+                )
+                for name, data in self.eval_sets.items()
+            }
+        else:
+            # As GRPOTrainer does for its rollouts: gathers ZeRO-3 shards, and turns gradient checkpointing (which
+            # disables the KV cache) off while generating.
+            with unwrap_model_for_generation(
+                trainer.model_wrapped,
+                trainer.accelerator,
+                gather_deepspeed3_params=args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            ) as model:
+                reports = {
+                    name: evaluate_mean_at_k(
+                        model, trainer.processing_class, data, chat_template_kwargs=chat_template_kwargs,
+                        **self.eval_kwargs,
+                    )  # fmt: skip
+                    for name, data in self.eval_sets.items()
+                }
         # Transformers' own Trainer.log, not GRPOTrainer.log: the latter flushes the buffered training metrics into
         # whatever it logs, which would move them from the next training log entry into this one. Trainer.log also
         # clears `should_log`, which would cancel this step's training log entry, hence the restore.
         should_log = trainer.control.should_log
-        Trainer.log(
-            trainer, {"eval/accuracy": report["accuracy"], "eval/completion_length": report["mean_completion_tokens"]}
-        )
+        Trainer.log(trainer, eval_metrics(reports))
         trainer.control.should_log = should_log
 
     def on_train_begin(self, args, state, control, **kwargs):

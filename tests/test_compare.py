@@ -19,6 +19,7 @@ from sdpg_trl.compare import (
     is_finished,
     load_recipe,
     plan_runs,
+    plot_curves,
     render_diagnostics,
     summarise_run,
 )
@@ -29,7 +30,7 @@ def history(evals: dict[int, float], steps: int = 4, reward: float = 0.5) -> lis
     """A trainer log history: one training entry per step and an eval entry at the given steps."""
     log = [{"step": s, "epoch": s / 10, "reward": reward + s, "entropy": 1.0 / s, "completions/mean_length": 10.0 * s,
             "kl": 0.01 * s, "sdpg/gate_ratio": 0.25 * s} for s in range(1, steps + 1)]  # fmt: skip
-    log += [{"step": s, "eval/accuracy": acc} for s, acc in evals.items()]
+    log += [{"step": s, "eval_accuracy": acc} for s, acc in evals.items()]
     return log
 
 
@@ -39,12 +40,12 @@ def test_summary_and_aggregate_by_hand():
               1: summarise_run(history({2: 0.5, 4: 0.4}), base_accuracy=0.1)},
         "b": {0: summarise_run(history({2: 0.6, 4: 0.6}), base_accuracy=0.1)},
     }  # fmt: skip
-    assert runs["a"][0]["curves"]["eval/accuracy"] == [(0, 0.1), (2, 0.2), (4, 0.3)]  # the base is step 0
+    assert runs["a"][0]["curves"]["eval_accuracy"] == [(0, 0.1), (2, 0.2), (4, 0.3)]  # the base is step 0
     assert (runs["a"][0]["last"], runs["a"][0]["best"], runs["a"][1]["best"]) == (0.3, 0.3, 0.5)
     assert runs["a"][0]["final"]["reward"] == pytest.approx((2.5 + 3.5 + 4.5) / 3)  # mean of the last 3 steps
     logged = runs["a"][0]["history"]  # every logged series, as logged (no base step 0)
     assert logged["sdpg/gate_ratio"] == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]
-    assert logged["eval/accuracy"] == [(2, 0.2), (4, 0.3)] and "step" not in logged and "epoch" not in logged
+    assert logged["eval_accuracy"] == [(2, 0.2), (4, 0.3)] and "step" not in logged and "epoch" not in logged
     table = aggregate(runs, num_eval_samples=100)
     last_mean, last_se = table["a"]["last"]
     assert last_mean == pytest.approx(0.35) and last_se == pytest.approx(0.05)  # stdev(0.3, 0.4) / sqrt(2)
@@ -235,7 +236,7 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     marker = json.loads((out / "grpo" / "seed0" / "run.json").read_text())
     assert marker["command"][-3:] == ["sdpg_trl.scripts.train", "--config", str(out / "grpo" / "seed0" / "config.yaml")]
     assert yaml.safe_load((out / "grpo" / "seed0" / "config.yaml").read_text()) == marker["config"]
-    assert results["runs"]["grpo"]["0"]["history"]["eval/accuracy"][0][0] == 1  # the run itself skipped step 0
+    assert results["runs"]["grpo"]["0"]["history"]["eval_accuracy"][0][0] == 1  # the run itself skipped step 0
 
 
 def test_bad_method_flag_fails_before_any_run(tmp_path):
@@ -274,12 +275,42 @@ def test_base_evaluation_follows_the_runs_settings_and_is_redone_when_they_chang
              "eval_dataset_name": None}  # fmt: skip
     script.evaluate_base(train, "base/model", tmp_path)
     assert calls[0] == {"dataset_name": "my.jsonl", "dtype": "float32", "eval_k": 2, "question_column": "q",
+                        "use_vllm": True,  # the runs evaluate with their vLLM engine: the base model with vLLM too
                         "model_name_or_path": "base/model", "output_file": f"{tmp_path}/base_eval.json.partial"}
     assert json.loads((tmp_path / "base_eval.json").read_text())["accuracy"] == 0.25
     script.evaluate_base(train, "base/model", tmp_path)  # same settings: not evaluated again
     script.evaluate_base({**train, "eval_k": 4}, "base/model", tmp_path)
     script.evaluate_base({**train, "eval_k": 4}, "other/model", tmp_path)
     assert len(calls) == 3
+
+
+def test_runs_logged_with_the_old_eval_metric_names_still_count(tmp_path):
+    """Runs made before MeanAtKCallback used TRL's `eval_` names logged `eval/accuracy`: read alike."""
+    recipe = {"train": {"dataset_name": "aime24", "eval_k": 3}, "methods": {"old": {}, "new": {}}, "seeds": [0]}
+    for run in plan_runs(recipe, tmp_path):
+        run.folder.mkdir(parents=True)
+        log = history({2: 0.2, 4: 0.4})
+        if run.method == "old":
+            log = [{"eval/accuracy" if k == "eval_accuracy" else k: v for k, v in entry.items()} for entry in log]
+        (run.folder / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+        (run.folder / "run.json").write_text("{}")
+    results = collect(tmp_path, recipe)
+    assert results["runs"]["old"] == results["runs"]["new"] and results["runs"]["old"][0]["last"] == 0.4
+    # A results.json written then (curves under the old name) still draws its accuracy figure.
+    old = json.loads(json.dumps(results))
+    for by_seed in old["runs"].values():
+        for run in by_seed.values():
+            run["curves"]["eval/accuracy"] = run["curves"].pop("eval_accuracy")
+    assert tmp_path / "accuracy.png" in plot_curves(old, tmp_path)
+
+
+def test_a_comparison_reports_one_held_out_set(tmp_path, capsys):
+    config = tmp_path / "compare.yaml"
+    train = {"max_steps": 1, "eval_dataset_name": ["aime24", "amc23"]}
+    config.write_text(yaml.safe_dump({"train": train, "methods": {"a": {}}, "seeds": [0]}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--dry_run"])
+    assert "eval_dataset_name names 2 sets, ['aime24', 'amc23']" in capsys.readouterr().err
 
 
 def test_methods_may_not_change_the_evaluation(tmp_path, capsys):

@@ -1,4 +1,6 @@
-"""`sdpg_trl.data`: the built-in generator and the real loaders, on local fixtures written here."""
+"""`sdpg_trl.data`: the built-in generator, the real loaders, and data sets already in SDPG form loaded the TRL way
+(name, config, splits, column renaming), on local fixtures written here: a local folder stands in for a Hub data
+set, since `datasets.load_dataset` reads both the same way."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import re
 
 import pandas as pd
 import pytest
+from datasets import Dataset
 
 from sdpg_trl.data import (
     BOXED_INSTRUCTION,
@@ -17,8 +20,10 @@ from sdpg_trl.data import (
     arithmetic_dataset,
     held_out_dataset,
     load_math_dataset,
+    load_sdpg_dataset,
     train_dataset,
 )
+from sdpg_trl.scripts.train import make_parser
 
 
 @pytest.mark.parametrize("level", range(1, len(LEVELS) + 1))
@@ -137,5 +142,134 @@ def test_data_arguments_pick_train_and_held_out_sets(tmp_path):
     aime = _write(tmp_path / "aime.parquet", [FIXTURES["aime24"][0]])
     args = DataArguments(dataset_name=str(aime), dataset_source="aime24")
     assert train_dataset(args)["answer"] == ["9"] and held_out_dataset(args) is None
-    args.eval_dataset_name, args.eval_dataset_source = str(aime), "aime24"
+    args = DataArguments(dataset_name=str(aime), dataset_source="aime24", eval_dataset_name=str(aime),
+                         eval_dataset_source="aime24")  # fmt: skip
+    assert args.eval_dataset_name == [str(aime)]  # a recipe's single name is a list of one
     assert held_out_dataset(args)["answer"] == ["9"]
+
+
+# --- Data sets already in SDPG form, as a Hub repository lays them out -----------------------------------------------
+
+
+def _chat_rows(n: int, offset: int = 0) -> list[dict]:
+    """SDPG rows with TRL's column names: a chat prompt, the gold answer in `solution`, the context in `hint`."""
+    return [
+        {"prompt": [{"role": "user", "content": f"what is {i} plus 1 ?"}], "hint": f"it is {i + 1}",
+         "solution": str(i + 1), "level": i % 3}
+        for i in range(offset, offset + n)
+    ]  # fmt: skip
+
+
+def _hub_folder(tmp_path) -> str:
+    """A data set repository with two configurations: `chat` (train and test splits, TRL's column names) and
+    `plain` (plain-text prompts with SDPG's column names, train only), declared in its README as on the Hub."""
+    root = tmp_path / "my-org" / "sdpg-set"
+    (root / "chat").mkdir(parents=True)
+    (root / "plain").mkdir()
+    Dataset.from_list(_chat_rows(3)).to_parquet(root / "chat" / "train-00000-of-00001.parquet")
+    Dataset.from_list(_chat_rows(2, offset=10)).to_parquet(root / "chat" / "test-00000-of-00001.parquet")
+    plain = [{"prompt": "What is 2 + 2?", "privileged_context": "The answer is 4.", "answer": "4"}]
+    Dataset.from_list(plain).to_parquet(root / "plain" / "train-00000-of-00001.parquet")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: chat\n  data_files:\n  - split: train\n    path: chat/train-*\n"
+        "  - split: test\n    path: chat/test-*\n"
+        "- config_name: plain\n  data_files:\n  - split: train\n    path: plain/train-*\n---\n"
+    )
+    return str(root)
+
+
+def test_a_data_set_in_sdpg_form_loads_by_name_from_a_recipe(tmp_path):
+    folder = _hub_folder(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: some/model\ndataset_name: {folder}\ndataset_config: chat\n"
+        "dataset_column_mapping: {hint: privileged_context}\n"
+    )
+    script_args, _, _ = make_parser().parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"])
+    train = train_dataset(script_args, context_column="privileged_context")
+    # Renamed, every other column kept as it is (TRL passes them all to the rewards), rows in order.
+    assert train.column_names == ["prompt", "privileged_context", "solution", "level"]
+    assert train.to_list() == [
+        {**{k: v for k, v in row.items() if k != "hint"}, "privileged_context": row["hint"]} for row in _chat_rows(3)
+    ]
+    # The held-out set is the data set's `test` split (TRL's dataset_test_split), renamed the same way.
+    held_out = held_out_dataset(script_args, context_column="privileged_context")
+    assert held_out["solution"] == ["11", "12"] and "privileged_context" in held_out.column_names
+
+    # The same from the command line, the mapping as JSON (as GRPOConfig's dict fields), and the other config.
+    argv = ["--model_name_or_path", "m", "--dataset_name", folder, "--dataset_config", "chat", "--use_cpu", "true",
+            "--dataset_column_mapping", '{"hint": "privileged_context"}', "--dataset_train_split", "test"]  # fmt: skip
+    script_args, _, _ = make_parser().parse_args_and_config(argv)
+    assert script_args.dataset_column_mapping == {"hint": "privileged_context"}
+    assert train_dataset(script_args, "privileged_context")["solution"] == ["11", "12"]
+    plain = DataArguments(dataset_name=folder, dataset_config="plain")
+    assert train_dataset(plain, "privileged_context")["prompt"] == ["What is 2 + 2?"]
+    assert held_out_dataset(plain) is None  # no `test` split: no held-out set
+
+
+def test_a_local_file_in_sdpg_form_needs_no_layout(tmp_path):
+    path = _write(tmp_path / "mine.jsonl", [{"prompt": "What is 1 + 1?", "privileged_context": "2", "answer": "2"}])
+    [row] = train_dataset(DataArguments(dataset_name=str(path)), "privileged_context").to_list()
+    assert row == {"prompt": "What is 1 + 1?", "privileged_context": "2", "answer": "2"}
+
+
+def test_a_data_set_in_sdpg_form_without_a_column_fails_naming_it_the_data_set_and_its_columns(tmp_path):
+    folder = _hub_folder(tmp_path)
+    columns = re.escape("['prompt', 'hint', 'solution', 'level']")
+    with pytest.raises(ValueError, match=rf"{re.escape(folder)} \(split 'train'\) has no privileged-context column "
+                                         rf"'privileged_context'; its columns are {columns}\. Rename a column with "
+                                         "dataset_column_mapping"):  # fmt: skip
+        train_dataset(DataArguments(dataset_name=folder, dataset_config="chat"), "privileged_context")
+    # Without a teacher (context_column None) the context is not needed.
+    assert len(train_dataset(DataArguments(dataset_name=folder, dataset_config="chat"))) == 3
+    with pytest.raises(ValueError, match=rf"has no prompt column 'prompt'; its columns are \['question', 'hint', "):
+        load_sdpg_dataset(folder, "chat", column_mapping={"prompt": "question"})
+    with pytest.raises(ValueError, match=r"has no gold-answer column \('answer' or 'solution'\)"):
+        load_sdpg_dataset(folder, "chat", column_mapping={"solution": "gold"})
+    with pytest.raises(ValueError, match=rf"dataset_column_mapping renames 'hnt', but {re.escape(folder)} \(split "
+                                         rf"'train'\) has no such column; its columns are {columns}"):  # fmt: skip
+        load_sdpg_dataset(folder, "chat", column_mapping={"hnt": "privileged_context"})
+    with pytest.raises(ValueError, match=rf"{re.escape(folder)} has no split 'validation'; its splits are "
+                                         r"\['train', 'test'\]"):  # fmt: skip
+        train_dataset(DataArguments(dataset_name=folder, dataset_config="chat", dataset_train_split="validation"))
+
+
+def test_data_arguments_refuse_settings_that_would_be_ignored():
+    with pytest.raises(ValueError, match="dataset_column_mapping renames columns of a data set in SDPG form; 'aime2"):
+        DataArguments(dataset_name="aime24", dataset_column_mapping={"a": "b"})
+    with pytest.raises(ValueError, match="answer_column apply to the built-in layouts.*dataset_column_mapping"):
+        DataArguments(dataset_name="my-org/sdpg-set", answer_column="gold")
+    with pytest.raises(ValueError, match="eval_dataset_column_mapping renames columns of eval sets in SDPG form"):
+        DataArguments(eval_dataset_name=["aime24"], eval_dataset_column_mapping={"a": "b"})
+    with pytest.raises(ValueError, match=r"dataset_column_mapping must be a JSON object.*got '\[1\]'"):
+        DataArguments(dataset_name="my-org/sdpg-set", dataset_column_mapping="[1]")
+    with pytest.raises(ValueError, match=r"logged under the same name \(\['amc', 'amc'\]"):
+        DataArguments(eval_dataset_name=["a/amc.jsonl", "b/amc.parquet"])
+
+
+def test_several_eval_sets_are_named_as_they_are_logged(tmp_path):
+    folder = _hub_folder(tmp_path)
+    mine = _write(tmp_path / "mine.jsonl", [{"prompt": "What is 1 + 1?", "hint": "2", "answer": "2"}])
+    args = DataArguments(eval_dataset_name=[str(mine), f"{folder}/chat/"],
+                         eval_dataset_column_mapping={"hint": "privileged_context"})  # fmt: skip
+    sets = held_out_dataset(args, context_column="privileged_context")
+    assert list(sets) == ["mine", "chat"]  # logged as eval_mine_accuracy and eval_chat_accuracy
+    assert sets["mine"]["answer"] == ["2"]  # a file's only split
+    assert sets["chat"]["solution"] == ["11", "12"]  # a folder's `test` split (dataset_test_split)
+    assert all("privileged_context" in s.column_names for s in sets.values())
+    # One eval set is a plain Dataset, logged as eval_accuracy (Trainer's eval_dataset convention).
+    args = DataArguments(eval_dataset_name=[str(mine)], eval_dataset_column_mapping={"hint": "privileged_context"})
+    assert isinstance(held_out_dataset(args), Dataset)
+    with pytest.raises(ValueError, match=r"mine\.jsonl \(split 'train'\) has no privileged-context column 'ctx'"):
+        held_out_dataset(args, context_column="ctx")
+    # Several splits and none of them `test`: which one is held out must be said.
+    two = tmp_path / "two"
+    two.mkdir()
+    for split in ("train", "validation"):
+        Dataset.from_list(_chat_rows(1)).to_parquet(two / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"Eval set .*two has no split 'test' \(dataset_test_split\) and several "
+                                         r"others, \['train', 'validation'\]"):  # fmt: skip
+        held_out_dataset(DataArguments(eval_dataset_name=[str(two)]))
+    args = DataArguments(eval_dataset_name=[str(two)], dataset_test_split="validation")
+    assert held_out_dataset(args)["solution"] == ["1"]

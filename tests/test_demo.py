@@ -46,10 +46,10 @@ def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, 
     ])  # fmt: skip
 
     history = json.loads((out / "metrics.json").read_text())
-    evals = [entry for entry in history if "eval/accuracy" in entry]
+    evals = [entry for entry in history if "eval_accuracy" in entry]
     assert [entry["step"] for entry in evals] == [0, 1, 2]
-    assert summary["accuracy_before"] == evals[0]["eval/accuracy"]
-    assert summary["accuracy_after"] == evals[-1]["eval/accuracy"]
+    assert summary["accuracy_before"] == evals[0]["eval_accuracy"]
+    assert summary["accuracy_after"] == evals[-1]["eval_accuracy"]
     assert summary["steps"] == 2 and summary["wall_time_s"] > 0
     assert json.loads((out / "summary.json").read_text()) == summary
     with open(out / "metrics.csv") as f:
@@ -75,7 +75,7 @@ def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, 
 
 
 def test_demo_headroom_can_be_skipped_and_takes_the_first_training_problems(cached_tiny_smollm2, tmp_path, monkeypatch):
-    history = [{"step": 0, "eval/accuracy": 0.1}, {"step": 2, "eval/accuracy": 0.2}]
+    history = [{"step": 0, "eval_accuracy": 0.1}, {"step": 2, "eval_accuracy": 0.2}]
     fake_trainer = types.SimpleNamespace(state=types.SimpleNamespace(log_history=history, global_step=2))
     monkeypatch.setattr(demo, "train", lambda *args: fake_trainer)
     calls = []
@@ -86,17 +86,19 @@ def test_demo_headroom_can_be_skipped_and_takes_the_first_training_problems(cach
 
     seen = []
 
-    def evaluate(model, tokenizer, data, k, **kwargs):  # the student gets 1 in 4 right, the teacher 1 in 2
-        seen.append((data["prompt"], k))
+    def evaluate(model, tokenizer, data, k, chat_template_kwargs, **kwargs):  # student 1 in 4 right, teacher 1 in 2
+        seen.append((data["prompt"], k, chat_template_kwargs))
         teacher = "Hint: " in data["prompt"][0][0]["content"]
         return {"accuracy": 0.5 if teacher else 0.25, "num_problems": len(data), "k": k}
 
     monkeypatch.setattr(demo, "evaluate_prompt_views", evaluate_prompt_views)
     monkeypatch.setattr(demo, "evaluate_mean_at_k", evaluate)
-    summary = main([*argv, "--headroom_problems", "3", "--teacher_template", "Hint: {context}", "--eval_k", "4"])
+    summary = main([*argv, "--headroom_problems", "3", "--teacher_template", "Hint: {context}", "--eval_k", "4",
+                    "--chat_template_kwargs", '{"enable_thinking": false}'])  # fmt: skip
     rows = arithmetic_dataset(256, 48, 1)["train"].select(range(3))  # the recipe's training split, first 3
     teacher = [build_teacher_prompt(r["prompt"], r["privileged_context"], "Hint: {context}", "c") for r in rows]
-    assert seen == [(rows["prompt"], 4), (teacher, 4)]
+    thinking_off = {"enable_thinking": False}  # the recipe's chat template settings, as in training
+    assert seen == [(rows["prompt"], 4, thinking_off), (teacher, 4, thinking_off)]
     headroom = summary["teacher_headroom"]
     assert (headroom["num_problems"], headroom["samples"], headroom["split"]) == (3, 12, "train")
     assert headroom["ratio"] == 2.0 and headroom["teacher_template"] == "Hint: {context}"

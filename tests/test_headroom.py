@@ -12,6 +12,7 @@ import math
 import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,26 +222,42 @@ def test_eval_split_train_and_max_problems_select_the_training_rows():
         evaluate_script.EvaluateArguments(model_name_or_path="m", eval_split="train", eval_dataset_name="aime24")
 
 
-def test_the_vllm_path_gets_the_same_views_from_one_engine(tmp_path, monkeypatch):
-    """vLLM itself cannot run here: a stand-in records what the script and `evaluate_mean_at_k_vllm` pass it."""
+def fake_vllm(monkeypatch, tokenizer) -> tuple[list[dict], list[list[list[int]]]]:
+    """Installs a stand-in `vllm` module (vLLM cannot run here) whose `LLM` answers every prompt with its last digit
+    then EOS. Returns the keyword arguments each `LLM` was built with and the prompt token ids of each `generate`.
+
+    An `LLM` built from a local folder also records the config it found there as `loaded_config`, as vLLM reads it
+    when it is built."""
     engines, calls = [], []
 
     class LLM:
         def __init__(self, model, seed, **kwargs):
             engines.append(dict(model=model, seed=seed, **kwargs))
+            if Path(model, "config.json").is_file():
+                engines[-1]["loaded_config"] = json.loads(Path(model, "config.json").read_text())
 
-        def chat(self, messages, params, use_tqdm=True):
-            calls.append(messages)
-            sample = lambda text: types.SimpleNamespace(text=text, token_ids=[0, 1])  # noqa: E731
-            return [
-                types.SimpleNamespace(outputs=[sample(_last_digit(m[-1]["content"]))] * params.n) for m in messages
-            ]
+        def get_tokenizer(self):
+            return tokenizer
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.append([prompt["prompt_token_ids"] for prompt in prompts])
+            outputs = []
+            for prompt in prompts:
+                digit = _last_digit(tokenizer.decode(prompt["prompt_token_ids"]))
+                ids = [tokenizer.convert_tokens_to_ids(digit), tokenizer.eos_token_id]
+                outputs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids)] * params.n))
+            return outputs
 
     class SamplingParams:
         def __init__(self, n, **kwargs):
             self.n, self.kwargs = n, kwargs
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    return engines, calls
+
+
+def test_the_vllm_path_gets_the_same_views_from_one_engine(tmp_path, monkeypatch, tokenizer):
+    engines, calls = fake_vllm(monkeypatch, tokenizer)
     data, output = _write_problems(tmp_path / "amc.jsonl"), tmp_path / "report.json"
     evaluate_script.main([
         "--model_name_or_path", "some/model", "--dataset_name", str(data), "--dataset_source", "amc23",
@@ -251,10 +268,9 @@ def test_the_vllm_path_gets_the_same_views_from_one_engine(tmp_path, monkeypatch
     rows = evaluate_script.evaluation_dataset(evaluate_script.EvaluateArguments(
         model_name_or_path="m", dataset_name=str(data), dataset_source="amc23"
     ))[0]  # fmt: skip
-    assert calls == [
-        rows["prompt"],
-        [build_teacher_prompt(r["prompt"], r["privileged_context"], DEFAULT_TEACHER_TEMPLATE, "c") for r in rows],
-    ]
+    teacher = [build_teacher_prompt(r["prompt"], r["privileged_context"], DEFAULT_TEACHER_TEMPLATE, "c") for r in rows]
+    # The engine gets token ids, built as the transformers back-end builds them: one generate call per view.
+    assert calls == [[_chat_ids(tokenizer, p) for p in rows["prompt"]], [_chat_ids(tokenizer, p) for p in teacher]]
     headroom = json.loads(output.read_text())["headroom"]
     assert (headroom["student_accuracy"], headroom["teacher_accuracy"], headroom["ratio"]) == (0.25, 1.0, 4.0)
 

@@ -3,6 +3,7 @@ and `sdpg-recipes` lists and locates them."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,16 @@ def test_demo_defaults_to_the_shipped_recipe_and_takes_a_recipe_name():
     assert demo.DEFAULT_RECIPE == recipes.recipe_path("demo_cpu") == RECIPES / "demo_cpu.yaml"
     with pytest.raises(FileNotFoundError, match="No shipped recipe named 'no_such_recipe'"):
         demo.main(["--config", "no_such_recipe"])
+
+
+def test_every_recipe_the_docs_and_docstrings_name_exists():
+    """`sdpg-evaluate`'s docstring once named a recipe that was never shipped; every `recipes/...yaml` a script's
+    docstring (its --help), a comment, the README or the docs name must be one."""
+    root = RECIPES.parents[1]
+    texts = [*RECIPES.parent.rglob("*.py"), *RECIPES.rglob("*.yaml"), root / "README.md", *(root / "docs").glob("*.md")]
+    named = {
+        (path.name, match) for path in texts for match in re.findall(r"recipes/([\w./-]+?\.yaml)", path.read_text())
+    }
+    assert {name for _, name in named} >= {"qwen3_4b_sdpg_urkl.yaml", "accelerate/zero2.yaml"}  # the scan finds them
+    missing = sorted((where, name) for where, name in named if not (RECIPES / name).is_file())
+    assert not missing, f"recipes named but not shipped: {missing}"

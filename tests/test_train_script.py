@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 from test_multiprocess import free_port
 
 from sdpg_trl.scripts.train import main
@@ -49,16 +50,42 @@ def test_train_script_runs_sdpg_with_in_training_eval(tiny_model_dir, tmp_path):
     history = state["log_history"]
     assert state["global_step"] == 2
     # Evaluations at steps 0 (before training), 1 and 2, each a real accuracy in [0, 1].
-    evals = [entry for entry in history if "eval/accuracy" in entry]
+    evals = [entry for entry in history if "eval_accuracy" in entry]
     assert [entry["step"] for entry in evals] == [0, 1, 2]
-    assert all(0.0 <= entry["eval/accuracy"] <= 1.0 for entry in evals)
-    assert all(entry["eval/completion_length"] <= 3 for entry in evals)
+    assert all(0.0 <= entry["eval_accuracy"] <= 1.0 for entry in evals)
+    assert all(entry["eval_completion_length"] <= 3 for entry in evals)
     # Training metrics stay in their own entries: the eval logging did not swallow them.
     train_entries = [entry for entry in history if "loss" in entry]
     assert len(train_entries) == 2
     assert all("rewards/lenient_math_accuracy_reward/mean" in entry for entry in train_entries)
     assert (tmp_path / "model.safetensors").is_file()
     assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_train_script_trains_on_a_data_set_in_sdpg_form_and_logs_each_eval_set(tiny_model_dir, tmp_path):
+    """A Hub data set already in SDPG form (a local folder laid out as a Hub repository), TRL's column names (the
+    gold answer in `solution`), the context renamed into place, and two named eval sets."""
+    folder = tmp_path / "my-org" / "sdpg-set"
+    (folder / "data").mkdir(parents=True)
+    rows = [{"prompt": [{"role": "user", "content": f"what is {i} plus 1 ?"}], "hint": f"it is {i + 1}",
+             "solution": str(i + 1)} for i in range(6)]  # fmt: skip
+    Dataset.from_list(rows[:4]).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    Dataset.from_list(rows[4:]).to_parquet(folder / "data" / "test-00000-of-00001.parquet")
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"prompt": "what is 2 plus 2 ?", "answer": "4"}) + "\n")
+    main(_argv(tiny_model_dir, str(tmp_path / "out"), "--dataset_name", str(folder), "--max_steps", "1",
+               "--dataset_column_mapping", '{"hint": "privileged_context"}', "--eval_every_steps", "1",
+               "--eval_before_training", "false", "--eval_dataset_name", str(folder), str(extra), "--eval_k", "1",
+               "--eval_max_new_tokens", "2", "--eval_reward_func", "lenient_math_accuracy_reward"))  # fmt: skip
+
+    history = _state(tmp_path / "out")["log_history"]
+    [evals] = [entry for entry in history if any(key.startswith("eval_") for key in entry)]
+    assert evals["step"] == 1 and {key for key in evals if key.startswith("eval_")} == {
+        "eval_sdpg-set_accuracy", "eval_sdpg-set_completion_length", "eval_extra_accuracy",
+        "eval_extra_completion_length",
+    }  # fmt: skip
+    [train] = [entry for entry in history if "loss" in entry]
+    assert "rewards/lenient_math_accuracy_reward/mean" in train and "sdpg/distill_coef" in train
 
 
 def test_train_script_applies_lora_from_model_config(tiny_model_dir, tmp_path):
@@ -77,12 +104,24 @@ def test_train_script_applies_lora_from_model_config(tiny_model_dir, tmp_path):
         (("--dataset_name", "missing.parquet", "--dataset_source", "aime24"), "missing.parquet"),
         (("--arithmetic_level", "9"), "level"),
         (("--eval_reward_func", "nope"), "nope"),
+        (("--dataset_name", "{no_context}"), r"no_context\.jsonl \(split 'train'\) has no privileged-context column"),
     ],
 )
 def test_train_script_rejects_bad_input_before_loading_the_model(tmp_path, extra, message):
+    no_context = tmp_path / "no_context.jsonl"
+    no_context.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n")
+    extra = [arg.format(no_context=no_context) for arg in extra]
     # The model path does not exist: each error must come from the inputs, before any model loading.
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         main(_argv(str(tmp_path / "no-model"), str(tmp_path), *extra))
+
+
+def test_a_method_without_a_teacher_needs_no_context_column(tmp_path):
+    data = tmp_path / "no_context.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n")
+    # The data passes; what fails is the model, which does not exist.
+    with pytest.raises(OSError, match="no-model"):
+        main(_argv(str(tmp_path / "no-model"), str(tmp_path), "--dataset_name", str(data), "--distill_coef", "0"))
 
 
 def test_train_script_needs_a_held_out_set_for_in_training_eval(tmp_path):
@@ -108,6 +147,6 @@ def test_accelerate_launch_runs_the_module_with_a_recipe(tiny_model_dir, tmp_pat
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     # Main-process log lines: evaluations at steps 0, 1 and 2, then the training summary; the model is saved.
-    assert result.stdout.count("'eval/accuracy'") == 3, result.stdout[-2000:]
+    assert result.stdout.count("'eval_accuracy'") == 3, result.stdout[-2000:]
     assert "train_runtime" in result.stdout
     assert (tmp_path / "model.safetensors").is_file()

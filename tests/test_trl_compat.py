@@ -10,6 +10,7 @@ import ast
 import inspect
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -48,8 +49,11 @@ SIGNATURES = {
     "SyncTeacherModelCallback": ["teacher_model", "accelerator"],
     "is_pure_lora_training": ["model", "accelerator"],
 }  # fmt: skip
-CONSTANTS = {"GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL"}
-OWN_HELPERS = {"installed_trl_version", "tokenize_prompts"}  # defined in the compat module, checked below
+CONSTANTS = {
+    "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL", "VLLM_SAMPLING_ATTRIBUTES"
+}  # fmt: skip
+# Defined in the compat module, checked below.
+OWN_HELPERS = {"installed_trl_version", "tokenize_prompts", "vllm_generate"}
 
 
 def _parameters(obj) -> list[str]:
@@ -129,6 +133,57 @@ def test_grpo_trainer_sets_the_attributes_sdpg_reads_and_tokenizes_prompts(tmp_p
                 for p in prompts]  # fmt: skip
     assert [list(ids) for ids in prompt_ids] == [list(ids) for ids in expected]
     assert images is None and not multimodal_fields
+
+
+def test_grpo_trainers_vllm_engine_is_where_vllm_generate_reaches_for_it():
+    """`vllm_generate` cannot run without vLLM; what it relies on is checked in TRL's source instead."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    init = inspect.getsource(GRPOTrainer.__init__)
+    assert "self.vllm_generation = VLLMGeneration(" in init and "self._last_loaded_step = -1" in init, TRL
+    rollout = inspect.getsource(GRPOTrainer._generate_single_turn)
+    assert "self.vllm_generation.sync_weights()" in rollout and "self._last_loaded_step" in rollout, TRL
+    # The sampling settings are constructor arguments kept under their own names and read on every `generate`.
+    parameters = inspect.signature(VLLMGeneration.__init__).parameters
+    generate = inspect.getsource(VLLMGeneration.generate)
+    for name in compat.VLLM_SAMPLING_ATTRIBUTES:
+        assert name in parameters and f"self.{name}" in generate, f"VLLMGeneration.{name} in {TRL}"
+    expected = ["self", "prompts", "images", "num_generations"]
+    assert list(inspect.signature(VLLMGeneration.generate).parameters)[:4] == expected, TRL
+
+
+def test_vllm_generate_samples_at_the_given_settings_and_restores_the_rollouts():
+    class Engine:  # a VLLMGeneration's interface, without vLLM
+        temperature, top_p, top_k, min_p, repetition_penalty = 0.7, 0.9, 5, 0.1, 1.2
+        max_completion_length, generation_kwargs = 6, {"seed": 1}
+
+        def __init__(self):
+            self.synced, self.calls = 0, []
+
+        def sync_weights(self):
+            self.synced += 1
+
+        def generate(self, prompts, images, num_generations):
+            settings = {name: getattr(self, name) for name in compat.VLLM_SAMPLING_ATTRIBUTES}
+            self.calls.append((prompts, images, num_generations, settings))
+            return prompts, [[len(self.calls), i] for i in range(len(prompts))], None, None
+
+    engine = Engine()
+    step = types.SimpleNamespace(global_step=3)
+    trainer = types.SimpleNamespace(vllm_generation=engine, _last_loaded_step=-1, state=step)
+    completions = compat.vllm_generate(trainer, [[1, 2], [3]], 2, temperature=0.5, top_p=1.0, max_tokens=9)
+    assert completions == [[1, 0], [1, 1], [1, 2], [1, 3]]  # two per prompt, prompt-major
+    [(prompts, images, n, settings)] = engine.calls
+    assert (prompts, images, n) == ([[1, 2], [1, 2], [3], [3]], None, 2)
+    assert settings == dict(temperature=0.5, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                            max_completion_length=9, generation_kwargs={})  # fmt: skip
+    assert (engine.temperature, engine.top_k, engine.max_completion_length) == (0.7, 5, 6)  # the rollouts' again
+    assert engine.synced == 1 and trainer._last_loaded_step == 3
+    compat.vllm_generate(trainer, [[1]], 1, temperature=0.5, top_p=1.0, max_tokens=9)
+    assert engine.synced == 1  # this step's weights are there already
+    step.global_step = 4
+    compat.vllm_generate(trainer, [[1]], 1, temperature=0.5, top_p=1.0, max_tokens=9)
+    assert engine.synced == 2
 
 
 # Modules of TRL that are its public API; anything else is imported through `_trl_compat`.

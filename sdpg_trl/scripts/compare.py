@@ -38,10 +38,9 @@ from ..compare import (
     write_report,
 )
 
-# sdpg-evaluate's own switches, not settings of the evaluation: in training, mean@k always generates with
-# transformers, so the base model must too, even when the runs roll out with vLLM.
-NOT_EVALUATION_SETTINGS = {"model_name_or_path", "output_file", "use_vllm", "vllm_gpu_memory_utilization",
-                           "vllm_tensor_parallel_size"}  # fmt: skip
+# sdpg-evaluate's own switches, not settings of the evaluation. `use_vllm` and the vLLM settings are: runs that roll
+# out with vLLM evaluate with their vLLM engine, so the base model is evaluated with vLLM too.
+NOT_EVALUATION_SETTINGS = {"model_name_or_path", "output_file"}
 # The weights' dtype when a recipe sets none: trl.ModelConfig's default, which sdpg-train uses.
 TRAINING_DTYPE = "float32"
 
@@ -105,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         if set(flags or {}) & evaluation_keys():
             parser.error(f"method {name!r} sets {sorted(set(flags) & evaluation_keys())}: data and evaluation settings "
                          "belong under train:, the same for every method")  # fmt: skip
+    eval_sets = recipe["train"].get("eval_dataset_name")
+    if isinstance(eval_sets, list) and len(eval_sets) > 1:
+        parser.error(f"eval_dataset_name names {len(eval_sets)} sets, {eval_sets}: the table reports one held-out set")
     model = args.model_name_or_path or recipe["train"].get("model_name_or_path")
     if not model and not args.dry_run:
         from ..models import smollm2_checkpoint  # the demo model, converted once and cached

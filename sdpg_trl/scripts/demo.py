@@ -33,7 +33,7 @@ DEFAULT_RECIPE = recipe_path("demo_cpu")
 # One PNG per curve: file name -> (title, [(log key, label)]). Keys absent from the log are skipped.
 CURVES = {
     "reward": ("Mean reward of the rollouts", [("reward", "reward")]),
-    "accuracy": ("Held-out mean@k accuracy", [("eval/accuracy", "eval accuracy")]),
+    "accuracy": ("Held-out mean@k accuracy", [("eval_accuracy", "eval accuracy")]),
     "entropy": ("Policy entropy of sampled tokens", [("entropy", "entropy")]),
     "kl": (
         "KL terms",
@@ -41,7 +41,7 @@ CURVES = {
     ),
     "response_length": (
         "Response length (tokens)",
-        [("completions/mean_length", "training rollouts"), ("eval/completion_length", "evaluation samples")],
+        [("completions/mean_length", "training rollouts"), ("eval_completion_length", "evaluation samples")],
     ),
 }
 
@@ -97,7 +97,7 @@ def measure_teacher_headroom(
     problems = train_dataset(script_args)
     problems = problems.select(range(min(num_problems, len(problems))))
     model, tokenizer = load_model_and_tokenizer(str(model_dir), dtype=dtype)
-    settings = script_args.eval_kwargs()
+    settings = dict(script_args.eval_kwargs(), chat_template_kwargs=training_args.chat_template_kwargs)
     report = evaluate_prompt_views(
         lambda data: evaluate_mean_at_k(model, tokenizer, data, **settings),
         problems,
@@ -173,14 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     write_metrics(history, output_dir)
     plots = plot_curves(history, output_dir)
 
-    evals = [entry for entry in history if "eval/accuracy" in entry]
+    evals = [entry for entry in history if "eval_accuracy" in entry]
     summary = {
         "model": "SmolLM2-135M-Instruct",
         "task": f"arithmetic level {script_args.arithmetic_level}",
         "eval": f"mean@{script_args.eval_k} at T={script_args.eval_temperature} on "
         f"{script_args.arithmetic_num_eval} held-out problems ({script_args.eval_reward_func})",
-        "accuracy_before": evals[0]["eval/accuracy"],
-        "accuracy_after": evals[-1]["eval/accuracy"],
+        "accuracy_before": evals[0]["eval_accuracy"],
+        "accuracy_after": evals[-1]["eval_accuracy"],
         "teacher_headroom": headroom,
         "teacher_headroom_s": round(headroom_s, 1),
         "steps": trainer.state.global_step,

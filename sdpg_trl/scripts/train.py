@@ -33,8 +33,9 @@ class SDPGScriptArguments(DataArguments, MeanAtKArguments):
 
     Args:
         reward_funcs: reward functions by registry name (`sdpg_trl.rewards.REWARD_FUNCS`) or dotted import path.
-        eval_every_steps: run mean@k on the held-out set every this many optimiser steps and log `eval/accuracy`;
-            `0` turns it off.
+        eval_every_steps: run mean@k on the held-out set(s) every this many optimiser steps and log it as
+            `Trainer.evaluate` names its metrics: `eval_accuracy`, or `eval_<name>_accuracy` per set when
+            `eval_dataset_name` names several (`sdpg_trl.evaluation.eval_metrics`); `0` turns it off.
         eval_before_training: also evaluate at step 0, so that curves start from the base model.
     """
 
@@ -46,7 +47,9 @@ class SDPGScriptArguments(DataArguments, MeanAtKArguments):
     eval_before_training: bool = field(default=True, metadata={"help": "Also evaluate before the first step."})
 
     def __post_init__(self):
-        super().__post_init__()
+        # Both bases check their own fields; neither calls the other.
+        DataArguments.__post_init__(self)
+        MeanAtKArguments.__post_init__(self)
         if self.eval_every_steps < 0:
             raise ValueError(f"eval_every_steps must be >= 0, got {self.eval_every_steps}.")
 
@@ -62,10 +65,14 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
         raise ValueError("model_name_or_path is required (a Hub id or a local directory).")
     # Everything that can be wrong with the inputs is checked before the model is loaded.
     reward_funcs = get_reward_funcs(script_args.reward_funcs)
-    dataset = train_dataset(script_args)
+    context_column = training_args.context_column if training_args.needs_teacher else None
+    dataset = train_dataset(script_args, context_column)
     held_out = held_out_dataset(script_args) if script_args.eval_every_steps else None
     if script_args.eval_every_steps and held_out is None:
-        raise ValueError("eval_every_steps > 0 needs a held-out set: set eval_dataset_name (e.g. aime24).")
+        raise ValueError(
+            "eval_every_steps > 0 needs a held-out set: set eval_dataset_name (e.g. aime24), or give dataset_name a "
+            f"{script_args.dataset_test_split!r} split (dataset_test_split)."
+        )
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,

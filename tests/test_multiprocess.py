@@ -1,7 +1,7 @@
-"""SDPGTrainer under `accelerate launch` with two CPU processes (DDP over gloo) against the same run in one process:
-one group of rollouts spans both processes, so the advantages, the gate and the loss normalisation must be computed
-over the global batch for the two runs to agree; and `end_training`, which tears the process group down before the
-interpreter exits."""
+"""SDPGTrainer under `accelerate launch` with two CPU processes (DDP over gloo, and the FSDP2 recipe where the
+installed accelerate can run it on CPU) against the same run in one process: one group of rollouts spans both
+processes, so the advantages, the gate and the loss normalisation must be computed over the global batch for the two
+runs to agree; and `end_training`, which tears the process group down before the interpreter exits."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import subprocess
 import sys
 import textwrap
 
+import accelerate
 import pytest
 import torch
 from conftest import make_dataset
 from transformers import Trainer
 
 from sdpg_trl import SDPGConfig, SDPGTrainer, end_training
+from sdpg_trl.scripts.recipes import recipe_path
 
 GLOBAL_BATCH = 4  # one group of 4 rollouts per step: 4 rows in one process, 2 + 2 over two
 
@@ -27,6 +29,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests_dir!r})
     import torch
     from accelerate import PartialState
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
     from conftest import make_dataset, make_tokenizer
     from sdpg_trl import SDPGConfig, SDPGTrainer, end_training
@@ -69,16 +72,19 @@ SCRIPT = textwrap.dedent(
     )
     trainer = RecordingTrainer(model={model!r}, reward_funcs=reward, args=args, train_dataset=make_dataset(8),
                                processing_class=make_tokenizer(), rollout_func=rollout)
-    flat = lambda: torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    full = lambda p: p.full_tensor() if isinstance(p, DTensor) else p  # FSDP2 shards each parameter
+    flat = lambda: torch.cat([full(p).detach().flatten() for p in trainer.model.parameters()])
     before = flat()
     trainer.train()
     weights = flat()
     end_training(trainer)  # without it the process group outlives the script and can abort the exit
     ddp_alive = sum(isinstance(obj, DistributedDataParallel) for obj in gc.get_objects())
     torch.save({{"before": before, "after": weights}}, {out!r} + f"/weights{{state.process_index}}.pt")
+    record = {{"world": state.num_processes, "logs": trainer.state.log_history, "batches": trainer.batches,
+              "group_alive": torch.distributed.is_initialized(), "ddp_alive": ddp_alive,
+              "distributed_type": trainer.accelerator.distributed_type.value, "fsdp": trainer.is_fsdp_enabled}}
     with open({out!r} + f"/rank{{state.process_index}}.json", "w") as f:
-        json.dump({{"world": state.num_processes, "logs": trainer.state.log_history, "batches": trainer.batches,
-                    "group_alive": torch.distributed.is_initialized(), "ddp_alive": ddp_alive}}, f)
+        json.dump(record, f)
     """
 )
 # Logged values that are not functions of the global batch and the weights.
@@ -91,40 +97,54 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_run(out, tiny_model_dir, num_processes: int) -> subprocess.Popen:
-    """The script in `num_processes` processes, in the background; its files and its output land in `out`."""
+# `accelerate launch` arguments for two processes: DDP (`--multi_gpu` picks accelerate's torchrun launcher; with no GPU
+# it runs DDP on gloo, where `--cpu` would launch one process), and the shipped FSDP2 config. Both in float32, as the
+# one-process run: the recipes' bf16 is emulated on CPUs without native bf16 and would not match it.
+DDP = ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
+FSDP2 = ["--config_file", str(recipe_path("accelerate/fsdp2"))]
+
+
+def start_run(out, tiny_model_dir, launch: list[str] | None) -> subprocess.Popen:
+    """The script in the background, in one process or under `accelerate launch` with `launch` on two; its files and
+    its output land in `out`."""
     out.mkdir()
     script = out / "run.py"
     tests_dir = os.path.dirname(__file__)
     script.write_text(SCRIPT.format(tests_dir=tests_dir, out=str(out), model=tiny_model_dir, batch=GLOBAL_BATCH))
     cmd = [sys.executable, str(script)]
-    if num_processes > 1:
-        # `--multi_gpu` picks accelerate's torchrun launcher; with no GPU it runs DDP on gloo (`--cpu` launches one).
+    if launch is not None:
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-            "--dynamo_backend", "no", str(script),
+            sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", str(script),
         ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
     with open(out / "output.txt", "w") as log:  # a file, not a pipe: nothing blocks while the other run is awaited
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def finish_run(run: subprocess.Popen, out, num_processes: int) -> list[dict]:
+def finish_run(run: subprocess.Popen, out) -> list[dict]:
     """Each process's record (`rank{i}.json`) with its weights before and after training."""
     assert run.wait(timeout=300) == 0, (out / "output.txt").read_text()[-4000:]
-    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(num_processes)]
+    ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
     for i, rank in enumerate(ranks):
         rank["weights"] = torch.load(out / f"weights{i}.pt")
     return ranks
 
 
-def test_two_process_ddp_training_matches_one_process(tmp_path, tiny_model_dir):
-    # Both runs at once: each is mostly one core's worth of imports and small forwards.
-    runs = {n: (start_run(tmp_path / f"world{n}", tiny_model_dir, n), tmp_path / f"world{n}") for n in (1, 2)}
-    single, (rank0, rank1) = (finish_run(run, out, n) for n, (run, out) in runs.items())
-    single = single[0]
-    assert (single["world"], rank0["world"]) == (1, 2)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """The one-process reference and the two-process runs, all started at once (each process spends most of its time
+    importing on one core), for the tests to await with `finish_run`."""
+    root = tmp_path_factory.mktemp("runs")
+    started = {name: (start_run(root / name, tiny_model_dir, launch), root / name)
+               for name, launch in (("one", None), ("ddp", DDP), ("fsdp2", FSDP2))}  # fmt: skip
+    yield started
+    for run, _ in started.values():  # those a failed or deselected test left running
+        run.wait(timeout=300)
+
+
+def assert_matches_one_process(single: dict, rank0: dict, rank1: dict) -> None:
+    assert (single["world"], rank0["world"], rank1["world"]) == (1, 2, 2)
     # `end_training` freed the DDP wrapper (the group's last owner) and destroyed the group before the exit.
     assert all(not r["group_alive"] and r["ddp_alive"] == 0 for r in (rank0, rank1))
 
@@ -151,10 +171,34 @@ def test_two_process_ddp_training_matches_one_process(tmp_path, tiny_model_dir):
         for key in one.keys() - TIMING_KEYS:
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), f"step {step + 1}: {key}"
 
-    # DDP keeps replicas identical, and two SGD steps on the split batch land on the one-process weights.
+    # The replicas are identical, and two SGD steps on the split batch land on the one-process weights.
     torch.testing.assert_close(rank0["weights"]["after"], rank1["weights"]["after"], rtol=0, atol=0)
     torch.testing.assert_close(rank0["weights"]["after"], single["weights"]["after"], rtol=1e-5, atol=1e-6)
     assert (single["weights"]["after"] - single["weights"]["before"]).abs().max() > 1e-3
+
+
+def test_two_process_ddp_training_matches_one_process(runs):
+    (single,), ranks = finish_run(*runs["one"]), finish_run(*runs["ddp"])
+    assert all(r["distributed_type"] == "MULTI_CPU" for r in ranks)
+    assert_matches_one_process(single, *ranks)
+
+
+def test_two_process_fsdp2_training_matches_one_process(runs):
+    """recipes/accelerate/fsdp2.yaml on two CPU processes, or a skip that says what the run became instead."""
+    ranks = finish_run(*runs["fsdp2"])
+    if not ranks[0]["fsdp"]:
+        # Found with accelerate 1.15 and torch 2.13: torch's `fully_shard` works on CPU over gloo, but accelerate
+        # does not. Without a GPU, `PartialState` joins the processes (MULTI_CPU, gloo) only with `cpu=True` (else
+        # every process trains alone, DistributedType.NO), and `AcceleratorState` turns FSDP on only for GPU-like
+        # types (MULTI_GPU, MULTI_XPU, ...), so the launch (ACCELERATE_USE_FSDP=true) silently trains with DDP.
+        pytest.skip(
+            f"accelerate {accelerate.__version__} cannot run FSDP on CPU: launched with the FSDP2 config, the run "
+            f"trained as {ranks[0]['distributed_type']} (plain DDP over gloo), because AcceleratorState enables FSDP "
+            "only for GPU-like distributed types; without use_cpu each process would train alone"
+        )
+    assert all(r["distributed_type"] == "FSDP" for r in ranks)
+    (single,) = finish_run(*runs["one"])
+    assert_matches_one_process(single, *ranks)
 
 
 def zero_reward(completions, **kwargs):

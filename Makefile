@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test gpu-check demo bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,16 @@ install: $(VENV)/.installed
 # generation step 16x slower (0.5 s -> 8.3 s measured).
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+
+# On a CUDA machine (a CUDA build of torch in $(VENV); `pip install -e ".[vllm]"` there adds the vLLM test): the GPU
+# tests (`pytest -m gpu`: SDPG steps in bf16, the fused pass in bf16, TRL's Triton kernels, vLLM colocated), then the
+# update benchmark against GRPO, written to bench/results/gpu/ so that it leaves the CPU results and docs/ alone.
+GPU_BENCH ?= --lengths 1024 4096 --vocabs 151936 --methods grpo sdpg
+gpu-check: install
+	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu-check: $(PY) sees no CUDA GPU')"
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m gpu
+	$(PY) -m bench.run $(GPU_BENCH) --no-train-step --results bench/results/gpu/results.json \
+		--doc bench/results/gpu/PERFORMANCE.md
 
 demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m sdpg_trl.scripts.demo --output_dir outputs/demo

@@ -5,10 +5,12 @@
     python -m bench.run --no-loss-step       # only the whole training steps on the demo model
     python -m bench.run --report-only        # re-render the doc from bench/results/results.json
     python -m bench.run --methods sdpg --save-as sdpg_patch   # a modified trainer's rows, next to the committed ones
+    python -m bench.run --methods grpo sdpg --no-train-step --results bench/results/gpu/results.json \
+        --doc bench/results/gpu/PERFORMANCE.md   # on a GPU (`make gpu-check`), apart from the CPU results
 
 Each configuration runs `bench.loss_step` (or `bench.train_step`) in a subprocess, so peak memory is that
-configuration's alone, and under an address-space limit, so an out-of-memory peer fails cleanly instead of waking the
-kernel's OOM killer on a shared machine. Raw results land in bench/results/ (git-ignored).
+configuration's alone, and on CPU under an address-space limit, so an out-of-memory peer fails cleanly instead of
+waking the kernel's OOM killer on a shared machine. Raw results land in bench/results/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.harness import device
 from bench.loss_step import METHODS
-from bench.report import write_report
+from bench.report import targets_table, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "results.json"
@@ -44,9 +47,12 @@ def run_child(module: str, args: list[str], mem_limit: int, timeout_s: float) ->
 
     cmd = [sys.executable, "-m", module, *args]
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    # Not on CUDA: it reserves virtual address space of the order of GPU plus host memory when it starts, which an
+    # address-space limit can forbid, and a GPU out-of-memory is a clean error (torch.OutOfMemoryError) anyway.
+    preexec_fn = limit_memory if device().type == "cpu" else None
     try:
         proc = subprocess.run(
-            cmd, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=limit_memory, timeout=timeout_s
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=preexec_fn, timeout=timeout_s
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout_s:.0f} s"}
@@ -109,13 +115,13 @@ def result_key(result: dict) -> tuple:
     return result["kind"], result["method"], result.get("vocab"), result.get("length")
 
 
-def save_results(new: list[dict], mem_limit_gib: float) -> None:
-    """Merge `new` into the saved results, replacing runs of the same configuration, so partial re-runs
+def save_results(new: list[dict], mem_limit_gib: float, path: Path) -> None:
+    """Merge `new` into the results saved at `path`, replacing runs of the same configuration, so partial re-runs
     (`--no-train-step`, one length, one method) update the report instead of erasing the rest of it."""
-    saved = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else []
+    saved = json.loads(path.read_text())["results"] if path.exists() else []
     merged = {result_key(r): r for r in saved} | {result_key(r): r for r in new}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"results": list(merged.values()), "mem_limit_gib": mem_limit_gib}, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": list(merged.values()), "mem_limit_gib": mem_limit_gib}, indent=1))
 
 
 def main() -> None:
@@ -125,7 +131,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--batch", type=int, default=2, help="rows per update; advantages alternate +1, -1")
     parser.add_argument("--iters", type=int, default=None, help=f"timed updates per config (default {CPU_ITERS})")
-    parser.add_argument("--mem-limit-gib", type=float, default=mem_total_bytes() * 0.8 / 2**30)
+    parser.add_argument("--mem-limit-gib", type=float, default=mem_total_bytes() * 0.8 / 2**30, help="CPU only")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--no-train-step", action="store_true", help="skip the whole-step runs on the demo model")
     parser.add_argument("--no-loss-step", action="store_true", help="only the whole-step runs on the demo model")
@@ -135,6 +141,7 @@ def main() -> None:
     )
     parser.add_argument("--report-only", action="store_true", help="re-render the doc from saved results")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the raw results are kept and merged")
     args = parser.parse_args()
 
     if not args.report_only:
@@ -142,9 +149,10 @@ def main() -> None:
         results = [] if args.no_loss_step else loss_step_sweep(args, mem_limit)
         if not args.no_train_step:
             results += train_step_runs(args, mem_limit)
-        save_results(results, args.mem_limit_gib)
-    saved = json.loads(RESULTS.read_text())
+        save_results(results, args.mem_limit_gib, args.results)
+    saved = json.loads(args.results.read_text())
     write_report(saved["results"], saved["mem_limit_gib"], args.doc)
+    print("\n".join(targets_table(saved["results"], saved["mem_limit_gib"])))
     print(f"wrote {args.doc}")
 
 

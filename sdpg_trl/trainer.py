@@ -359,32 +359,40 @@ class SDPGTrainer(GRPOTrainer):
         # Zeros attached to the graph, so a batch with no valid token still backpropagates (as TRL's fused head does).
         per_token_logps = hidden[..., 0].float() * 0.0
         entropies, opd, teacher_logps, teacher_entropies = (torch.zeros_like(per_token_logps) for _ in range(4))
-        if (valid & ~distilled).any():
-            where = (valid & ~distilled).nonzero(as_tuple=True)
-            logps, entropy = chunked_logps_and_entropy(hidden[where], weight, bias, completion_ids[where], **head)
-            per_token_logps = per_token_logps.index_put(where, logps)
-            entropies = entropies.index_put(where, entropy)
-        if distilled.any():
-            where = distilled.nonzero(as_tuple=True)
-            logps, entropy, kl, t_logps, t_entropy = fused_policy_distillation(
-                hidden[where], teacher_hidden[teacher_index[where[0]], where[1]], weight, bias, completion_ids[where],
-                teacher_weight=teacher_weight, teacher_bias=teacher_bias, chunk_size=args.distill_chunk_size, **head,
-            )  # fmt: skip
-            per_token_logps = per_token_logps.index_put(where, logps)
-            entropies = entropies.index_put(where, entropy)
-            opd = opd.index_put(where, kl)
-            teacher_logps = teacher_logps.index_put(where, t_logps)
-            teacher_entropies = teacher_entropies.index_put(where, t_entropy)
-        rlsd_only = valid & teacher_rows.unsqueeze(1) & ~distilled
-        if terms.rlsd and rlsd_only.any():  # RLSD needs the teacher's sampled-token log-prob, not its KL
-            where = rlsd_only.nonzero(as_tuple=True)
-            with torch.no_grad():
-                t_logps, t_entropy = chunked_logps_and_entropy(
-                    teacher_hidden[teacher_index[where[0]], where[1]], teacher_weight, teacher_bias,
-                    completion_ids[where], **head,
+        # The head kernels run as TRL's fused head does inside GRPO's forward: under the accelerator's autocast, so
+        # that mixed precision projects bf16/fp16 tiles (into fp32 logits), or in fp32 with `cast_lm_head_to_fp32`.
+        # Outside the forward's autocast they would always project in the hidden states' dtype, fp32 by default.
+        if args.cast_lm_head_to_fp32:
+            hidden = hidden.float()
+            teacher_hidden = None if teacher_hidden is None else teacher_hidden.float()
+        with nullcontext() if args.cast_lm_head_to_fp32 else self.accelerator.autocast():
+            if (valid & ~distilled).any():
+                where = (valid & ~distilled).nonzero(as_tuple=True)
+                logps, entropy = chunked_logps_and_entropy(hidden[where], weight, bias, completion_ids[where], **head)
+                per_token_logps = per_token_logps.index_put(where, logps)
+                entropies = entropies.index_put(where, entropy)
+            if distilled.any():
+                where = distilled.nonzero(as_tuple=True)
+                logps, entropy, kl, t_logps, t_entropy = fused_policy_distillation(
+                    hidden[where], teacher_hidden[teacher_index[where[0]], where[1]], weight, bias,
+                    completion_ids[where], teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                    chunk_size=args.distill_chunk_size, **head,
                 )  # fmt: skip
-            teacher_logps = teacher_logps.index_put(where, t_logps)
-            teacher_entropies = teacher_entropies.index_put(where, t_entropy)
+                per_token_logps = per_token_logps.index_put(where, logps)
+                entropies = entropies.index_put(where, entropy)
+                opd = opd.index_put(where, kl)
+                teacher_logps = teacher_logps.index_put(where, t_logps)
+                teacher_entropies = teacher_entropies.index_put(where, t_entropy)
+            rlsd_only = valid & teacher_rows.unsqueeze(1) & ~distilled
+            if terms.rlsd and rlsd_only.any():  # RLSD needs the teacher's sampled-token log-prob, not its KL
+                where = rlsd_only.nonzero(as_tuple=True)
+                with torch.no_grad():
+                    t_logps, t_entropy = chunked_logps_and_entropy(
+                        teacher_hidden[teacher_index[where[0]], where[1]], teacher_weight, teacher_bias,
+                        completion_ids[where], **head,
+                    )  # fmt: skip
+                teacher_logps = teacher_logps.index_put(where, t_logps)
+                teacher_entropies = teacher_entropies.index_put(where, t_entropy)
 
         old_per_token_logps = inputs.get("old_per_token_logps")
         token_advantages = advantages

@@ -137,11 +137,13 @@ def test_fused_pass_on_no_tokens_is_empty():
     assert [o.shape for o in outputs] == [(0,)] * 5
 
 
-def test_chunked_logps_and_entropy_matches_log_softmax():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # CUDA: TRL's Triton kernels
+def test_chunked_logps_and_entropy_matches_log_softmax(device):
     torch.set_default_dtype(torch.float32)
-    hidden = torch.randn(6, 8, requires_grad=True)
-    weight, bias = torch.randn(40000, 8), torch.randn(40000)  # more than one of TRL's 32768-wide tiles
-    targets = torch.randint(0, 40000, (6,))
+    hidden = torch.randn(6, 8, device=device, requires_grad=True)
+    weight = torch.randn(40000, 8, device=device)  # more than one of TRL's 32768-wide tiles
+    bias = torch.randn(40000, device=device)
+    targets = torch.randint(0, 40000, (6,), device=device)
     logps, entropy = chunked_logps_and_entropy(hidden, weight, bias, targets, temperature=0.7)
     logits = (hidden.double() @ weight.double().T + bias.double()) / 0.7
     log_p = logits.log_softmax(-1)

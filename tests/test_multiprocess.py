@@ -1,6 +1,7 @@
-"""SDPGTrainer under `accelerate launch` with two CPU processes (DDP over gloo): the hook-based hidden-state capture,
-the teacher pass on a rank-dependent number of rows and the cross-process metrics must all work there; and
-`end_training`, which tears the process group down before the interpreter exits."""
+"""SDPGTrainer under `accelerate launch` with two CPU processes (DDP over gloo, and the FSDP2 recipe where the
+installed accelerate can run it on CPU) against the same run in one process: one group of rollouts spans both
+processes, so the advantages, the gate and the loss normalisation must be computed over the global batch for the two
+runs to agree; and `end_training`, which tears the process group down before the interpreter exits."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import subprocess
 import sys
 import textwrap
 
+import accelerate
+import pytest
 import torch
 from conftest import make_dataset
 from transformers import Trainer
 
 from sdpg_trl import SDPGConfig, SDPGTrainer, end_training
+from sdpg_trl.scripts.recipes import recipe_path
+
+GLOBAL_BATCH = 4  # one group of 4 rollouts per step: 4 rows in one process, 2 + 2 over two
 
 SCRIPT = textwrap.dedent(
     """
@@ -23,31 +29,66 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests_dir!r})
     import torch
     from accelerate import PartialState
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
     from conftest import make_dataset, make_tokenizer
     from sdpg_trl import SDPGConfig, SDPGTrainer, end_training
+    from sdpg_trl._trl_compat import tokenize_prompts
 
     def reward(completions, **kwargs):
-        return [float(len(c[0]["content"]) % 2) for c in completions]
+        return [float(len(c[0]["content"])) for c in completions]
 
+    def rollout(prompts, trainer):
+        # TRL seeds each process differently (seed + rank) and samples a process's rows as one batch, so a group split
+        # over two processes would get other completions than in one. Each row is sampled alone from the policy,
+        # seeded by its place in the global batch, so the completions do not depend on the split.
+        first = trainer.accelerator.process_index * len(prompts)
+        prompt_ids, completion_ids = tokenize_prompts(trainer, prompts)[0], []
+        for i, ids in enumerate(prompt_ids):
+            torch.manual_seed(1000 * trainer.state.global_step + first + i)
+            with torch.no_grad():
+                out = trainer.model.generate(torch.tensor([ids]), generation_config=trainer.generation_config)
+            completion_ids.append(out[0, len(ids):].tolist())
+        return {{"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}}
+
+    class RecordingTrainer(SDPGTrainer):  # keeps this process's completions and advantages of each batch
+        batches = []
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            ids, mask = out["completion_ids"].tolist(), out["completion_mask"].tolist()
+            self.batches.append({{"completions": [[t for t, m in zip(r, k) if m] for r, k in zip(ids, mask)],
+                                  "advantages": out["advantages"].tolist()}})
+            return out
+
+    state = PartialState(cpu=True)  # without `cpu`, a machine with no GPU starts as one process
+    # SGD, not Adam: Adam's first step is about lr * sign(grad), which would turn float noise in a near-zero gradient
+    # into a full-size parameter difference between the two runs.
     args = SDPGConfig(
-        output_dir={out!r}, per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=3,
-        logging_steps=1, report_to="none", save_strategy="no", bf16=False, use_cpu=True, distill_warmup_steps=0,
-        distill_decay_steps=0, distill_coef=0.5, beta=0.1, learning_rate=1e-2, seed=0,
+        output_dir={out!r}, per_device_train_batch_size={batch} // state.num_processes, num_generations={batch},
+        max_completion_length=6, max_steps=2, logging_steps=1, report_to="none", save_strategy="no", bf16=False,
+        use_cpu=True, distill_warmup_steps=0, distill_decay_steps=0, distill_coef=0.5, beta=0.1, optim="sgd",
+        learning_rate=0.5, seed=0,
     )
-    trainer = SDPGTrainer(model={model!r}, reward_funcs=reward, args=args, train_dataset=make_dataset(8),
-                          processing_class=make_tokenizer())
+    trainer = RecordingTrainer(model={model!r}, reward_funcs=reward, args=args, train_dataset=make_dataset(8),
+                               processing_class=make_tokenizer(), rollout_func=rollout)
+    full = lambda p: p.full_tensor() if isinstance(p, DTensor) else p  # FSDP2 shards each parameter
+    flat = lambda: torch.cat([full(p).detach().flatten() for p in trainer.model.parameters()])
+    before = flat()
     trainer.train()
-    weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    state = PartialState()
+    weights = flat()
     end_training(trainer)  # without it the process group outlives the script and can abort the exit
     ddp_alive = sum(isinstance(obj, DistributedDataParallel) for obj in gc.get_objects())
+    torch.save({{"before": before, "after": weights}}, {out!r} + f"/weights{{state.process_index}}.pt")
+    record = {{"world": state.num_processes, "logs": trainer.state.log_history, "batches": trainer.batches,
+              "group_alive": torch.distributed.is_initialized(), "ddp_alive": ddp_alive,
+              "distributed_type": trainer.accelerator.distributed_type.value, "fsdp": trainer.is_fsdp_enabled}}
     with open({out!r} + f"/rank{{state.process_index}}.json", "w") as f:
-        json.dump({{"world": state.num_processes, "checksum": weights.double().sum().item(),
-                    "logs": trainer.state.log_history, "group_alive": torch.distributed.is_initialized(),
-                    "ddp_alive": ddp_alive}}, f)
+        json.dump(record, f)
     """
 )
+# Logged values that are not functions of the global batch and the weights.
+TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
 
 
 def free_port() -> int:
@@ -56,29 +97,108 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_ddp_training(tmp_path, tiny_model_dir):
-    script = tmp_path / "run.py"
-    out = tmp_path / "out"
-    out.mkdir()
-    tests_dir = os.path.dirname(__file__)
-    script.write_text(SCRIPT.format(tests_dir=tests_dir, out=str(out), model=tiny_model_dir))
-    # `--multi_gpu` picks accelerate's torchrun launcher; with no GPU it runs DDP on gloo (`--cpu` would launch one).
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+# `accelerate launch` arguments for two processes: DDP (`--multi_gpu` picks accelerate's torchrun launcher; with no GPU
+# it runs DDP on gloo, where `--cpu` would launch one process), and the shipped FSDP2 config. Both in float32, as the
+# one-process run: the recipes' bf16 is emulated on CPUs without native bf16 and would not match it.
+DDP = ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
+FSDP2 = ["--config_file", str(recipe_path("accelerate/fsdp2"))]
 
-    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
-    assert all(r["world"] == 2 for r in ranks)
+
+def start_run(out, tiny_model_dir, launch: list[str] | None) -> subprocess.Popen:
+    """The script in the background, in one process or under `accelerate launch` with `launch` on two; its files and
+    its output land in `out`."""
+    out.mkdir()
+    script = out / "run.py"
+    tests_dir = os.path.dirname(__file__)
+    script.write_text(SCRIPT.format(tests_dir=tests_dir, out=str(out), model=tiny_model_dir, batch=GLOBAL_BATCH))
+    cmd = [sys.executable, str(script)]
+    if launch is not None:
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", str(script),
+        ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    with open(out / "output.txt", "w") as log:  # a file, not a pipe: nothing blocks while the other run is awaited
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def finish_run(run: subprocess.Popen, out) -> list[dict]:
+    """Each process's record (`rank{i}.json`) with its weights before and after training."""
+    assert run.wait(timeout=300) == 0, (out / "output.txt").read_text()[-4000:]
+    ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
+    for i, rank in enumerate(ranks):
+        rank["weights"] = torch.load(out / f"weights{i}.pt")
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """The one-process reference and the two-process runs, all started at once (each process spends most of its time
+    importing on one core), for the tests to await with `finish_run`."""
+    root = tmp_path_factory.mktemp("runs")
+    started = {name: (start_run(root / name, tiny_model_dir, launch), root / name)
+               for name, launch in (("one", None), ("ddp", DDP), ("fsdp2", FSDP2))}  # fmt: skip
+    yield started
+    for run, _ in started.values():  # those a failed or deselected test left running
+        run.wait(timeout=300)
+
+
+def assert_matches_one_process(single: dict, rank0: dict, rank1: dict) -> None:
+    assert (single["world"], rank0["world"], rank1["world"]) == (1, 2, 2)
     # `end_training` freed the DDP wrapper (the group's last owner) and destroyed the group before the exit.
-    assert all(not r["group_alive"] and r["ddp_alive"] == 0 for r in ranks)
-    # DDP keeps replicas identical: the gradients (KL included) were all-reduced on both ranks.
-    assert ranks[0]["checksum"] == ranks[1]["checksum"]
-    logs = [h for h in ranks[0]["logs"] if "loss" in h]
-    assert len(logs) == 3 and all("sdpg/opd_kl" in h and "sdpg/gate_ratio" in h for h in logs)
+    assert all(not r["group_alive"] and r["ddp_alive"] == 0 for r in (rank0, rank1))
+
+    # The same global batch: one group per step, split 2 + 2 over the processes, with the same completions.
+    assert len(single["batches"]) == len(rank0["batches"]) == len(rank1["batches"]) == 2
+    for batch, *split in zip(single["batches"], rank0["batches"], rank1["batches"]):
+        assert all(len(b["completions"]) == GLOBAL_BATCH // 2 for b in split)
+        assert batch["completions"] == split[0]["completions"] + split[1]["completions"]
+        # Group-relative advantages over the group's 4 rows, not over each process's 2.
+        assert batch["advantages"] == pytest.approx(split[0]["advantages"] + split[1]["advantages"], abs=1e-6)
+    # At some step one process had no rollout to distil while the other had: it ran the teacher on a throw-away row.
+    gated = [[sum(a > 0 for a in b["advantages"]) for b in split] for split in zip(rank0["batches"], rank1["batches"])]
+    assert any(0 in counts and max(counts) > 0 for counts in gated), gated
+
+    logs = [h for h in single["logs"] if "loss" in h]
+    logs0 = [h for h in rank0["logs"] if "loss" in h]
+    assert len(logs) == len(logs0) == 2
+    for step, (one, two) in enumerate(zip(logs, logs0)):
+        # The test needs a gate that distils some rollouts and not others, and a distillation term.
+        assert 0 < one["sdpg/gate_ratio"] < 1 and one["sdpg/opd_kl"] > 0, one
+        assert one.keys() == two.keys()
+        # float32 tolerance: at step 2 the weights differ in the last bits, and the KL between the two near-equal
+        # views (about 2e-3) is a difference of log-probs near 4, so it keeps only about 1e-5 of relative precision.
+        for key in one.keys() - TIMING_KEYS:
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), f"step {step + 1}: {key}"
+
+    # The replicas are identical, and two SGD steps on the split batch land on the one-process weights.
+    torch.testing.assert_close(rank0["weights"]["after"], rank1["weights"]["after"], rtol=0, atol=0)
+    torch.testing.assert_close(rank0["weights"]["after"], single["weights"]["after"], rtol=1e-5, atol=1e-6)
+    assert (single["weights"]["after"] - single["weights"]["before"]).abs().max() > 1e-3
+
+
+def test_two_process_ddp_training_matches_one_process(runs):
+    (single,), ranks = finish_run(*runs["one"]), finish_run(*runs["ddp"])
+    assert all(r["distributed_type"] == "MULTI_CPU" for r in ranks)
+    assert_matches_one_process(single, *ranks)
+
+
+def test_two_process_fsdp2_training_matches_one_process(runs):
+    """recipes/accelerate/fsdp2.yaml on two CPU processes, or a skip that says what the run became instead."""
+    ranks = finish_run(*runs["fsdp2"])
+    if not ranks[0]["fsdp"]:
+        # Found with accelerate 1.15 and torch 2.13: torch's `fully_shard` works on CPU over gloo, but accelerate
+        # does not. Without a GPU, `PartialState` joins the processes (MULTI_CPU, gloo) only with `cpu=True` (else
+        # every process trains alone, DistributedType.NO), and `AcceleratorState` turns FSDP on only for GPU-like
+        # types (MULTI_GPU, MULTI_XPU, ...), so the launch (ACCELERATE_USE_FSDP=true) silently trains with DDP.
+        pytest.skip(
+            f"accelerate {accelerate.__version__} cannot run FSDP on CPU: launched with the FSDP2 config, the run "
+            f"trained as {ranks[0]['distributed_type']} (plain DDP over gloo), because AcceleratorState enables FSDP "
+            "only for GPU-like distributed types; without use_cpu each process would train alone"
+        )
+    assert all(r["distributed_type"] == "FSDP" for r in ranks)
+    (single,) = finish_run(*runs["one"])
+    assert_matches_one_process(single, *ranks)
 
 
 def zero_reward(completions, **kwargs):

@@ -21,7 +21,9 @@ from transformers import (
 )
 from trl import GRPOConfig, GRPOTrainer
 
+import sdpg_trl.trainer
 from sdpg_trl import SDPGConfig, SDPGTrainer
+from sdpg_trl._trl_compat import compute_dtype
 from sdpg_trl.losses import OutcomeOptions, beta_schedule, sdpg_loss_reference
 from sdpg_trl.teacher import build_teacher_prompt
 from sdpg_trl.trainer import vision_language_signs
@@ -210,6 +212,28 @@ def test_peft_teacher_uses_the_adapter(tmp_path, tokenizer, tiny_model_dir):
     with peft_trainer.model.disable_adapter():
         base_loss, _, _ = reference_loss_and_grads(peft_trainer, batch)
     assert not torch.allclose(base_loss, ref_loss)  # so the adapter really is part of what was compared
+
+
+@pytest.mark.parametrize(("cast_lm_head_to_fp32", "expected"), [(False, torch.bfloat16), (True, torch.float32)])
+def test_head_kernels_project_in_the_mixed_precision_dtype(tmp_path, tokenizer, tiny_model_dir, monkeypatch,
+                                                            cast_lm_head_to_fp32, expected):  # fmt: skip
+    """Under bf16 mixed precision the LM-head kernels project in bf16, as TRL's fused head does inside GRPO's
+    forward, although they run after SDPG's; `cast_lm_head_to_fp32` keeps them in fp32, as it does GRPO's."""
+    seen = []
+
+    def spy(kernel):
+        def run(hidden, *args, **kwargs):
+            seen.append((kernel.__name__, compute_dtype(hidden)))
+            return kernel(hidden, *args, **kwargs)
+
+        return run
+
+    for name in ("chunked_logps_and_entropy", "fused_policy_distillation"):
+        monkeypatch.setattr(sdpg_trl.trainer, name, spy(getattr(sdpg_trl.trainer, name)))
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, bf16=True, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+    loss, g_trainer = trainer_loss_and_grads(trainer, hand_batch(tokenizer))  # rows 0 and 2 distilled, 1 and 3 not
+    assert sorted(seen) == [("chunked_logps_and_entropy", expected), ("fused_policy_distillation", expected)]
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in g_trainer.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: install test gpu-check demo bench clean
+.PHONY: install test quality gpu-check demo bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ install: $(VENV)/.installed
 # generation step 16x slower (0.5 s -> 8.3 s measured).
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+
+# Lint and format check, TRL's style (ruff, 119 columns; settings in pyproject.toml).
+quality: install
+	$(PY) -m pip install -q -e ".[quality]" $(TORCH)
+	$(PY) -m ruff check sdpg_trl tests bench
+	$(PY) -m ruff format --check sdpg_trl tests bench
 
 # On a CUDA machine (a CUDA build of torch in $(VENV); `pip install -e ".[vllm]"` there adds the vLLM test): the GPU
 # tests (`pytest -m gpu`: SDPG steps in bf16, the fused pass in bf16, TRL's Triton kernels, vLLM colocated), then the

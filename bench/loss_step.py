@@ -30,8 +30,8 @@ from bench.harness import (
     device,
     small_model,
     synthetic_batch,
-    tiny_dataset,
     timed,
+    tiny_dataset,
     word_tokenizer,
 )
 from bench.naive import naive_sdpg_loss

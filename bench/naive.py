@@ -37,13 +37,19 @@ def naive_sdpg_loss(
     """`L_out + distill_coef * L_OPD+ + kl_coef * L_urkl` from materialised student and teacher logits."""
     completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"].float()
     student_logps = F.log_softmax(
-        completion_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], completion_ids, inputs["completion_mask"]),
+        completion_logits(
+            model, inputs["prompt_ids"], inputs["prompt_mask"], completion_ids, inputs["completion_mask"]
+        ),
         dim=-1,
     )
     with torch.no_grad():
         teacher_logps = F.log_softmax(
             completion_logits(
-                model, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"], completion_ids, inputs["completion_mask"]
+                model,
+                inputs["teacher_prompt_ids"],
+                inputs["teacher_prompt_mask"],
+                completion_ids,
+                inputs["completion_mask"],
             ),
             dim=-1,
         )

@@ -68,7 +68,9 @@ def loss_step_table(results: list[dict], mem_limit_gib: float) -> list[str]:
         "| peak abs (GiB) | abs / GRPO |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (vocab, length, method), r in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1], list(LABELS).index(kv[0][2]))):
+    for (vocab, length, method), r in sorted(
+        table.items(), key=lambda kv: (kv[0][0], kv[0][1], list(LABELS).index(kv[0][2]))
+    ):
         base = table.get((vocab, length, "grpo"), {})
         if "error" in r:
             lines.append(
@@ -143,12 +145,16 @@ def targets_table(results: list[dict], mem_limit_gib: float) -> list[str]:
         need = PEER_MEMORY_FACTOR if peer == "naive" else 1.0
         if "error" in other:  # the peer ran out of the address-space limit: its peak is at least the limit's headroom
             floor = mem_limit_gib - sdpg["baseline_gib"]
-            measured, ok = f"SDPG +{sdpg['peak_delta_gib']:.2f} GiB vs {peer} > {floor:.1f} GiB (failed at the limit)", (
-                floor >= need * sdpg["peak_delta_gib"]
+            measured, ok = (
+                f"SDPG +{sdpg['peak_delta_gib']:.2f} GiB vs {peer} > {floor:.1f} GiB (failed at the limit)",
+                (floor >= need * sdpg["peak_delta_gib"]),
             )
         else:
             measured = f"SDPG +{sdpg['peak_delta_gib']:.2f} GiB vs {peer} +{other['peak_delta_gib']:.2f} GiB"
-            ok = other["peak_delta_gib"] >= need * sdpg["peak_delta_gib"] and other["peak_delta_gib"] > sdpg["peak_delta_gib"]
+            ok = (
+                other["peak_delta_gib"] >= need * sdpg["peak_delta_gib"]
+                and other["peak_delta_gib"] > sdpg["peak_delta_gib"]
+            )
         target = f"at least {need:.0f}x below {LABELS[peer]}" if need > 1 else f"below {LABELS[peer]}"
         lines.append(f"| peak memory at V={vocab}, T={length} {target} | {measured} | {verdict(ok)} |")
     steps = {r["method"]: r for r in results if r.get("kind") == "train_step" and "error" not in r}

@@ -137,7 +137,9 @@ def main() -> None:
     parser.add_argument("--no-loss-step", action="store_true", help="only the whole-step runs on the demo model")
     parser.add_argument("--train-steps", type=int, default=6, help="whole steps per method; the first is warmup")
     parser.add_argument(
-        "--save-as", choices=("sdpg_patch",), help="record the loss-step runs under this name (e.g. with the patch applied)"
+        "--save-as",
+        choices=("sdpg_patch",),
+        help="record the loss-step runs under this name (e.g. with the patch applied)",
     )
     parser.add_argument("--report-only", action="store_true", help="re-render the doc from saved results")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "PERFORMANCE.md")

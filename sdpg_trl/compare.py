@@ -82,7 +82,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     for name, flags in recipe["methods"].items():
         shared = set(flags or {}) & set(recipe["train"])
         if shared:
-            raise ValueError(f"{path}: method {name!r} sets {sorted(shared)}, which train: sets for every run already.")
+            raise ValueError(
+                f"{path}: method {name!r} sets {sorted(shared)}, which train: sets for every run already."
+            )
     return recipe
 
 
@@ -123,7 +125,9 @@ def check_runs(runs: list[Run]) -> None:
             try:
                 make_parser().parse_args_and_config(args=["--config", str(path)], fail_with_unknown_args=True)
             except (ValueError, SystemExit) as err:
-                raise ValueError(f"Method {run.method!r}, seed {run.seed}: its configuration does not parse: {err}") from err
+                raise ValueError(
+                    f"Method {run.method!r}, seed {run.seed}: its configuration does not parse: {err}"
+                ) from err
 
 
 def last_evaluation_warnings(runs: list[Run]) -> list[str]:

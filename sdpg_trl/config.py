@@ -39,13 +39,23 @@ METHODS: dict[str, dict[str, Any]] = {
     "sdpg_no_distill": {"distill_coef": 0.0},
     "sdpg_no_anchor": {"beta": 0.0},
     # GRPO: no teacher, TRL's k3 anchor with alpha = 1e-3, the clipped surrogate (SPEC 3).
-    "grpo": {"distill_coef": 0.0, "kl_estimator": "k3", "beta": 1e-3, "dual_clip": None, "anchor_ratio_weighted": False},
+    "grpo": {
+        "distill_coef": 0.0,
+        "kl_estimator": "k3",
+        "beta": 1e-3,
+        "dual_clip": None,
+        "anchor_ratio_weighted": False,
+    },
     # RLSD: the teacher only reweights the token advantages; no distillation term, no reference model (SPEC 3).
     "rlsd": {"distill_coef": 0.0, "beta": 0.0, "rlsd_coef": 0.5, "rlsd_decay_steps": 50, "rlsd_clip": 0.2},
     # OPCD / pure on-policy self-distillation: the KL on every rollout, no outcome term, no gate, no anchor (SPEC 3).
     "opcd": {
-        "outcome_coef": 0.0, "distill_coef": 1.0, "distill_positive_only": False, "distill_warmup_steps": 0,
-        "distill_decay_steps": 0, "beta": 0.0,
+        "outcome_coef": 0.0,
+        "distill_coef": 1.0,
+        "distill_positive_only": False,
+        "distill_warmup_steps": 0,
+        "distill_decay_steps": 0,
+        "beta": 0.0,
     },  # fmt: skip
 }
 
@@ -216,7 +226,8 @@ class SDPGConfig(GRPOConfig):
     """
 
     method: str = field(
-        default="sdpg_urkl", metadata={"help": "Method preset (fills fields left at their default).", "choices": list(METHODS)}
+        default="sdpg_urkl",
+        metadata={"help": "Method preset (fills fields left at their default).", "choices": list(METHODS)},
     )
     outcome_coef: float = field(default=1.0, metadata={"help": "Weight of the outcome term; 0 = pure distillation."})
     distill_coef: float = field(
@@ -373,9 +384,7 @@ class SDPGConfig(GRPOConfig):
         if self.distill_chunk_size < 1:
             raise ValueError(f"SDPGConfig.distill_chunk_size must be >= 1, got {self.distill_chunk_size}.")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(
-                f"SDPGConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}."
-            )
+            raise ValueError(f"SDPGConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
         self._check_outcome_options()
         if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
             raise ValueError(

@@ -95,7 +95,10 @@ def _one_step_word(rng: random.Random) -> tuple[str, int, str]:
         f"{name} has {have} {item}. {name} buys {bags} bags with {per_bag} {item} in each bag. "
         f"How many {item} does {name} have now?"
     )
-    solution = f"The bags hold {bags} * {per_bag} = {bags * per_bag} {item}, so {name} has {have} + {bags * per_bag} = {total}."
+    solution = (
+        f"The bags hold {bags} * {per_bag} = {bags * per_bag} {item}, "
+        f"so {name} has {have} + {bags * per_bag} = {total}."
+    )
     return question, total, solution
 
 
@@ -108,7 +111,9 @@ def _two_step_word(rng: random.Random) -> tuple[str, int, str]:
         f"{name} fills {boxes} boxes with {per_box} {item} each, then gives {given} {item} to {friend}. "
         f"How many {item} does {name} have left?"
     )
-    solution = f"{boxes} * {per_box} = {total} {item} in the boxes; after giving {given} away, {total} - {given} = {left}."
+    solution = (
+        f"{boxes} * {per_box} = {total} {item} in the boxes; after giving {given} away, {total} - {given} = {left}."
+    )
     return question, left, solution
 
 
@@ -146,9 +151,7 @@ def arithmetic_dataset(num_train: int = 256, num_test: int = 64, level: int = 1,
             f"num_train + num_test = {num_train + num_test}."
         )
     rows = [make_row(q, str(a), s) for q, (a, s) in problems.items()]
-    return DatasetDict(
-        train=_to_dataset(rows[:num_train]), test=_to_dataset(rows[num_train : num_train + num_test])
-    )
+    return DatasetDict(train=_to_dataset(rows[:num_train]), test=_to_dataset(rows[num_train : num_train + num_test]))
 
 
 def _to_dataset(rows: list[dict]) -> Dataset:
@@ -374,7 +377,7 @@ def parse_dict_argument(value: dict | str | None, name: str) -> dict | None:
     except json.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
-        raise ValueError(f"{name} must be a JSON object, e.g. '{{\"hint\": \"privileged_context\"}}'; got {value!r}.")
+        raise ValueError(f'{name} must be a JSON object, e.g. \'{{"hint": "privileged_context"}}\'; got {value!r}.')
     return parsed
 
 
@@ -428,7 +431,8 @@ class DataArguments:
         default=None, metadata={"help": 'Columns to rename in a data set in SDPG form, JSON: \'{"old": "new"}\'.'}
     )
     dataset_source: str | None = field(
-        default=None, metadata={"help": "Column layout of a local file or unlisted Hub id.", "choices": sorted(SOURCES)}
+        default=None,
+        metadata={"help": "Column layout of a local file or unlisted Hub id.", "choices": sorted(SOURCES)},
     )
     question_column: str | None = field(default=None, metadata={"help": "Override the question column."})
     answer_column: str | None = field(default=None, metadata={"help": "Override the gold-answer column."})
@@ -478,7 +482,9 @@ class DataArguments:
 
 
 def _arithmetic(args: DataArguments) -> DatasetDict:
-    return arithmetic_dataset(args.arithmetic_num_train, args.arithmetic_num_eval, args.arithmetic_level, args.arithmetic_seed)
+    return arithmetic_dataset(
+        args.arithmetic_num_train, args.arithmetic_num_eval, args.arithmetic_level, args.arithmetic_seed
+    )
 
 
 def train_dataset(args: DataArguments, context_column: str | None = None) -> Dataset:

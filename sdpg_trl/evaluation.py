@@ -472,7 +472,10 @@ class MeanAtKCallback(TrainerCallback):
             ) as model:
                 reports = {
                     name: evaluate_mean_at_k(
-                        model, trainer.processing_class, data, chat_template_kwargs=chat_template_kwargs,
+                        model,
+                        trainer.processing_class,
+                        data,
+                        chat_template_kwargs=chat_template_kwargs,
                         **self.eval_kwargs,
                     )  # fmt: skip
                     for name, data in self.eval_sets.items()

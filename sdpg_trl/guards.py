@@ -172,4 +172,3 @@ class StepGuard(TrainerCallback):
                 optimizer._is_overflow = False
 
         self._restore_optimizer = restore
-

@@ -17,11 +17,10 @@ import torch.nn.functional as F
 
 # TRL's helpers (private to TRL, so imported through `_trl_compat`): fp32 projections and gradient GEMMs from
 # bf16/fp16 inputs, ZeRO-3 gathering, and GRPOTrainer's VESPO gamma weight.
-from ._trl_compat import ChunkedLogProbFunction, maybe_gather_lm_head_ctx
+from ._trl_compat import ChunkedLogProbFunction, maybe_gather_lm_head_ctx, vespo_gamma_weights
 from ._trl_compat import addmm_fp32 as _addmm_fp32
 from ._trl_compat import compute_dtype as _compute_dtype
 from ._trl_compat import project_tile as _project
-from ._trl_compat import vespo_gamma_weights
 
 # Vocabulary tile width of TRL's chunked log-prob kernel (the value TRL's own fused LM head uses).
 _VOCAB_TILE = 32768
@@ -229,7 +228,8 @@ def rlsd_advantages(
     clip: float = 0.2,
     scored: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC 3 (RLSD): per-token advantages `A_hat = A * ((1 - lam) + lam * clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w))`
+    """SPEC 3 (RLSD): per-token advantages
+    `A_hat = A * ((1 - lam) + lam * clip(exp(sign(A) Delta), 1 - eps_w, 1 + eps_w))`
     with `Delta = SG[log q(y_t) - log p_old(y_t)]`, clamped to +-20 as in the reference code.
 
     Args:
@@ -247,9 +247,7 @@ def rlsd_advantages(
     return adv * ((1 - lam) + lam * weight)
 
 
-def anchor_per_token(
-    per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, estimator: str
-) -> torch.Tensor:
+def anchor_per_token(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, estimator: str) -> torch.Tensor:
     """SPEC 2.4: per-token anchor surrogate `(B, T)` with `log w = log pi_theta - log pi_ref` on sampled tokens.
 
     `urkl` 0.5 (log w)^2 | `ufkl` 1/w + log w | `rkl` 0.5 (log w + 1)^2 | `fkl` 1/w | `k3` 1/w + log w - 1 (TRL).
@@ -515,7 +513,9 @@ class LossTerms:
 
 def loss_terms(*, outcome_coef: float, distill_coef: float, rlsd_lam: float, kl_coef: float) -> LossTerms:
     """The terms a step needs from its (already scheduled) coefficients."""
-    return LossTerms(outcome=outcome_coef != 0.0, distill=distill_coef > 0.0, rlsd=rlsd_lam > 0.0, anchor=kl_coef != 0.0)
+    return LossTerms(
+        outcome=outcome_coef != 0.0, distill=distill_coef > 0.0, rlsd=rlsd_lam > 0.0, anchor=kl_coef != 0.0
+    )
 
 
 def sdpg_objective(

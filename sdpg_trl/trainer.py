@@ -88,7 +88,10 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls in hardware (AVX512-BF16 or AMX); elsewhere PyTorch emulates them."""
     # Private probes, read defensively: torch exposes no public query for this.
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    probes = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+    )
     return any(probe is not None and probe() for probe in probes)
 
 
@@ -452,7 +455,11 @@ class SDPGTrainer(GRPOTrainer):
 
         metrics = self._metrics[mode]
         if args.log_term_grad_norms and torch.is_grad_enabled():
-            parts = {"outcome": (outcome, None, None), "distill": (None, opd_term, None), "anchor": (None, None, anchor)}
+            parts = {
+                "outcome": (outcome, None, None),
+                "distill": (None, opd_term, None),
+                "anchor": (None, None, anchor),
+            }
             for name, (o, d, a) in parts.items():
                 part = sdpg_objective(o, d, a, **objective, **coefs)
                 grad = None
@@ -571,7 +578,9 @@ class SDPGTrainer(GRPOTrainer):
         else:
             teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         if kind == "ema":
-            self.add_callback(_trl_compat.SyncTeacherModelCallback(teacher_model=teacher, accelerator=self.accelerator))
+            self.add_callback(
+                _trl_compat.SyncTeacherModelCallback(teacher_model=teacher, accelerator=self.accelerator)
+            )
         return teacher
 
     def _teacher_adapter(self, model: torch.nn.Module):
@@ -605,8 +614,13 @@ class SDPGTrainer(GRPOTrainer):
             self.accelerator.autocast(),
         ):
             # Only the hidden states are needed: keep one logit row instead of projecting every position.
-            teacher(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=1)
+            teacher(
+                input_ids=ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                logits_to_keep=1,
+            )
         weight, bias = self._lm_head_params(teacher)
         return self._completion_hidden(captured, completion_ids.size(1)), weight, bias
 

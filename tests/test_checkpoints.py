@@ -35,7 +35,9 @@ def test_no_checkpoint_inside_a_cycle_and_exact_resume_at_its_end(tmp_path, toke
         full = make_trainer(tmp_path, tiny_model_dir, tokenizer, **overrides)
         full.train()
     assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-3").exists()
-    assert "did not save a checkpoint at step 3: it falls inside a generation cycle of 2 optimizer steps" in caplog.text
+    assert (
+        "did not save a checkpoint at step 3: it falls inside a generation cycle of 2 optimizer steps" in caplog.text
+    )
     losses = {h["step"]: h["loss"] for h in full.state.log_history if "loss" in h}
 
     resumed = make_trainer(tmp_path, tiny_model_dir, tokenizer, **overrides)

@@ -57,12 +57,16 @@ def test_summary_and_aggregate_by_hand():
 
 def test_diagnostics_by_hand():
     def run(distill: list[float | None], gap: float) -> dict:
-        log = [{"step": s, "grad_norm/outcome": 2.0 * s, "grad_norm/distill": d, "sdpg/teacher_minus_student_logp": gap}
-               for s, d in enumerate(distill, start=1)]  # fmt: skip
+        log = [
+            {"step": s, "grad_norm/outcome": 2.0 * s, "grad_norm/distill": d, "sdpg/teacher_minus_student_logp": gap}
+            for s, d in enumerate(distill, start=1)
+        ]
         return summarise_run(log, base_accuracy=None)
 
     # Seed 0: steps 1 and 3 give ratios 1/2 and 3/6 (step 2 logged no distillation norm); seed 1: 1/2 and 1/4.
-    results = {"runs": {"sdpg": {0: run([1.0, None, 3.0], -0.1), 1: run([1.0, 1.0], 0.3)}, "grpo": {0: run([None], 0.0)}}}
+    results = {
+        "runs": {"sdpg": {0: run([1.0, None, 3.0], -0.1), 1: run([1.0, 1.0], 0.3)}, "grpo": {0: run([None], 0.0)}}
+    }
     table = diagnostics(results)
     assert table["sdpg"]["distill / outcome grad norm"] == pytest.approx((0.4375, 0.0625))  # means 0.5, 0.375
     assert table["sdpg"]["teacher - student logp"] == pytest.approx((0.1, 0.2))
@@ -110,8 +114,10 @@ def test_plan_is_seed_major_and_resume_skips_finished_runs(tmp_path):
     recipe = {"train": {"max_steps": 1}, "methods": {"grpo": {"method": "grpo"}, "sdpg": {}}, "seeds": [0, 1]}
     runs = plan_runs(recipe, tmp_path)
     assert [(r.method, r.seed) for r in runs] == [("grpo", 0), ("sdpg", 0), ("grpo", 1), ("sdpg", 1)]
-    assert runs[0].config == {"max_steps": 1, "method": "grpo", "seed": 0, "output_dir": str(tmp_path / "grpo" / "seed0"),
-                              "eval_before_training": False}  # fmt: skip
+    assert runs[0].config == {
+        "max_steps": 1, "method": "grpo", "seed": 0, "output_dir": str(tmp_path / "grpo" / "seed0"),
+        "eval_before_training": False,
+    }  # fmt: skip
     trained = []
 
     def fake_train(run):
@@ -234,7 +240,11 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     main(["--output_dir", str(out), "--render_only"])  # from results.json alone
     assert (out / "results.md").is_file()
     marker = json.loads((out / "grpo" / "seed0" / "run.json").read_text())
-    assert marker["command"][-3:] == ["sdpg_trl.scripts.train", "--config", str(out / "grpo" / "seed0" / "config.yaml")]
+    assert marker["command"][-3:] == [
+        "sdpg_trl.scripts.train",
+        "--config",
+        str(out / "grpo" / "seed0" / "config.yaml"),
+    ]
     assert yaml.safe_load((out / "grpo" / "seed0" / "config.yaml").read_text()) == marker["config"]
     assert results["runs"]["grpo"]["0"]["history"]["eval_accuracy"][0][0] == 1  # the run itself skipped step 0
 
@@ -258,8 +268,9 @@ def test_shipped_comparison_recipe_parses():
 
 
 def test_base_evaluation_follows_the_runs_settings_and_is_redone_when_they_change(tmp_path, monkeypatch):
-    import sdpg_trl.scripts.compare as script
     from trl import ModelConfig
+
+    import sdpg_trl.scripts.compare as script
 
     assert script.TRAINING_DTYPE == ModelConfig().dtype  # what sdpg-train loads the weights in when a recipe is silent
     calls = []
@@ -274,9 +285,15 @@ def test_base_evaluation_follows_the_runs_settings_and_is_redone_when_they_chang
     train = {"dataset_name": "my.jsonl", "question_column": "q", "eval_k": 2, "learning_rate": 1e-5, "use_vllm": True,
              "eval_dataset_name": None}  # fmt: skip
     script.evaluate_base(train, "base/model", tmp_path)
-    assert calls[0] == {"dataset_name": "my.jsonl", "dtype": "float32", "eval_k": 2, "question_column": "q",
-                        "use_vllm": True,  # the runs evaluate with their vLLM engine: the base model with vLLM too
-                        "model_name_or_path": "base/model", "output_file": f"{tmp_path}/base_eval.json.partial"}
+    assert calls[0] == {
+        "dataset_name": "my.jsonl",
+        "dtype": "float32",
+        "eval_k": 2,
+        "question_column": "q",
+        "use_vllm": True,  # the runs evaluate with their vLLM engine: the base model with vLLM too
+        "model_name_or_path": "base/model",
+        "output_file": f"{tmp_path}/base_eval.json.partial",
+    }
     assert json.loads((tmp_path / "base_eval.json").read_text())["accuracy"] == 0.25
     script.evaluate_base(train, "base/model", tmp_path)  # same settings: not evaluated again
     script.evaluate_base({**train, "eval_k": 4}, "base/model", tmp_path)

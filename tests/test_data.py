@@ -80,7 +80,10 @@ def _write(path, rows):
 # One fixture row per source, with that source's Hub column names (and a distractor column to be dropped).
 FIXTURES = {
     "dapo-math-17k": ({"prompt": "Find x if 2x = 8.", "solution": "4", "data_source": "math_dapo"}, ""),
-    "aime24": ({"id": 1, "problem": "Compute 3^2.", "answer": "9", "solution": "3 * 3 = 9.", "url": "u"}, "3 * 3 = 9."),
+    "aime24": (
+        {"id": 1, "problem": "Compute 3^2.", "answer": "9", "solution": "3 * 3 = 9.", "url": "u"},
+        "3 * 3 = 9.",
+    ),
     "aime25": ({"id": "1", "problem": "Compute 2^5.", "answer": "32"}, ""),
     "amc23": ({"id": 0, "question": "What is 1/2 + 1/2?", "answer": 1.0, "url": "u"}, ""),
 }
@@ -96,14 +99,17 @@ def test_local_files_map_each_source_into_the_schema(tmp_path, source, suffix):
     question, answer = raw[spec.question], "1" if source == "amc23" else raw[spec.answer]  # AMC's 1.0 reads "1"
     assert row == {
         "prompt": [{"role": "user", "content": f"{question}\n\n{BOXED_INSTRUCTION}"}],
-        "privileged_context": f"The correct answer is {answer}." + (f" A common way to solve this is: {solution}" if solution else ""),
+        "privileged_context": f"The correct answer is {answer}."
+        + (f" A common way to solve this is: {solution}" if solution else ""),
         "answer": answer,
         "reference_solution": solution,
     }  # fmt: skip
 
 
 def test_column_overrides_give_dapo_a_generated_solution(tmp_path):
-    path = _write(tmp_path / "dapo.parquet", [{"prompt": "Find x if 2x = 8.", "solution": "4", "worked": "x = 8 / 2 = 4."}])
+    path = _write(
+        tmp_path / "dapo.parquet", [{"prompt": "Find x if 2x = 8.", "solution": "4", "worked": "x = 8 / 2 = 4."}]
+    )
     [row] = load_math_dataset(str(path), source="dapo-math-17k", solution_column="worked").to_list()
     assert row["answer"] == "4" and row["reference_solution"] == "x = 8 / 2 = 4."
     assert row["privileged_context"] == "The correct answer is 4. A common way to solve this is: x = 8 / 2 = 4."
@@ -223,7 +229,7 @@ def test_a_data_set_in_sdpg_form_without_a_column_fails_naming_it_the_data_set_a
         train_dataset(DataArguments(dataset_name=folder, dataset_config="chat"), "privileged_context")
     # Without a teacher (context_column None) the context is not needed.
     assert len(train_dataset(DataArguments(dataset_name=folder, dataset_config="chat"))) == 3
-    with pytest.raises(ValueError, match=rf"has no prompt column 'prompt'; its columns are \['question', 'hint', "):
+    with pytest.raises(ValueError, match=r"has no prompt column 'prompt'; its columns are \['question', 'hint', "):
         load_sdpg_dataset(folder, "chat", column_mapping={"prompt": "question"})
     with pytest.raises(ValueError, match=r"has no gold-answer column \('answer' or 'solution'\)"):
         load_sdpg_dataset(folder, "chat", column_mapping={"solution": "gold"})

@@ -74,7 +74,9 @@ def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, 
     assert summary["teacher_headroom_s"] > 0
 
 
-def test_demo_headroom_can_be_skipped_and_takes_the_first_training_problems(cached_tiny_smollm2, tmp_path, monkeypatch):
+def test_demo_headroom_can_be_skipped_and_takes_the_first_training_problems(
+    cached_tiny_smollm2, tmp_path, monkeypatch
+):
     history = [{"step": 0, "eval_accuracy": 0.1}, {"step": 2, "eval_accuracy": 0.2}]
     fake_trainer = types.SimpleNamespace(state=types.SimpleNamespace(log_history=history, global_step=2))
     monkeypatch.setattr(demo, "train", lambda *args: fake_trainer)

@@ -100,7 +100,9 @@ def test_bad_settings_fail_before_generating(tokenizer, problems):
 
 def test_evaluate_script_writes_a_json_report_for_a_local_data_set(tiny_model_dir, tmp_path):
     data = tmp_path / "amc.jsonl"
-    data.write_text("".join(json.dumps({"question": f"what is {i} plus 1 ?", "answer": float(i + 1)}) + "\n" for i in range(2)))
+    data.write_text(
+        "".join(json.dumps({"question": f"what is {i} plus 1 ?", "answer": float(i + 1)}) + "\n" for i in range(2))
+    )
     output = tmp_path / "out" / "report.json"
     argv = [
         "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--dataset_source", "amc23",

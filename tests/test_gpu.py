@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
-from bench.harness import alternating_reward
 from conftest import make_dataset, make_model
 from test_losses import _explicit_head
 
+from bench.harness import alternating_reward
 from sdpg_trl import SDPGConfig, SDPGTrainer
 from sdpg_trl.losses import full_vocab_reverse_kl, fused_policy_distillation
 

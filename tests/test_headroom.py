@@ -86,7 +86,9 @@ def test_the_teacher_view_is_build_teacher_prompt_of_each_row_and_the_student_vi
     text = chat.map(lambda row: {"prompt": row["prompt"][0]["content"]})
     for dataset in (chat, text):
         teacher = prompt_view(dataset, "teacher", TEMPLATE, "privileged_context")
-        expected = [build_teacher_prompt(r["prompt"], r["privileged_context"], TEMPLATE, "privileged_context") for r in dataset]
+        expected = [
+            build_teacher_prompt(r["prompt"], r["privileged_context"], TEMPLATE, "privileged_context") for r in dataset
+        ]
         assert teacher["prompt"] == expected
         assert teacher["prompt"] != dataset["prompt"]
         for column in set(dataset.column_names) - {"prompt"}:
@@ -140,7 +142,9 @@ def test_view_both_writes_accuracies_ratio_and_standard_errors(tmp_path, tokeniz
     ))[0]  # fmt: skip
     student = [_chat_ids(tokenizer, row["prompt"]) for row in rows for _ in range(2)]
     teacher = [
-        _chat_ids(tokenizer, build_teacher_prompt(row["prompt"], row["privileged_context"], DEFAULT_TEACHER_TEMPLATE, "c"))
+        _chat_ids(
+            tokenizer, build_teacher_prompt(row["prompt"], row["privileged_context"], DEFAULT_TEACHER_TEMPLATE, "c")
+        )
         for row in rows
         for _ in range(2)
     ]
@@ -174,7 +178,9 @@ def test_a_teacher_no_better_than_the_student_is_warned_about(tmp_path, last_dig
         "--eval_k", "2", "--eval_max_new_tokens", "2", "--eval_reward_func", "lenient_math_accuracy_reward",
         "--view", "both", "--output_file", str(output),
     ]  # fmt: skip
-    report = evaluate_script.run(evaluate_script.TrlParser(evaluate_script.EvaluateArguments).parse_args_and_config(argv)[0])
+    report = evaluate_script.run(
+        evaluate_script.TrlParser(evaluate_script.EvaluateArguments).parse_args_and_config(argv)[0]
+    )
     headroom = report["headroom"]
     assert headroom["student_accuracy"] == headroom["teacher_accuracy"] == 0.25 and headroom["ratio"] == 1.0
     assert not headroom["teacher_better"] and "little to distil" in headroom["warning"]
@@ -204,7 +210,9 @@ def test_a_missing_context_column_fails_before_the_model_is_loaded(tmp_path, las
     with pytest.raises(ValueError, match=rf"{re.escape(str(data))} has no privileged-context column 'hint'"):
         evaluate_script.main([*argv, "--view", "both", "--context_column", "hint"])
     with pytest.raises(ValueError, match=r"arithmetic \(training split\) has no privileged-context column 'hint'"):
-        evaluate_script.main(argv[:2] + argv[-2:] + ["--eval_split", "train", "--view", "teacher", "--context_column", "hint"])
+        evaluate_script.main(
+            argv[:2] + argv[-2:] + ["--eval_split", "train", "--view", "teacher", "--context_column", "hint"]
+        )
     with pytest.raises(ValueError, match="row 0 has no privileged context in column 'reference_solution'"):
         evaluate_script.main([*argv, "--view", "teacher", "--context_column", "reference_solution"])  # empty
     assert last_digit_model.loads == [] and last_digit_model.seen == []
@@ -215,7 +223,9 @@ def test_a_missing_context_column_fails_before_the_model_is_loaded(tmp_path, las
 def test_eval_split_train_and_max_problems_select_the_training_rows():
     args = evaluate_script.EvaluateArguments(model_name_or_path="m", eval_split="train", max_problems=5)
     rows, name = evaluate_script.evaluation_dataset(args)
-    assert rows["prompt"] == arithmetic_dataset(256, 64, 1, 0)["train"]["prompt"][:5] and name.endswith("(training split)")
+    assert rows["prompt"] == arithmetic_dataset(256, 64, 1, 0)["train"]["prompt"][:5] and name.endswith(
+        "(training split)"
+    )
     rows, name = evaluate_script.evaluation_dataset(evaluate_script.EvaluateArguments(model_name_or_path="m"))
     assert rows["prompt"] == arithmetic_dataset(256, 64, 1, 0)["test"]["prompt"] and name.endswith("(held-out split)")
     with pytest.raises(ValueError, match="eval_split train"):

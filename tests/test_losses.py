@@ -24,6 +24,7 @@ from sdpg_trl.losses import (
     sdpg_loss_reference,
 )
 
+
 @pytest.fixture(autouse=True)
 def _float64_and_seed():
     """Exact-arithmetic tests run in fp64; the default is restored so other test modules keep fp32."""
@@ -409,8 +410,15 @@ def test_reference_loss_equals_hand_computation():
             total += -adv[i].item() * lp + 0.3 * gate * kl + 0.05 * 0.5 * (lp - ref[i, t].item()) ** 2
     assert loss.item() == pytest.approx(total / n_tokens, rel=1e-6)
     assert metrics["gate_ratio"] == 0.5
-    assert set(metrics) == {"opd_kl", "gate_ratio", "teacher_minus_student_logp", "teacher_entropy", "student_entropy",
-                            "anchor", "kl"}
+    assert set(metrics) == {
+        "opd_kl",
+        "gate_ratio",
+        "teacher_minus_student_logp",
+        "teacher_entropy",
+        "student_entropy",
+        "anchor",
+        "kl",
+    }
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "luspo"])

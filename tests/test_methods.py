@@ -67,7 +67,13 @@ def test_presets_fill_fields_left_at_default_and_explicit_fields_win(tmp_path):
     grpo = make_args(tmp_path, method="grpo", distill_coef=1e-3, beta=1e-3)  # = the defaults, so the preset fills
     assert (grpo.distill_coef, grpo.kl_estimator, grpo.needs_teacher) == (0.0, "k3", False)
     rlsd = SDPGConfig(str(tmp_path), method="rlsd", bf16=False, use_cpu=True)
-    assert (rlsd.rlsd_coef, rlsd.rlsd_decay_steps, rlsd.rlsd_clip, rlsd.beta, rlsd.distill_coef) == (0.5, 50, 0.2, 0, 0)
+    assert (rlsd.rlsd_coef, rlsd.rlsd_decay_steps, rlsd.rlsd_clip, rlsd.beta, rlsd.distill_coef) == (
+        0.5,
+        50,
+        0.2,
+        0,
+        0,
+    )
     opcd = SDPGConfig(str(tmp_path), method="opcd", bf16=False, use_cpu=True)
     assert (opcd.outcome_coef, opcd.distill_positive_only, opcd.distill_warmup_steps, opcd.beta) == (0, False, 0, 0)
     assert SDPGConfig(str(tmp_path), method="sdpg_ufkl", bf16=False, use_cpu=True).kl_estimator == "ufkl"

@@ -19,7 +19,9 @@ SDPG_METRICS = ("sdpg/distill_coef", "sdpg/gate_ratio", "sdpg/opd_kl", "kl", "re
 
 
 def code_cells() -> list[str]:
-    return ["".join(cell["source"]) for cell in json.loads(NOTEBOOK.read_text())["cells"] if cell["cell_type"] == "code"]
+    return [
+        "".join(cell["source"]) for cell in json.loads(NOTEBOOK.read_text())["cells"] if cell["cell_type"] == "code"
+    ]
 
 
 def digit_count_reward(completions, answer=None, **kwargs) -> list[float]:
@@ -81,7 +83,9 @@ def test_committed_notebook_keeps_the_outputs_of_its_real_run():
     outputs = [out for cell in cells[1:] for out in cell["outputs"]]  # every cell after the (skipped) install cell
     # Run top to bottom in one kernel, not stitched together from partial runs.
     assert [cell["execution_count"] for cell in cells] == list(range(1, len(cells) + 1))
-    text = "".join("".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", "")) for out in outputs)
+    text = "".join(
+        "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", "")) for out in outputs
+    )
     assert "SmolLM2-135M-Instruct".lower() in text.lower()  # the demo model, not the tests' tiny one
     assert "teacher view" in text and "The reloaded adapter gives identical logits." in text
     assert any("image/png" in out.get("data", {}) for out in outputs)  # the curves

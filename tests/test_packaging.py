@@ -119,7 +119,9 @@ def test_train_script_ends_the_run_without_trainer_end(monkeypatch):
     )
     trainer = types.SimpleNamespace(accelerator=accelerator, model="model")
     monkeypatch.setattr(train_script, "train", lambda *args: trainer)
-    monkeypatch.setattr(train_script, "make_parser", lambda: types.SimpleNamespace(parse_args_and_config=lambda args: ()))
+    monkeypatch.setattr(
+        train_script, "make_parser", lambda: types.SimpleNamespace(parse_args_and_config=lambda args: ())
+    )
     train_script.main([])
     assert ended == ["freed", "accelerator"] and trainer.model_wrapped == "model"
     trainer.end = lambda: ended.append("trainer")

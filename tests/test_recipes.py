@@ -31,7 +31,8 @@ def _parse(path: Path, *extra: str):
 def test_the_expected_recipes_exist():
     assert {p.stem for p in TRAINING_RECIPES} >= {
         "qwen3_4b_sdpg_urkl", "qwen3_4b_sdpg_ufkl", "qwen3_4b_grpo", "qwen3_4b_rlsd", "qwen3_4b_opcd",
-        "qwen3_4b_sdpg_no_distill", "qwen3_4b_sdpg_no_anchor", "qwen3_1.7b_sdpg", "qwen3_1.7b_sdpg_lora_1gpu", "demo_cpu",
+        "qwen3_4b_sdpg_no_distill", "qwen3_4b_sdpg_no_anchor", "qwen3_1.7b_sdpg", "qwen3_1.7b_sdpg_lora_1gpu",
+        "demo_cpu",
     }  # fmt: skip
     assert {p.stem for p in ACCELERATE_CONFIGS} == {"single_gpu", "multi_gpu", "zero2", "zero3", "fsdp2"}
 
@@ -121,7 +122,12 @@ def test_each_method_has_a_paper_recipe_that_applies_its_preset(method):
     for field, value in METHODS[method].items():
         assert getattr(args, field) == value, (method, field)
     # the paper's shared setup (SPEC 4) is the same in every method's recipe
-    assert (args.learning_rate, args.max_steps, args.num_generations, args.max_completion_length) == (1e-6, 400, 8, 4096)
+    assert (args.learning_rate, args.max_steps, args.num_generations, args.max_completion_length) == (
+        1e-6,
+        400,
+        8,
+        4096,
+    )
 
 
 def test_recipes_ship_inside_the_package_and_the_checkout_links_to_them():
@@ -164,7 +170,12 @@ def test_every_recipe_the_docs_and_docstrings_name_exists():
     """`sdpg-evaluate`'s docstring once named a recipe that was never shipped; every `recipes/...yaml` a script's
     docstring (its --help), a comment, the README or the docs name must be one."""
     root = RECIPES.parents[1]
-    texts = [*RECIPES.parent.rglob("*.py"), *RECIPES.rglob("*.yaml"), root / "README.md", *(root / "docs").glob("*.md")]
+    texts = [
+        *RECIPES.parent.rglob("*.py"),
+        *RECIPES.rglob("*.yaml"),
+        root / "README.md",
+        *(root / "docs").glob("*.md"),
+    ]
     named = {
         (path.name, match) for path in texts for match in re.findall(r"recipes/([\w./-]+?\.yaml)", path.read_text())
     }

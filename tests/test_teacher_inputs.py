@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 from datasets import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel
 from test_trainer import make_args, parity_reward
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from sdpg_trl import SDPGTrainer
 
@@ -135,9 +135,11 @@ def test_left_padded_teacher_row_scores_like_the_unpadded_row_on_gpt2(tmp_path, 
 def test_gpt2_teacher_prompt_longer_than_its_positions_trains(tmp_path, tokenizer, tiny_gpt2):
     """64 positions, 6 completion tokens: the default cap of 58 cuts the 80-token context (before: IndexError)."""
     rows = [{"prompt": r["prompt"], "privileged_context": " ".join(str(i % 10) for i in range(80))} for r in ROWS[:2]]
-    trainer = SDPGTrainer(model=tiny_gpt2, reward_funcs=parity_reward,
-                          args=make_args(tmp_path, max_steps=1, distill_positive_only=False, teacher_template=TEMPLATE),
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+    args = make_args(tmp_path, max_steps=1, distill_positive_only=False, teacher_template=TEMPLATE)
+    trainer = SDPGTrainer(
+        model=tiny_gpt2, reward_funcs=parity_reward, args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )  # fmt: skip
     assert trainer._max_teacher_prompt_length == 58
     trainer.train()
     (log,) = [h for h in trainer.state.log_history if "loss" in h]
@@ -190,8 +192,11 @@ def test_grpo_without_teacher_still_needs_a_prompt_column(tmp_path, tokenizer, t
     ("corrupt", "message"),
     [
         (no_context, r"\(prompt .*what is 2 plus 3 \?.*\) has no privileged context in column 'privileged_context'"),
-        (no_user_turn, r"\(prompt .*'system'.*\) has a conversational prompt without a user message.*"
-                       r"\['system', 'assistant'\]"),
+        (
+            no_user_turn,
+            r"\(prompt .*'system'.*\) has a conversational prompt without a user message.*"
+            r"\['system', 'assistant'\]",
+        ),
     ],
     ids=["no_context", "no_user_turn"],
 )

@@ -43,8 +43,9 @@ def _state(output_dir) -> dict:
 
 
 def test_train_script_runs_sdpg_with_in_training_eval(tiny_model_dir, tmp_path):
-    assert main(_argv(tiny_model_dir, str(tmp_path), "--eval_every_steps", "1", "--eval_k", "2",
-                      "--eval_max_new_tokens", "3", "--eval_reward_func", "lenient_math_accuracy_reward")) is None  # fmt: skip
+    eval_flags = ["--eval_every_steps", "1", "--eval_k", "2", "--eval_max_new_tokens", "3"]
+    eval_flags += ["--eval_reward_func", "lenient_math_accuracy_reward"]
+    assert main(_argv(tiny_model_dir, str(tmp_path), *eval_flags)) is None
 
     state = _state(tmp_path)
     history = state["log_history"]
@@ -137,8 +138,9 @@ def test_accelerate_launch_runs_the_module_with_a_recipe(tiny_model_dir, tmp_pat
     (DDP over gloo), with the mean@k evaluation split over both processes."""
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo_cpu.yaml"
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no",
     ]  # fmt: skip
     overrides = _argv(tiny_model_dir, str(tmp_path), "--eval_every_steps", "1", "--eval_k", "1",
                       "--eval_max_new_tokens", "3", "--arithmetic_num_eval", "3")  # fmt: skip

@@ -124,8 +124,12 @@ def reference_loss_and_grads(trainer, batch, model=None):
 
 def grpo_options(args: SDPGConfig) -> dict:
     """`sdpg_loss_reference`'s arguments for the GRPO options of `args` (one accumulation step)."""
-    return dict(outcome=OutcomeOptions.from_config(args), anchor_ratio_weighted=args.anchor_ratio_weighted,
-                bias_correction_kl=args.use_bias_correction_kl, max_completion_length=args.max_completion_length)
+    return dict(
+        outcome=OutcomeOptions.from_config(args),
+        anchor_ratio_weighted=args.anchor_ratio_weighted,
+        bias_correction_kl=args.use_bias_correction_kl,
+        max_completion_length=args.max_completion_length,
+    )
 
 
 def off_policy(model, batch, spread: float = 0.5) -> dict[str, torch.Tensor]:
@@ -297,7 +301,13 @@ def test_build_teacher_prompt_shapes():
 # ---------------------------------------------------------------------------------------------------------------------
 # Real training runs
 # ---------------------------------------------------------------------------------------------------------------------
-SDPG_METRICS = ("sdpg/opd_kl", "sdpg/distill_coef", "sdpg/gate_ratio", "sdpg/anchor", "sdpg/teacher_minus_student_logp")
+SDPG_METRICS = (
+    "sdpg/opd_kl",
+    "sdpg/distill_coef",
+    "sdpg/gate_ratio",
+    "sdpg/anchor",
+    "sdpg/teacher_minus_student_logp",
+)
 
 
 def test_train_full_finetuning_updates_weights_and_logs(tmp_path, tokenizer, tiny_model_dir):
@@ -444,8 +454,11 @@ def test_use_liger_kernel_applies_liger_layer_kernels_as_in_grpo(tmp_path, token
 
 def test_plain_grpo_config_is_rejected(tmp_path, tokenizer, tiny_model_dir):
     with pytest.raises(TypeError, match="SDPGConfig"):
-        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True),
-                    train_dataset=make_dataset(), processing_class=tokenizer)  # fmt: skip
+        SDPGTrainer(
+            model=tiny_model_dir, reward_funcs=parity_reward,
+            args=GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True),
+            train_dataset=make_dataset(), processing_class=tokenizer,
+        )  # fmt: skip
 
 
 def test_paper_defaults():

@@ -129,8 +129,10 @@ def test_grpo_trainer_sets_the_attributes_sdpg_reads_and_tokenizes_prompts(tmp_p
 
     prompts = [row["prompt"] for row in make_dataset(2)]
     prompt_ids, images, multimodal_fields = compat.tokenize_prompts(trainer, prompts)
-    expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-                for p in prompts]  # fmt: skip
+    expected = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for p in prompts
+    ]
     assert [list(ids) for ids in prompt_ids] == [list(ids) for ids in expected]
     assert images is None and not multimodal_fields
 

@@ -46,7 +46,7 @@ TRAINING_DTYPE = "float32"
 
 
 def evaluation_keys() -> set[str]:
-    """The `sdpg-train` settings that decide the held-out evaluation: `sdpg-evaluate`'s data, mean@k and dtype flags."""
+    """The `sdpg-train` settings that decide the held-out evaluation (`sdpg-evaluate`'s data, mean@k, dtype flags)."""
     from .evaluate import EvaluateArguments
 
     return {f.name for f in dataclasses.fields(EvaluateArguments)} - NOT_EVALUATION_SETTINGS
@@ -82,7 +82,9 @@ def evaluate_base(train: dict, model_name_or_path: str, output_dir: Path) -> Non
 def main(argv: list[str] | None = None) -> None:
     """Console entry point `sdpg-compare`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="Comparison recipe (YAML with train, methods, seeds); not with --render_only.")
+    parser.add_argument(
+        "--config", help="Comparison recipe (YAML with train, methods, seeds); not with --render_only."
+    )
     parser.add_argument("--output_dir", default="outputs/compare", help="Folder for the runs and the report.")
     parser.add_argument("--methods", nargs="+", help="Run only these methods of the recipe.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Run only these seeds.")
@@ -102,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe(args.config)
     for name, flags in recipe["methods"].items():  # the base model is evaluated once, so every run must evaluate alike
         if set(flags or {}) & evaluation_keys():
-            parser.error(f"method {name!r} sets {sorted(set(flags) & evaluation_keys())}: data and evaluation settings "
-                         "belong under train:, the same for every method")  # fmt: skip
+            parser.error(
+                f"method {name!r} sets {sorted(set(flags) & evaluation_keys())}: data and evaluation settings "
+                "belong under train:, the same for every method"
+            )
     eval_sets = recipe["train"].get("eval_dataset_name")
     if isinstance(eval_sets, list) and len(eval_sets) > 1:
         parser.error(f"eval_dataset_name names {len(eval_sets)} sets, {eval_sets}: the table reports one held-out set")

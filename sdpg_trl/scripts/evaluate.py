@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
-from trl import TrlParser
-
 from datasets import Dataset
+from trl import TrlParser
 
 from ..config import DEFAULT_TEACHER_TEMPLATE, SDPGConfig
 from ..data import ARITHMETIC, DataArguments, held_out_dataset, parse_dict_argument, train_dataset
@@ -91,14 +90,16 @@ class EvaluateArguments(DataArguments, MeanAtKArguments):
     )
     teacher_template: str = field(
         default=DEFAULT_TEACHER_TEMPLATE,
-        metadata={"help": "Teacher view: text appended to the prompt, holding {context} (SDPGConfig.teacher_template)."},
+        metadata={
+            "help": "Teacher view: text appended to the prompt, holding {context} (SDPGConfig.teacher_template)."
+        },
     )
     context_column: str = field(
         default=DEFAULT_CONTEXT_COLUMN,
         metadata={"help": "Teacher view: column with the privileged context (as SDPGConfig.context_column)."},
     )
     chat_template_kwargs: dict | str | None = field(
-        default=None, metadata={"help": 'Chat template arguments, JSON, e.g. \'{"enable_thinking": false}\'.'}
+        default=None, metadata={"help": "Chat template arguments, JSON, e.g. '{\"enable_thinking\": false}'."}
     )
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+from trl import DatasetMixtureConfig, get_dataset
 
 from .rewards import GOLD_COLUMNS
 
@@ -37,6 +38,9 @@ FEATURES = Features(
 )
 COLUMNS = tuple(FEATURES)
 ARITHMETIC = "arithmetic"  # name of the built-in generator wherever a data set is chosen by name
+# `trl.get_dataset` splits a mixture with an unseeded `train_test_split`: every process and every run would hold out
+# other rows, so the mixture is split here, with this seed, instead.
+MIXTURE_SPLIT_SEED = 0
 
 
 def privileged_context(answer: str, solution: str = "") -> str:
@@ -305,6 +309,8 @@ def check_columns(dataset: Dataset, where: str, context_column: str | None = Non
     `rename_flag`, when given, is the argument that renames columns, suggested in the message.
     """
     columns = dataset.column_names
+    if columns is None:  # a streamed set with undeclared features: the trainer checks it row by row
+        return
     hint = f" Rename a column with {rename_flag} ({{old: new}})." if rename_flag else ""
     required = [("prompt", "prompt")] + ([("privileged-context", context_column)] if context_column else [])
     for role, column in required:
@@ -389,14 +395,22 @@ def eval_set_name(name_or_path: str) -> str:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(DatasetMixtureConfig):
     """Which data to train and evaluate on; shared by `sdpg-train`, `sdpg-evaluate` and the demo.
 
     `dataset_name`, `dataset_config`, `dataset_train_split` and `dataset_test_split` mean what they mean in TRL's
     `ScriptArguments`. A name that is neither `arithmetic` nor a built-in source (nor has `dataset_source` named) is
-    a data set already in SDPG form (README, "Data contract").
+    a data set already in SDPG form (README, "Data contract"). TRL's dataset mixture (`datasets:`, a list in a
+    recipe) can name the training data instead of `dataset_name`.
 
     Args:
+        datasets: TRL's dataset mixture (`trl.DatasetMixtureConfig`): a list of `{path, name, data_dir, data_files,
+            split, columns, fraction}`, loaded by `trl.get_dataset` and concatenated; the result must be in SDPG form
+            (renamed by `dataset_column_mapping`). Used instead of `dataset_name`, which then stays unset.
+        streaming: load the mixture in streaming mode (TRL's meaning); its rows are then checked as they arrive.
+        test_split_size: hold out this share (or number) of the mixture's rows as its `test` split, the held-out set
+            when `eval_dataset_name` is not given; the split is seeded (`MIXTURE_SPLIT_SEED`), so every process and
+            every run holds out the same rows.
         dataset_name: `"arithmetic"` (the built-in generator), a key of `SOURCES` or its Hub id, a Hub id or local
             folder or file in SDPG form, or a local file in a built-in layout (with `dataset_source`).
         dataset_config: configuration (subset) of `dataset_name`, `datasets.load_dataset`'s `name`.
@@ -452,13 +466,20 @@ class DataArguments:
     arithmetic_seed: int = field(default=0, metadata={"help": "Seed of the generator."})
 
     def __post_init__(self):
+        DatasetMixtureConfig.__post_init__(self)
+        if self.datasets and self.dataset_name != ARITHMETIC:
+            raise ValueError(
+                f"Both dataset_name ({self.dataset_name!r}) and a datasets: mixture name the training data; give one."
+            )
+        if self.test_split_size is not None and not self.datasets:
+            raise ValueError("test_split_size splits a datasets: mixture; without one, use dataset_test_split.")
         self.dataset_column_mapping = parse_dict_argument(self.dataset_column_mapping, "dataset_column_mapping")
         self.eval_dataset_column_mapping = parse_dict_argument(
             self.eval_dataset_column_mapping, "eval_dataset_column_mapping"
         )
         if isinstance(self.eval_dataset_name, str):  # a recipe's `eval_dataset_name: aime24`
             self.eval_dataset_name = [self.eval_dataset_name]
-        sdpg_form = is_sdpg_form(self.dataset_name, self.dataset_source)
+        sdpg_form = bool(self.datasets) or is_sdpg_form(self.dataset_name, self.dataset_source)
         if self.dataset_column_mapping and not sdpg_form:
             raise ValueError(
                 f"dataset_column_mapping renames columns of a data set in SDPG form; {self.dataset_name!r} is "
@@ -467,7 +488,7 @@ class DataArguments:
         overrides = [n for n in ("question_column", "answer_column", "solution_column") if getattr(self, n)]
         if overrides and (sdpg_form or self.dataset_name == ARITHMETIC):
             raise ValueError(
-                f"{', '.join(overrides)} apply to the built-in layouts (dataset_source); {self.dataset_name!r} is "
+                f"{', '.join(overrides)} apply to the built-in layouts (dataset_source); {data_name(self)!r} is "
                 f"{'in SDPG form: rename its columns with dataset_column_mapping' if sdpg_form else 'generated'}."
             )
         names = self.eval_dataset_name or []
@@ -481,6 +502,31 @@ class DataArguments:
             )
 
 
+def data_name(args: DataArguments) -> str:
+    """The training data's name in messages: `dataset_name`, or the mixture's paths."""
+    if args.datasets:
+        return f"the datasets: mixture ({', '.join(d.path for d in args.datasets)})"
+    return args.dataset_name
+
+
+def load_mixture(args: DataArguments) -> DatasetDict:
+    """TRL's dataset mixture (`trl.get_dataset`) as a `train` split, plus a seeded `test` split when
+    `test_split_size` is set (see `MIXTURE_SPLIT_SEED`)."""
+    mixture = get_dataset(DatasetMixtureConfig(datasets=args.datasets, streaming=args.streaming))
+    if args.test_split_size is None:
+        return mixture
+    if args.streaming:
+        raise ValueError("test_split_size cannot split a streamed datasets: mixture; give eval_dataset_name instead.")
+    return mixture["train"].train_test_split(test_size=args.test_split_size, seed=MIXTURE_SPLIT_SEED)
+
+
+def _mixture_split(args: DataArguments, split: str, context_column: str | None) -> Dataset:
+    name = data_name(args)
+    return _sdpg_split(
+        load_mixture(args), name, split, args.dataset_column_mapping, context_column, "dataset_column_mapping"
+    )
+
+
 def _arithmetic(args: DataArguments) -> DatasetDict:
     return arithmetic_dataset(
         args.arithmetic_num_train, args.arithmetic_num_eval, args.arithmetic_level, args.arithmetic_seed
@@ -490,6 +536,8 @@ def _arithmetic(args: DataArguments) -> DatasetDict:
 def train_dataset(args: DataArguments, context_column: str | None = None) -> Dataset:
     """Training rows for `args`; with `context_column` (`SDPGConfig.context_column`, for a method with a teacher),
     a data set without that column fails here, naming it."""
+    if args.datasets:
+        return _mixture_split(args, "train", context_column)
     if args.dataset_name == ARITHMETIC:
         dataset = _arithmetic(args)["train"]
     elif is_sdpg_form(args.dataset_name, args.dataset_source):
@@ -530,12 +578,15 @@ def held_out_dataset(args: DataArguments, context_column: str | None = None) -> 
     """Evaluation rows for `args`, as `Trainer`'s `eval_dataset`: one `Dataset`, or several by name.
 
     The sets of `eval_dataset_name` (one: a `Dataset`; several: a dict keyed by `eval_set_name`), else the
-    `dataset_test_split` of a data set in SDPG form that has one, else the generator's held-out split, else None.
+    mixture's `test` split (`test_split_size`), else the `dataset_test_split` of a data set in SDPG form that has
+    one, else the generator's held-out split, else None.
     `context_column` is required as in `train_dataset`.
     """
     if args.eval_dataset_name:
         sets = {eval_set_name(name): _eval_set(args, name, context_column) for name in args.eval_dataset_name}
         return next(iter(sets.values())) if len(sets) == 1 else sets
+    if args.datasets:
+        return _mixture_split(args, "test", context_column) if args.test_split_size is not None else None
     if args.dataset_name == ARITHMETIC:
         return _arithmetic(args)["test"]
     if is_sdpg_form(args.dataset_name, args.dataset_source):

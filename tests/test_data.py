@@ -4,6 +4,7 @@ set, since `datasets.load_dataset` reads both the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -15,6 +16,7 @@ from sdpg_trl.data import (
     BOXED_INSTRUCTION,
     COLUMNS,
     LEVELS,
+    MIXTURE_SPLIT_SEED,
     SOURCES,
     DataArguments,
     arithmetic_dataset,
@@ -23,6 +25,7 @@ from sdpg_trl.data import (
     load_sdpg_dataset,
     train_dataset,
 )
+from sdpg_trl.scripts.evaluate import EvaluateArguments, evaluation_dataset
 from sdpg_trl.scripts.train import make_parser
 
 
@@ -252,6 +255,61 @@ def test_data_arguments_refuse_settings_that_would_be_ignored():
         DataArguments(dataset_name="my-org/sdpg-set", dataset_column_mapping="[1]")
     with pytest.raises(ValueError, match=r"logged under the same name \(\['amc', 'amc'\]"):
         DataArguments(eval_dataset_name=["a/amc.jsonl", "b/amc.parquet"])
+
+
+def test_a_trl_dataset_mixture_from_a_recipe_is_trained_on_and_split_the_same_every_time(tmp_path):
+    """TRL's `datasets:` mixture (`trl.DatasetMixtureConfig`, loaded by `trl.get_dataset`): two local sources, a
+    column selection, fractions, the context renamed into place, and a seeded held-out split."""
+    folder = _hub_folder(tmp_path)
+    extra = _write(tmp_path / "extra.jsonl", [{**row, "note": "x"} for row in _chat_rows(6, offset=20)])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "datasets:\n"
+        f"  - {{path: {folder}, name: chat, split: train, columns: [prompt, hint, solution], fraction: 1}}\n"
+        f"  - {{path: json, data_files: {extra}, columns: [prompt, hint, solution], fraction: 2}}\n"
+        "test_split_size: 3\n"
+        "dataset_column_mapping: {hint: privileged_context}\n"
+    )
+    script_args, _, _ = make_parser().parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"])
+    train = train_dataset(script_args, "privileged_context")
+    held_out = held_out_dataset(script_args, "privileged_context")
+    # Fractions 1:2 of 3 and 6 rows: all 3 of the first and all 6 of the second; 3 of the 9 held out.
+    assert (len(train), len(held_out)) == (6, 3)
+    assert set(train.column_names) == set(held_out.column_names) == {"prompt", "privileged_context", "solution"}
+    expected = {row["solution"] for row in _chat_rows(3) + _chat_rows(6, offset=20)}
+    assert set(train["solution"]) | set(held_out["solution"]) == expected
+    assert not set(train["solution"]) & set(held_out["solution"])
+    # Seeded (trl.get_dataset's own split is not): the same rows held out on every call, i.e. in every process.
+    assert held_out_dataset(script_args)["solution"] == held_out["solution"]
+    mixture = Dataset.from_list([r for r in _chat_rows(3) + _chat_rows(6, offset=20)]).select_columns(
+        ["prompt", "hint", "solution"]
+    )
+    split = mixture.train_test_split(test_size=3, seed=MIXTURE_SPLIT_SEED)
+    assert held_out["solution"] == split["test"]["solution"]
+    # Without test_split_size the mixture is all training data and has no held-out set.
+    whole = DataArguments(datasets=[{"path": folder, "name": "chat"}], dataset_column_mapping={"hint": "c"})
+    assert len(train_dataset(whole, "c")) == 3 and held_out_dataset(whole) is None
+
+
+def test_a_trl_dataset_mixture_is_checked_and_refused_with_conflicting_settings(tmp_path):
+    folder = _hub_folder(tmp_path)
+    mixture = DataArguments(datasets=[{"path": folder, "name": "chat"}])
+    message = rf"the datasets: mixture \({re.escape(folder)}\) \(split 'train'\) has no privileged-context column"
+    with pytest.raises(ValueError, match=rf"{message} 'privileged_context'; its columns are "):
+        train_dataset(mixture, "privileged_context")
+    assert len(train_dataset(mixture)) == 3  # no teacher, no context needed
+    # sdpg-evaluate takes the same mixture and names it in its report.
+    args = EvaluateArguments(model_name_or_path="m", datasets=[{"path": folder, "name": "chat"}], test_split_size=1)
+    rows, name = evaluation_dataset(args)
+    assert len(rows) == 1 and name == f"the datasets: mixture ({folder}) (held-out split)"
+    rows, name = evaluation_dataset(dataclasses.replace(args, eval_split="train"))
+    assert len(rows) == 2 and name == f"the datasets: mixture ({folder})"
+    with pytest.raises(ValueError, match="Both dataset_name .'aime24'. and a datasets: mixture"):
+        DataArguments(dataset_name="aime24", datasets=[{"path": folder}])
+    with pytest.raises(ValueError, match="test_split_size splits a datasets: mixture"):
+        DataArguments(dataset_name=folder, test_split_size=0.1)
+    with pytest.raises(ValueError, match="answer_column apply to the built-in layouts.*the datasets: mixture"):
+        DataArguments(datasets=[{"path": folder}], answer_column="gold")
 
 
 def test_several_eval_sets_are_named_as_they_are_logged(tmp_path):

@@ -32,7 +32,7 @@ from datasets import Dataset
 from trl import TrlParser
 
 from ..config import DEFAULT_TEACHER_TEMPLATE, SDPGConfig
-from ..data import ARITHMETIC, DataArguments, held_out_dataset, parse_dict_argument, train_dataset
+from ..data import ARITHMETIC, DataArguments, data_name, held_out_dataset, parse_dict_argument, train_dataset
 from ..evaluation import (
     VIEW_CHOICES,
     MeanAtKArguments,
@@ -131,15 +131,15 @@ def evaluation_dataset(args: EvaluateArguments) -> tuple[Dataset, str]:
     """The rows `args` selects (split, then the first `max_problems`) and a name for them in messages."""
     if args.eval_split == "train":
         dataset = train_dataset(args)
-        name = f"{args.dataset_name} (training split)" if args.dataset_name == ARITHMETIC else args.dataset_name
+        name = data_name(args) + (" (training split)" if args.dataset_name == ARITHMETIC and not args.datasets else "")
     else:
         dataset = held_out_dataset(args)
         if args.eval_dataset_name:
             [name] = args.eval_dataset_name
         elif dataset is not None:
-            name = f"{args.dataset_name} (held-out split)"
+            name = f"{data_name(args)} (held-out split)"
         else:  # a data set without a held-out split: all of it
-            name, dataset = args.dataset_name, train_dataset(args)
+            name, dataset = data_name(args), train_dataset(args)
     if args.max_problems:
         dataset = dataset.select(range(min(args.max_problems, len(dataset))))
     return dataset, name

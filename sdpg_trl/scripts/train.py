@@ -70,8 +70,9 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
     held_out = held_out_dataset(script_args) if script_args.eval_every_steps else None
     if script_args.eval_every_steps and held_out is None:
         raise ValueError(
-            "eval_every_steps > 0 needs a held-out set: set eval_dataset_name (e.g. aime24), or give dataset_name a "
-            f"{script_args.dataset_test_split!r} split (dataset_test_split)."
+            "eval_every_steps > 0 needs a held-out set: set eval_dataset_name (e.g. aime24), give dataset_name a "
+            f"{script_args.dataset_test_split!r} split (dataset_test_split), or split a datasets: mixture "
+            "(test_split_size)."
         )
 
     model_init_kwargs = dict(
@@ -106,7 +107,7 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
     trainer.save_state()  # trainer_state.json: the log history, for drawing curves after the run
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=None if script_args.datasets else script_args.dataset_name)
     return trainer
 
 

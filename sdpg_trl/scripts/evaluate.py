@@ -193,7 +193,7 @@ def run(args: EvaluateArguments) -> dict:
         report = evaluate_prompt_views(evaluate, dataset, args.view, args.teacher_template, args.context_column, name)
     report = {
         "model": args.model_name_or_path,
-        "dataset": args.eval_dataset_name[0] if args.eval_dataset_name else args.dataset_name,
+        "dataset": args.eval_dataset_name[0] if args.eval_dataset_name else data_name(args),
         "split": args.eval_split,
         **report,
     }

@@ -29,6 +29,15 @@ ANSWER_CHECK_TEACHER_TEMPLATE = (
     "final answer in \\boxed{{}}."
 )
 
+# Templates by name, so that a recipe or flag can write `teacher_template: answer_check` instead of the text.
+TEACHER_TEMPLATES = {"default": DEFAULT_TEACHER_TEMPLATE, "answer_check": ANSWER_CHECK_TEACHER_TEMPLATE}
+
+
+def resolve_teacher_template(template: str) -> str:
+    """The text of a teacher template given by name (a key of `TEACHER_TEMPLATES`) or as text (returned as is)."""
+    return TEACHER_TEMPLATES.get(template, template)
+
+
 # Methods as presets (SPEC 3): each names the settings that make it; every other field keeps its value. A preset only
 # fills fields left at their default, so a recipe or flag that sets a field explicitly always wins.
 METHODS: dict[str, dict[str, Any]] = {
@@ -139,7 +148,9 @@ class SDPGConfig(GRPOConfig):
             Text appended to the student prompt to build the teacher prompt. Must contain `{context}`, which is
             replaced by the row's privileged context; literal braces are written `{{` and `}}`. For conversational
             prompts it is appended to the last user message before the chat template is applied.
-            `ANSWER_CHECK_TEACHER_TEMPLATE` is the reference code's answer-only alternative.
+            A name from `TEACHER_TEMPLATES` stands for its text: `"default"` (`DEFAULT_TEACHER_TEMPLATE`) or
+            `"answer_check"` (`ANSWER_CHECK_TEACHER_TEMPLATE`, the reference code's answer-only alternative; give it
+            the answer column as `context_column`).
         max_teacher_prompt_length (`int` or `None`, *optional*, defaults to `None`):
             Longest teacher prompt in tokens (student prompt + filled template, chat template included). `None`: the
             model's `max_position_embeddings` minus `max_completion_length`, so that the teacher prompt and the
@@ -397,6 +408,7 @@ class SDPGConfig(GRPOConfig):
             )
         if not self.context_column:
             raise ValueError("SDPGConfig.context_column must name a dataset column.")
+        self.teacher_template = resolve_teacher_template(self.teacher_template)
         try:
             fields = template_fields(self.teacher_template)
         except ValueError as err:  # unbalanced braces

@@ -398,3 +398,23 @@ def test_term_gradient_norms_are_logged(tmp_path, tokenizer, tiny_model_dir):
     batch["advantages"] = torch.zeros(4)
     trainer_loss_and_grads(trainer, batch)
     assert logged["grad_norm/outcome"][-1] == logged["grad_norm/distill"][-1] == 0.0
+
+
+def test_teacher_templates_are_named_in_the_config_and_in_sdpg_evaluate(tmp_path):
+    from sdpg_trl.config import ANSWER_CHECK_TEACHER_TEMPLATE, DEFAULT_TEACHER_TEMPLATE
+    from sdpg_trl.scripts.evaluate import EvaluateArguments
+
+    args = SDPGConfig(str(tmp_path), teacher_template="answer_check", context_column="answer", use_cpu=True)
+    assert args.teacher_template == ANSWER_CHECK_TEACHER_TEMPLATE
+    assert (
+        SDPGConfig(str(tmp_path), teacher_template="default", use_cpu=True).teacher_template
+        == DEFAULT_TEACHER_TEMPLATE
+    )
+    assert (
+        SDPGConfig(str(tmp_path), teacher_template=" hint: {context}", use_cpu=True).teacher_template
+        == " hint: {context}"
+    )
+    with pytest.raises(ValueError, match="must contain the placeholder"):  # a misspelt name is text without {context}
+        SDPGConfig(str(tmp_path), teacher_template="answer-check", use_cpu=True)
+    evaluate = EvaluateArguments(model_name_or_path="m", teacher_template="answer_check")
+    assert evaluate.teacher_template == ANSWER_CHECK_TEACHER_TEMPLATE

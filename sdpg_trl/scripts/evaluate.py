@@ -31,7 +31,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from trl import TrlParser
 
-from ..config import DEFAULT_TEACHER_TEMPLATE, SDPGConfig
+from ..config import DEFAULT_TEACHER_TEMPLATE, SDPGConfig, resolve_teacher_template
 from ..data import ARITHMETIC, DataArguments, data_name, held_out_dataset, parse_dict_argument, train_dataset
 from ..evaluation import (
     VIEW_CHOICES,
@@ -91,7 +91,8 @@ class EvaluateArguments(DataArguments, MeanAtKArguments):
     teacher_template: str = field(
         default=DEFAULT_TEACHER_TEMPLATE,
         metadata={
-            "help": "Teacher view: text appended to the prompt, holding {context} (SDPGConfig.teacher_template)."
+            "help": "Teacher view: text appended to the prompt, holding {context}, or a template's name "
+            "('default', 'answer_check'), as SDPGConfig.teacher_template."
         },
     )
     context_column: str = field(
@@ -106,6 +107,7 @@ class EvaluateArguments(DataArguments, MeanAtKArguments):
         # Both bases check their own fields; neither calls the other.
         DataArguments.__post_init__(self)
         MeanAtKArguments.__post_init__(self)
+        self.teacher_template = resolve_teacher_template(self.teacher_template)
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required.")
         self.chat_template_kwargs = parse_dict_argument(self.chat_template_kwargs, "chat_template_kwargs")

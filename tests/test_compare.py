@@ -336,3 +336,12 @@ def test_methods_may_not_change_the_evaluation(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--dry_run"])
     assert "method 'a' sets ['eval_k']" in capsys.readouterr().err
+
+
+def test_methods_may_differ_in_the_teacher_view(tmp_path, capsys):
+    """The held-out evaluation scores the student view: a method's teacher template and context column are its own."""
+    config = tmp_path / "compare.yaml"
+    methods = {"a": {}, "b": {"teacher_template": "answer_check", "context_column": "answer"}}
+    config.write_text(yaml.safe_dump({"train": {"max_steps": 1}, "methods": methods, "seeds": [0]}))
+    main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--dry_run"])
+    assert "b" in capsys.readouterr().out

@@ -40,7 +40,9 @@ from ..compare import (
 
 # sdpg-evaluate's own switches, not settings of the evaluation. `use_vllm` and the vLLM settings are: runs that roll
 # out with vLLM evaluate with their vLLM engine, so the base model is evaluated with vLLM too.
-NOT_EVALUATION_SETTINGS = {"model_name_or_path", "output_file"}
+# The teacher view's template and context column are not either: the held-out evaluation scores the student view, so
+# methods may differ in them (e.g. an answer-only template).
+NOT_EVALUATION_SETTINGS = {"model_name_or_path", "output_file", "teacher_template", "context_column"}
 # The weights' dtype when a recipe sets none: trl.ModelConfig's default, which sdpg-train uses.
 TRAINING_DTYPE = "float32"
 

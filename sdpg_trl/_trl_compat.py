@@ -83,6 +83,10 @@ create_model_from_path = _load("trl.trainer.utils", "create_model_from_path")
 get_config_model_id = _load("trl.trainer.utils", "get_config_model_id")
 # `use_adapter(model, adapter_name)`: context running a PEFT model with another adapter (None: adapters off).
 use_adapter = _load("trl.trainer.utils", "use_adapter")
+# `ForwardRedirection()(wrapper_module, original_module, method, *args, **kwargs)`: runs `method(*args, **kwargs)`
+# inside `wrapper_module`'s forward (DDP, DeepSpeed or FSDP around `original_module`), as TRL's distillation trainer
+# runs its chunked head: there the wrappers prepare the backward and ZeRO-3 routes the head's gradient.
+ForwardRedirection = _load("trl.models.utils", "_ForwardRedirection")
 
 # --- GRPOTrainer's static loss helpers (pure functions on tensors) -------------------------------------------------
 # `off_policy_sequence_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)`:
@@ -175,7 +179,7 @@ def vllm_generate(
 
 # The eager names; the lazy ones (`_LAZY`) are left out so that `import *` does not import `trl.experimental.sdpo`.
 __all__ = [
-    "ChunkedLogProbFunction", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL",
+    "ChunkedLogProbFunction", "ForwardRedirection", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL",
     "VLLM_SAMPLING_ATTRIBUTES", "addmm_fp32", "compute_dtype", "create_model_from_path",
     "disable_gradient_checkpointing", "get_config_model_id", "installed_trl_version", "maybe_gather_lm_head_ctx",
     "off_policy_sequence_mask", "pad", "prepare_deepspeed", "prepare_fsdp", "project_tile", "tokenize_prompts",

@@ -7,23 +7,15 @@ Shapes: `B` rollouts, `T` completion positions, `V` vocabulary, `H` hidden size,
 
 from __future__ import annotations
 
-import math
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-# TRL's helpers (private to TRL, so imported through `_trl_compat`): fp32 projections and gradient GEMMs from
-# bf16/fp16 inputs, ZeRO-3 gathering, and GRPOTrainer's VESPO gamma weight.
-from ._trl_compat import ChunkedLogProbFunction, maybe_gather_lm_head_ctx, vespo_gamma_weights
-from ._trl_compat import addmm_fp32 as _addmm_fp32
-from ._trl_compat import compute_dtype as _compute_dtype
-from ._trl_compat import project_tile as _project
-
-# Vocabulary tile width of TRL's chunked log-prob kernel (the value TRL's own fused LM head uses).
-_VOCAB_TILE = 32768
+# GRPOTrainer's VESPO gamma weight (private to TRL, so imported through `_trl_compat`).
+from ._trl_compat import vespo_gamma_weights
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -31,8 +23,14 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def beta_schedule(step: int, total_steps: int, base: float, warmup_steps: int, decay_steps: int) -> float:
-    """SPEC 2.3: `beta(k) = base * min(1, k / T_warm) * min(1, (T - k) / T_decay)`.
+def _float_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask as floats: fp32 from bool, integer or half-precision masks; an fp64 mask stays fp64."""
+    return mask.to(torch.promote_types(mask.dtype, torch.float32))
+
+
+def distill_coef_schedule(step: int, total_steps: int, base: float, warmup_steps: int, decay_steps: int) -> float:
+    """SPEC 2.3: the distillation coefficient at step k, the paper's
+    `beta(k) = base * min(1, k / T_warm) * min(1, (T - k) / T_decay)`.
 
     A window of 0 steps is switched off. Only depends on `step`, so it continues correctly after a resume.
     """
@@ -189,7 +187,7 @@ def policy_token_weights(
         mask: `(B, T)` completion mask. token_normalizer: `N` for one micro-batch, as the trainer computes it.
         max_completion_length: dr_grpo's constant; None: `T`.
     """
-    mask = mask.float()
+    mask = _float_mask(mask)
     if loss_type in ("dapo", "cispo", "vespo"):
         return mask / token_normalizer
     if loss_type in ("grpo", "sapo"):
@@ -212,7 +210,7 @@ RLSD_DELTA_CLAMP = 20.0
 def rlsd_lambda(step: int, start: float, decay_steps: int) -> float:
     """SPEC 3 (RLSD): the mixing weight `lam(k) = start * max(0, 1 - k / decay_steps)`; `decay_steps = 0` keeps it.
 
-    `k` counts optimiser steps from 0, like `beta_schedule`, so the first update uses `start`.
+    `k` counts optimiser steps from 0, like `distill_coef_schedule`, so the first update uses `start`.
     """
     if decay_steps == 0:
         return start
@@ -284,208 +282,6 @@ def full_vocab_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Te
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def chunked_logps_and_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    final_logit_softcapping: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each target (with grad) and entropy (without), in vocabulary tiles: TRL's fused-head kernel on
-    exactly the given tokens (its fused head projects every position of the sequence on devices without Triton).
-
-    Args:
-        hidden: `(N, H)`; weight: `(V, H)`; bias: `(V,)` or None; targets: `(N,)` token ids.
-    Returns: `(N,)` float32 log-probs and `(N,)` float32 entropies.
-    """
-    with maybe_gather_lm_head_ctx(weight, bias):
-        outputs = ChunkedLogProbFunction.apply(
-            hidden, weight, bias, targets, temperature, _VOCAB_TILE, final_logit_softcapping, logit_scale, ("entropy",)
-        )
-    return outputs[0], outputs[1]
-
-
-# Why not `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`: it gives the same per-token KL, but next to
-# TRL's log-prob kernel it projects the student a second time; one shared pass is ~30% less head work
-# (`python -m bench.head_kernels`). Its tile helpers are reused above.
-class _FusedPolicyDistillation(torch.autograd.Function):
-    """One pass over vocabulary tiles giving, per distilled token, everything SDPG needs from the LM head.
-
-    Forward: the student's sampled-token log-prob and entropy (what TRL's fused head gives GRPO), the teacher's
-    sampled-token log-prob and entropy (metrics), and the full-vocabulary reverse KL(p || SG[q]) (SPEC 2.2), from
-    online softmax statistics. Backward recomputes both tiles once and applies
-    `dL/dz = g_logp * (onehot(y) - p) + g_kl * p * (log p - log q - KL)` to the student only.
-
-    The teacher's head is the student's (live teacher) or a frozen/EMA copy's (`teacher_weight`, `teacher_bias`).
-    Shapes: hiddens `(N, H)`, weights `(V, H)`, biases `(V,)` or None, labels `(N,)` -> five `(N,)` fp32 tensors.
-    """
-
-    @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, transform,
-                vocab_chunk):  # fmt: skip
-        dtype = _compute_dtype(student_hidden)
-        n, vocab = student_hidden.shape[0], weight.shape[0]
-        f32 = {"device": student_hidden.device, "dtype": torch.float32}
-        s_max, t_max = torch.full((n,), -math.inf, **f32), torch.full((n,), -math.inf, **f32)
-        s_sum, s_x_sum, s_gap, t_sum, t_x_sum, s_label, t_label = (torch.zeros(n, **f32) for _ in range(7))
-        h_s, h_t = student_hidden.to(dtype), teacher_hidden.to(dtype)
-        with _gather_heads(weight, bias, teacher_weight, teacher_bias):
-            for start in range(0, vocab, vocab_chunk):
-                end = min(start + vocab_chunk, vocab)
-                s, _ = _logit_tile(h_s, weight, bias, start, end, transform, dtype)
-                t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, start, end, transform, dtype)
-                rows, cols = _labels_in_tile(labels, start, end)
-                s_label[rows], t_label[rows] = s[rows, cols], t[rows, cols]
-                # Online softmax: rescale the running sums whenever a tile raises the running max.
-                new_s_max, new_t_max = torch.maximum(s_max, s.amax(-1)), torch.maximum(t_max, t.amax(-1))
-                s_rescale, t_rescale = torch.exp(s_max - new_s_max), torch.exp(t_max - new_t_max)
-                e_s, e_t = torch.exp(s - new_s_max.unsqueeze(1)), torch.exp(t - new_t_max.unsqueeze(1))
-                s_sum = s_sum * s_rescale + e_s.sum(-1)
-                s_x_sum = s_x_sum * s_rescale + (e_s * s).sum(-1)
-                s_gap = s_gap * s_rescale + (e_s * (s - t)).sum(-1)
-                t_sum = t_sum * t_rescale + e_t.sum(-1)
-                t_x_sum = t_x_sum * t_rescale + (e_t * t).sum(-1)
-                s_max, t_max = new_s_max, new_t_max
-        s_lse, t_lse = s_max + s_sum.log(), t_max + t_sum.log()
-        kl = s_gap / s_sum - s_lse + t_lse
-        entropy, teacher_logps, teacher_entropy = s_lse - s_x_sum / s_sum, t_label - t_lse, t_lse - t_x_sum / t_sum
-        ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
-                              s_lse, t_lse, kl)  # fmt: skip
-        ctx.transform, ctx.vocab_chunk, ctx.dtype = transform, vocab_chunk, dtype
-        ctx.mark_non_differentiable(entropy, teacher_logps, teacher_entropy)
-        return s_label - s_lse, entropy, kl, teacher_logps, teacher_entropy
-
-    @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy, grad_kl, _grad_teacher_logps, _grad_teacher_entropy):
-        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, s_lse, t_lse, kl = (
-            ctx.saved_tensors
-        )
-        dtype = ctx.dtype
-        grad_logps = torch.zeros_like(kl) if grad_logps is None else grad_logps.float()
-        grad_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.float()
-        need_weight = ctx.needs_input_grad[2]
-        need_bias = bias is not None and ctx.needs_input_grad[3]
-        h_s, h_t = student_hidden.to(dtype), teacher_hidden.to(dtype)
-        f32 = {"device": weight.device, "dtype": torch.float32}  # gradients accumulate in fp32, as in TRL's kernels
-        grad_hidden = torch.zeros(student_hidden.shape, **f32)
-        grad_weight = torch.zeros(weight.shape, **f32) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], **f32) if need_bias else None
-        with _gather_heads(weight, bias, teacher_weight, teacher_bias):
-            for start in range(0, weight.shape[0], ctx.vocab_chunk):
-                end = min(start + ctx.vocab_chunk, weight.shape[0])
-                s, dz_draw = _logit_tile(h_s, weight, bias, start, end, ctx.transform, dtype)
-                t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, start, end, ctx.transform, dtype)
-                log_p, log_q = s - s_lse.unsqueeze(1), t - t_lse.unsqueeze(1)
-                p = log_p.exp()
-                grad_z = p * (grad_kl.unsqueeze(1) * (log_p - log_q - kl.unsqueeze(1)) - grad_logps.unsqueeze(1))
-                rows, cols = _labels_in_tile(labels, start, end)
-                grad_z[rows, cols] += grad_logps[rows]
-                grad_raw = grad_z * dz_draw
-                grad_tile = grad_raw.to(dtype)
-                _addmm_fp32(grad_hidden, grad_tile, weight[start:end].to(dtype))
-                if need_weight:
-                    _addmm_fp32(grad_weight[start:end], grad_tile.t(), h_s)
-                if need_bias:
-                    grad_bias[start:end] += grad_raw.sum(0)
-        return (
-            grad_hidden.to(student_hidden.dtype),
-            None,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-@contextmanager
-def _gather_heads(weight, bias, teacher_weight, teacher_bias):
-    """ZeRO-3 gathering of the student's head, and of the teacher's when it is another model's."""
-    with maybe_gather_lm_head_ctx(weight, bias):
-        if teacher_weight is weight:
-            yield
-        else:
-            with maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
-                yield
-
-
-def _logit_tile(hidden, weight, bias, start, end, transform, dtype):
-    """fp32 logits `(N, end - start)` of one vocabulary tile after scale, softcap and temperature, and their
-    derivative with respect to the raw projection (a scalar, or a tile when softcapping)."""
-    scale, softcap, inv_temperature = transform
-    z = torch.empty((hidden.shape[0], end - start), device=hidden.device, dtype=torch.float32)
-    _project(z, hidden, weight, bias, start, end, dtype)  # TRL's: fp32 output even from bf16 inputs
-    z = z * scale
-    if softcap is None:
-        return z * inv_temperature, scale * inv_temperature
-    capped = torch.tanh(z / softcap)
-    return softcap * capped * inv_temperature, (1 - capped.square()) * scale * inv_temperature
-
-
-def _labels_in_tile(labels, start, end):
-    """(rows, columns within the tile) of the labels that fall in vocabulary tile [start, end)."""
-    rows = ((labels >= start) & (labels < end)).nonzero().squeeze(1)
-    return rows, labels[rows] - start
-
-
-def fused_policy_distillation(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    vocab_chunk_size: int = 8192,
-    logit_scale: float = 1.0,
-    final_logit_softcapping: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC 2.1, 2.2 and 5 for the distilled tokens in one LM-head pass: student log-prob of the sampled token
-    and entropy, reverse KL(p || SG[q]), and the teacher's log-prob of the sampled token and entropy (no grad).
-
-    Sharing the student's vocabulary projection between the outcome term and the KL is the point: the LM head runs
-    twice per view (forward, recompute in backward) instead of TRL's fused head plus a separate divergence pass.
-    Transient memory is a few `chunk_size x vocab_chunk_size` fp32 tiles.
-
-    Args:
-        student_hidden: `(N, H)` student final hidden states, with grad. teacher_hidden: `(N, H)`, detached here.
-        weight: `(V, H)` student LM-head weight. bias: `(V,)` or None. labels: `(N,)` sampled tokens.
-        teacher_weight, teacher_bias: the teacher's head when it is another model (frozen or EMA teacher); default
-            the student's (the live teacher shares the weights).
-    Returns: `(logps, entropy, kl, teacher_logps, teacher_entropy)`, each `(N,)` fp32; only `logps` and `kl` carry
-        gradients.
-    """
-    if teacher_weight is None:
-        teacher_weight, teacher_bias = weight, bias
-    transform = (logit_scale, final_logit_softcapping, 1.0 / temperature)
-    outputs = [
-        _FusedPolicyDistillation.apply(
-            student_hidden[start : start + chunk_size],
-            teacher_hidden[start : start + chunk_size].detach(),
-            weight,
-            bias,
-            teacher_weight,  # no gradient flows to it: backward returns None for the teacher's head
-            teacher_bias,
-            labels[start : start + chunk_size],
-            transform,
-            vocab_chunk_size,
-        )
-        for start in range(0, student_hidden.shape[0], chunk_size)
-    ]
-    if not outputs:
-        empty = student_hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty, empty, empty, empty
-    return tuple(torch.cat(parts) for parts in zip(*outputs))
-
-
 @dataclass(frozen=True)
 class LossTerms:
     """Which per-token terms one step needs; `compute_loss` reads this instead of branching on method names.
@@ -495,7 +291,8 @@ class LossTerms:
 
     Attributes:
         outcome: the verifier-grounded surrogate `L_out` (SPEC 2.1); off for pure self-distillation (OPCD).
-        distill: the full-vocabulary reverse KL to the teacher, `L_OPD` (SPEC 2.2); on when `beta(k) > 0`.
+        distill: the full-vocabulary reverse KL to the teacher (SPEC 2.2, the paper's `L_OPD`); on when the
+            scheduled `distill_coef` is > 0.
         rlsd: RLSD's teacher-reweighted advantages (SPEC 3); on when `lam(k) > 0`.
         anchor: the reference anchor `L_K` (SPEC 2.4); on when `alpha > 0`.
     """
@@ -518,9 +315,97 @@ def loss_terms(*, outcome_coef: float, distill_coef: float, rlsd_lam: float, kl_
     )
 
 
+class TokenSelection(NamedTuple):
+    """Which rollouts and tokens each term of one step uses (SPEC 2.2's gate, RLSD's scored rows, SPEC 1's fit).
+
+    Attributes:
+        gate: `(B,)` float `m_i` (all ones with the gate off). distill_rows: `(B,)` bool, the rollouts distilled:
+            gated, with a teacher prompt that fits, on a step that distils. teacher_rows: `(B,)` bool, the rollouts
+            the teacher scores: the distilled ones and, for RLSD, every one whose advantage is not 0 (RLSD's `A_hat`
+            is 0 where `A` is). teacher_index: `(B,)` long, each rollout's row among the teacher's (-1: none).
+        plain: `(B, T)` valid tokens that are not distilled (the student's log-prob only). distilled: `(B, T)` valid
+            tokens of the distilled rollouts. teacher_only: `(B, T)` valid tokens the teacher scores without a KL
+            (RLSD's).
+    """
+
+    gate: torch.Tensor
+    distill_rows: torch.Tensor
+    teacher_rows: torch.Tensor
+    teacher_index: torch.Tensor
+    plain: torch.Tensor
+    distilled: torch.Tensor
+    teacher_only: torch.Tensor
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """`(R,)` indices of the rollouts the teacher scores, in the order of `teacher_index`."""
+        return self.teacher_rows.nonzero().squeeze(1)
+
+
+def token_selection(
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    terms: LossTerms,
+    *,
+    gate_enabled: bool = True,
+    fits: torch.Tensor | bool = True,
+) -> TokenSelection:
+    """The rows and tokens of one step's terms (`TokenSelection`), from the advantages `(B,)`, the completion mask
+    `(B, T)`, the step's terms and `fits` `(B,)`: the rollouts whose teacher prompt fits its length cap."""
+    gate = positive_advantage_gate(advantages, gate_enabled)
+    distill_rows = gate.bool() & terms.distill & fits
+    teacher_rows = distill_rows | ((advantages != 0) & terms.rlsd & fits)
+    rows = teacher_rows.nonzero().squeeze(1)
+    teacher_index = torch.full_like(advantages, -1, dtype=torch.long)
+    teacher_index[rows] = torch.arange(rows.numel(), device=rows.device)
+    valid = mask.bool()
+    distilled = valid & distill_rows.unsqueeze(1)
+    return TokenSelection(
+        gate=gate, distill_rows=distill_rows, teacher_rows=teacher_rows, teacher_index=teacher_index,
+        plain=valid & ~distilled, distilled=distilled, teacher_only=valid & teacher_rows.unsqueeze(1) & ~distilled,
+    )  # fmt: skip
+
+
+class Aggregation(NamedTuple):
+    """How per-token terms are summed into the loss: SPEC 2's `N` for the distillation term and GRPO's `(B, T)`
+    weights for the outcome and the anchor (`policy_token_weights`)."""
+
+    normalizer: torch.Tensor
+    policy_weights: torch.Tensor
+
+
+def loss_aggregation(
+    mask: torch.Tensor,
+    loss_type: str,
+    num_items_in_batch: torch.Tensor,
+    *,
+    num_processes: int = 1,
+    accumulation_steps: int = 1,
+    steps_per_generation: int = 1,
+    max_completion_length: int | None = None,
+) -> Aggregation:
+    """The one normaliser rule, for the trainer and for `sdpg_loss_reference`.
+
+    `N` is the completion tokens of the generation batch on all processes (`num_items_in_batch`, as GRPOTrainer's
+    DAPO counts it), per process, and per micro-batch of an optimizer step: a generation batch is split into
+    `steps_per_generation` micro-batches, `accumulation_steps` of which are summed into one step. With the defaults
+    (one process, one micro-batch) it is `num_items_in_batch` itself.
+
+    Args:
+        mask: `(B, T)` completion mask. num_items_in_batch: scalar tensor. accumulation_steps: the gradient
+            accumulation steps of a training step (1 in evaluation).
+    """
+    normalizer = num_items_in_batch.clamp(min=1.0) / num_processes * accumulation_steps / steps_per_generation
+    weights = policy_token_weights(
+        mask, loss_type, token_normalizer=normalizer, max_completion_length=max_completion_length,
+        accumulation_steps=accumulation_steps,
+    )  # fmt: skip
+    return Aggregation(normalizer, weights)
+
+
 def sdpg_objective(
     outcome: torch.Tensor | None,
-    opd: torch.Tensor | None,
+    distill_kl: torch.Tensor | None,
     anchor: torch.Tensor | None,
     mask: torch.Tensor,
     distill_weight: torch.Tensor,
@@ -528,25 +413,25 @@ def sdpg_objective(
     *,
     distill_coef: float,
     kl_coef: float,
-    normalizer: torch.Tensor | float,
-    policy_weights: torch.Tensor,
+    aggregation: Aggregation,
     outcome_coef: float = 1.0,
     anchor_ratio_weighted: bool = True,
 ) -> torch.Tensor:
     """SPEC 2: `c_out L_out + beta(k) L_OPD+ + alpha L_K`.
 
-    The distillation term is summed over tokens and divided by `normalizer`, SPEC 2's `N` (the completion tokens,
-    DAPO-style), whatever GRPO's `loss_type`. The outcome and the anchor are GRPO's per-token loss (its policy term
-    plus its KL term), so they are aggregated the way `loss_type` aggregates it: by `policy_weights`. With the default
-    `loss_type="dapo"` those weights are `mask / N` too, and every term is over `N` as SPEC 2 says.
+    The distillation term is summed over tokens and divided by `aggregation.normalizer`, SPEC 2's `N` (the
+    completion tokens, DAPO-style), whatever GRPO's `loss_type`. The outcome and the anchor are GRPO's per-token loss
+    (its policy term plus its KL term), so they are aggregated the way `loss_type` aggregates it: by
+    `aggregation.policy_weights`. With the default `loss_type="dapo"` those weights are `mask / N` too, and every term
+    is over `N` as SPEC 2 says.
 
     Args:
-        outcome, opd, anchor: `(B, T)` per-token terms, or None when the step does not use the term.
+        outcome, distill_kl, anchor: `(B, T)` per-token terms, or None when the step does not use the term.
         mask: `(B, T)` completion mask. rho: `(B, T)` detached importance ratio (1 on-policy).
         distill_weight: `(B,)` gate m_i, or `(B, T)` the gate times per-token filters (EOS, teacher confidence).
         distill_coef: the scheduled beta(k). kl_coef: alpha. outcome_coef: 1 for every method but pure distillation.
         anchor_ratio_weighted: weigh the anchor by `SG[rho]` off-policy (SPEC 2.4); GRPO does not.
-        policy_weights: `(B, T)` from `policy_token_weights` (`mask / normalizer` for DAPO).
+        aggregation: from `loss_aggregation`.
     Returns: scalar loss.
     """
     policy = torch.zeros_like(rho)
@@ -555,16 +440,22 @@ def sdpg_objective(
     if anchor is not None and kl_coef != 0.0:
         policy = policy + kl_coef * (rho if anchor_ratio_weighted else 1.0) * anchor
     distill = torch.zeros_like(rho)
-    if opd is not None and distill_coef != 0.0:
+    if distill_kl is not None and distill_coef != 0.0:
         weight = distill_weight.unsqueeze(1) if distill_weight.dim() == 1 else distill_weight
-        distill = distill_coef * weight * rho * opd
-    return (policy * policy_weights).sum() + (distill * mask).sum() / normalizer
+        distill = distill_coef * weight * rho * distill_kl
+    return (policy * aggregation.policy_weights).sum() + (distill * mask).sum() / aggregation.normalizer
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` is set (0 when nothing is)."""
-    mask = mask.float()
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Mean of `values` where `mask` is set (0 when nothing is); `reduce` sums the total and the count over processes
+    (e.g. `accelerator.reduce`), so that the mean is over every process's tokens."""
+    mask = _float_mask(mask)
+    totals = torch.stack([(values * mask).sum(), mask.sum()])
+    if reduce is not None:
+        totals = reduce(totals)
+    return totals[0] / totals[1].clamp(min=1.0)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -590,7 +481,7 @@ def distill_token_weight(
     - `student_entropy`, `teacher_entropy` `(B, T)`: distil only where the teacher is more certain than the student,
       `H(q) < H(p)` (the KL elsewhere pulls the student toward a flatter, less informed distribution).
     """
-    weight = gate.unsqueeze(1) * mask.float()
+    weight = gate.unsqueeze(1) * _float_mask(mask)
     if eos_token_ids:
         weight = weight * ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
     if teacher_entropy is not None:
@@ -638,11 +529,11 @@ def sdpg_loss_reference(
             gradient (TRL's `use_bias_correction_kl`). max_completion_length: dr_grpo's constant (None: `T`).
     Returns: the scalar loss (the distillation term normalised by all completion tokens of the batch, the outcome and
         the anchor aggregated by `outcome.loss_type` in one accumulation step) and float metrics:
-        `opd_kl`, `teacher_minus_student_logp`, `teacher_entropy` and `student_entropy` (means over the gated tokens),
+        `distill_kl`, `teacher_minus_student_logp`, `teacher_entropy` and `student_entropy` (means over the gated tokens),
         `gate_ratio` (fraction of rollouts distilled), `anchor` (mean surrogate) and `kl` (mean k3, importance-weighted
         with `bias_correction_kl` as GRPOTrainer logs it) when a reference is given.
     """
-    mask = completion_mask.float()
+    mask = completion_mask.to(_upcast(student_logits).dtype)
     log_p = F.log_softmax(_upcast(student_logits), dim=-1)
     per_token_logps = log_p.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     teacher_logps = F.log_softmax(_upcast(teacher_logits), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -651,7 +542,7 @@ def sdpg_loss_reference(
         old = per_token_logps if old_per_token_logps is None else old_per_token_logps
         advantages = rlsd_advantages(advantages, teacher_logps, old, lam=rlsd_lam, clip=rlsd_clip)
     policy = outcome_per_token(per_token_logps, advantages, old_per_token_logps, mask=mask, options=outcome)
-    opd = full_vocab_reverse_kl(student_logits, teacher_logits)
+    distill_kl = full_vocab_reverse_kl(student_logits, teacher_logits)
     student_entropy, teacher_entropy = entropy_from_logits(student_logits), entropy_from_logits(teacher_logits)
     weight = distill_token_weight(
         mask, m, completion_ids=completion_ids, eos_token_ids=eos_token_ids,
@@ -662,19 +553,16 @@ def sdpg_loss_reference(
     anchor = anchor_per_token(per_token_logps, ref_per_token_logps, kl_estimator) if use_anchor else None
     if use_anchor and bias_correction_kl:
         anchor = anchor * policy.ratio
-    n_tokens = mask.sum().clamp(min=1.0)
-    policy_weights = policy_token_weights(mask, outcome.loss_type, token_normalizer=n_tokens,
-                                          max_completion_length=max_completion_length)  # fmt: skip
+    tokens = loss_aggregation(mask, outcome.loss_type, mask.sum(), max_completion_length=max_completion_length)
     loss = sdpg_objective(
-        policy.loss, opd, anchor, mask, weight, policy.rho, outcome_coef=outcome_coef, distill_coef=distill_coef,
-        kl_coef=kl_coef, normalizer=n_tokens, anchor_ratio_weighted=anchor_ratio_weighted,
-        policy_weights=policy_weights,
+        policy.loss, distill_kl, anchor, mask, weight, policy.rho, outcome_coef=outcome_coef, distill_coef=distill_coef,
+        kl_coef=kl_coef, aggregation=tokens, anchor_ratio_weighted=anchor_ratio_weighted,
     )  # fmt: skip
 
     with torch.no_grad():
         distilled = mask * m.unsqueeze(1)
         metrics = {
-            "opd_kl": masked_mean(opd, distilled).item(),
+            "distill_kl": masked_mean(distill_kl, distilled).item(),
             "gate_ratio": m.mean().item(),
             "teacher_minus_student_logp": masked_mean(teacher_logps - per_token_logps, distilled).item(),
             "teacher_entropy": masked_mean(teacher_entropy, distilled).item(),

@@ -9,11 +9,12 @@ accumulation and multi-process training. This class adds two things:
 
 from __future__ import annotations
 
+import functools
 import logging
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
@@ -25,6 +26,7 @@ from trl import GRPOTrainer
 
 from . import _trl_compat
 from ._trl_compat import (
+    ForwardRedirection,
     create_model_from_path,
     disable_gradient_checkpointing,
     get_config_model_id,
@@ -37,23 +39,26 @@ from ._trl_compat import (
 )
 from .config import SDPGConfig
 from .guards import StepGuard, reward_fault
+from .head_kernels import HeadScores, LMHead, score_tokens
 from .losses import (
     CLIPPED_LOSS_TYPES,
+    Aggregation,
+    LossTerms,
     Outcome,
     OutcomeOptions,
+    TokenSelection,
     anchor_per_token,
-    beta_schedule,
-    chunked_logps_and_entropy,
+    distill_coef_schedule,
     distill_token_weight,
-    fused_policy_distillation,
     k3_kl,
+    loss_aggregation,
     loss_terms,
+    masked_mean,
     outcome_per_token,
-    policy_token_weights,
-    positive_advantage_gate,
     rlsd_advantages,
     rlsd_lambda,
     sdpg_objective,
+    token_selection,
 )
 from .teacher import (
     build_teacher_prompt,
@@ -72,6 +77,33 @@ logger = logging.getLogger(__name__)
 
 # A reward function as GRPOTrainer takes it: a Hub id or path of a reward model, a model, or a callable.
 RewardFunc = str | PreTrainedModel | Callable[..., list[float | None]]
+
+
+class StepCoefficients(NamedTuple):
+    """One optimiser step's scheduled coefficients (SPEC 2.3, 3) and the terms they switch on."""
+
+    distill_coef: float
+    rlsd_lam: float
+    terms: LossTerms
+
+
+class PerTokenTerms(NamedTuple):
+    """The `(B, C)` terms `sdpg_objective` sums (None: a term this step does not use), and what their metrics read.
+
+    Attributes:
+        outcome: GRPO's policy term after its token filters. distill_kl: the reverse KL to the teacher. anchor: the
+            reference anchor. distill_weight: `(B, C)` gate times the distillation filters. policy: the outcome's
+            ratios (`Outcome`). options: GRPO's options it was formed with. token_advantages: `(B,)`, or `(B, C)`
+            with RLSD.
+    """
+
+    outcome: torch.Tensor | None
+    distill_kl: torch.Tensor | None
+    anchor: torch.Tensor | None
+    distill_weight: torch.Tensor
+    policy: Outcome
+    options: OutcomeOptions
+    token_advantages: torch.Tensor
 
 
 @contextmanager
@@ -183,8 +215,12 @@ class SDPGTrainer(GRPOTrainer):
                 raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
         self._max_teacher_prompt_length = self._teacher_prompt_cap(text_config)
         self._warned_teacher_prompt_too_long = False
-        self._logit_scale = getattr(text_config, "logit_scale", None) or 1.0
-        self._final_logit_softcapping = getattr(text_config, "final_logit_softcapping", None)
+        # How the LM head's logits are transformed, for the head kernels (TRL's fused head reads the same fields).
+        self._logit_transform = dict(
+            temperature=self.temperature, logit_scale=getattr(text_config, "logit_scale", None) or 1.0,
+            final_logit_softcapping=getattr(text_config, "final_logit_softcapping", None),
+        )  # fmt: skip
+        self._forward_redirection = ForwardRedirection()
         if self.args.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_native_bf16():
             # GRPOConfig turns bf16 on by default; emulated bf16 made a SmolLM2-135M step 11x slower (283 s vs 25 s).
             logger.warning(
@@ -299,11 +335,11 @@ class SDPGTrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Loss
+    # Loss: one batch from `inputs` to the loss, one named step at a time
     # ----------------------------------------------------------------------------------------------------------------
     def distill_coef_at(self, step: int) -> float:
-        """beta(k) at optimiser step `step` of this run (SPEC 2.3)."""
-        return beta_schedule(
+        """The distillation coefficient at optimiser step `step` of this run, the paper's beta(k) (SPEC 2.3)."""
+        return distill_coef_schedule(
             step, self.state.max_steps, self.args.distill_coef,
             self.args.distill_warmup_steps, self.args.distill_decay_steps,
         )  # fmt: skip
@@ -316,192 +352,230 @@ class SDPGTrainer(GRPOTrainer):
         if return_outputs:
             raise ValueError("The SDPGTrainer does not support returning outputs")
         mode = "train" if self.model.training else "eval"
-        args = self.args
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        num_completion = completion_ids.size(1)
-        advantages = inputs["advantages"]
+        step = self._step_coefficients()
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        selection = token_selection(
+            inputs["advantages"], mask, step.terms, gate_enabled=self.args.distill_positive_only,
+            fits=inputs.get("teacher_prompt_fits", True),  # rows whose teacher prompt fits max_teacher_prompt_length
+        )  # fmt: skip
+        teacher_hidden, teacher_head = self._teacher_pass(model, inputs, selection, step.terms)
+        scores, hidden, aux_loss = self._student_pass(model, inputs, selection, teacher_hidden, teacher_head, step)
+        terms = self._per_token_terms(inputs, mask, scores, selection, step)
+        tokens = loss_aggregation(
+            mask, self.args.loss_type, inputs["num_items_in_batch"], num_processes=self.accelerator.num_processes,
+            accumulation_steps=self.current_gradient_accumulation_steps if mode == "train" else 1,
+            steps_per_generation=self.args.steps_per_generation if mode == "train" else 1,
+            max_completion_length=self.args.max_completion_length,
+        )  # fmt: skip
+        loss = self._objective(terms, mask, tokens, step)
+        if self.aux_loss_enabled:
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        if self.args.log_term_grad_norms and torch.is_grad_enabled():
+            self._log_term_grad_norms(self._metrics[mode], terms, mask, tokens, step, hidden)
+        with torch.no_grad():
+            self._log_loss_metrics(self._metrics[mode], inputs, mask, scores, selection, terms, step)
+        return loss
+
+    def _step_coefficients(self) -> StepCoefficients:
+        """This optimiser step's scheduled coefficients, and the terms they switch on."""
         distill_coef = self.distill_coef_at(self.state.global_step)
         rlsd_lam = self.rlsd_lambda_at(self.state.global_step)
-        terms = loss_terms(outcome_coef=args.outcome_coef, distill_coef=distill_coef, rlsd_lam=rlsd_lam,
+        terms = loss_terms(outcome_coef=self.args.outcome_coef, distill_coef=distill_coef, rlsd_lam=rlsd_lam,
                            kl_coef=self.beta)  # fmt: skip
-        gate = positive_advantage_gate(advantages, args.distill_positive_only)
+        return StepCoefficients(distill_coef, rlsd_lam, terms)
 
-        # Teacher first, under no_grad, only on the rows a term needs: the distilled rows (the gate) and, for RLSD,
-        # every row whose advantage is not 0 (A_hat is 0 where A is).
-        fits = inputs.get("teacher_prompt_fits", True)  # rows whose teacher prompt fits max_teacher_prompt_length
-        distill_rows = gate.bool() & terms.distill & fits
-        teacher_rows = distill_rows | ((advantages != 0) & terms.rlsd & fits)
-        rows = teacher_rows.nonzero().squeeze(1)
-        teacher_hidden = None
-        forward_rows = self._teacher_forward_rows(rows, terms.teacher)
-        if forward_rows.numel() > 0:
-            teacher_hidden, teacher_weight, teacher_bias = self._teacher_hidden(model, inputs, forward_rows)
-        # Position of each rollout among the teacher's rows (-1: not scored by the teacher).
-        teacher_index = torch.full_like(advantages, -1, dtype=torch.long)
-        teacher_index[rows] = torch.arange(rows.numel(), device=rows.device)
+    def _teacher_pass(
+        self, model: torch.nn.Module, inputs: dict[str, Any], selection: TokenSelection, terms: LossTerms
+    ) -> tuple[torch.Tensor, LMHead]:
+        """`(R, C, H)` teacher hidden states of the rows the teacher scores (`R` may be 0), and the teacher's LM head.
 
-        # Student: one forward for its hidden states (one logit row, like the teacher). The LM head then runs once
-        # per token: TRL's chunked log-prob kernel on the tokens that are not distilled, and on the distilled ones
-        # the fused pass that takes the log-prob, the entropy and the KL from one projection of each view.
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        Runs under no_grad, only on the rows a term needs (`selection.teacher_rows`), plus the padding row that keeps
+        the processes' forwards in step (`_teacher_forward_rows`).
+        """
+        teacher = model if self.teacher_model is None else self.teacher_model
+        weight, bias = self._lm_head_params(teacher)
+        head = LMHead(weight, bias, **self._logit_transform)
+        rows = self._teacher_forward_rows(selection.rows, terms.teacher)
+        if rows.numel() > 0:
+            return self._teacher_hidden(model, inputs, rows), head
+        hidden_size = self._causal_lm(teacher).config.get_text_config().hidden_size
+        return weight.new_zeros(0, inputs["completion_ids"].size(1), hidden_size), head
+
+    def _student_pass(
+        self, model: torch.nn.Module, inputs: dict[str, Any], selection: TokenSelection, teacher_hidden: torch.Tensor,
+        teacher_head: LMHead, step: StepCoefficients,
+    ) -> tuple[HeadScores, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """The student forward and the LM head on its tokens: `(HeadScores, (B, C, H) hidden states, aux loss)`.
+
+        The head kernels run inside the wrapped model's forward (TRL's forward redirection), as TRL's fused head does:
+        there DDP prepares its reduction, and ZeRO-3 keeps the forward's gathered parameters consistent and routes the
+        head's gradient to its partitions.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        # Bound here, not passed through the wrapper's forward: ZeRO-3 replaces the tensors in a forward's arguments
+        # (the teacher's head parameters among them) by autograd wrappers.
+        score = functools.partial(self._score_student, unwrapped, inputs, selection, teacher_hidden, teacher_head, step)
+        *scores, hidden, aux_loss = self._forward_redirection(model, unwrapped, score)
+        return HeadScores(*scores), hidden, aux_loss
+
+    def _score_student(
+        self, model: torch.nn.Module, inputs: dict[str, Any], selection: TokenSelection, teacher_hidden: torch.Tensor,
+        teacher_head: LMHead, step: StepCoefficients,
+    ) -> tuple:  # fmt: skip
+        """`_student_pass` inside the forward: one forward for the hidden states (one logit row, like the teacher's),
+        then the LM head once per token (`score_tokens`). A plain tuple, which DDP and ZeRO-3 walk for tensors."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        with self._capture_hidden(model) as student_hidden, self.accelerator.autocast():
-            outputs = model(
+        with self._capture_hidden(model) as captured, self.accelerator.autocast():
+            outputs = model.forward(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **router
             )
-        aux_loss = outputs.aux_loss if self.aux_loss_enabled else None
-        hidden = self._completion_hidden(student_hidden, num_completion)
+        hidden = self._completion_hidden(captured, inputs["completion_ids"].size(1))
         weight, bias = self._lm_head_params(model)
-        head = dict(temperature=self.temperature, logit_scale=self._logit_scale,
-                    final_logit_softcapping=self._final_logit_softcapping)  # fmt: skip
-
-        valid = mask.bool()
-        distilled = valid & distill_rows.unsqueeze(1)
-        # Zeros attached to the graph, so a batch with no valid token still backpropagates (as TRL's fused head does).
-        per_token_logps = hidden[..., 0].float() * 0.0
-        entropies, opd, teacher_logps, teacher_entropies = (torch.zeros_like(per_token_logps) for _ in range(4))
         # The head kernels run as TRL's fused head does inside GRPO's forward: under the accelerator's autocast, so
         # that mixed precision projects bf16/fp16 tiles (into fp32 logits), or in fp32 with `cast_lm_head_to_fp32`.
         # Outside the forward's autocast they would always project in the hidden states' dtype, fp32 by default.
-        if args.cast_lm_head_to_fp32:
-            hidden = hidden.float()
-            teacher_hidden = None if teacher_hidden is None else teacher_hidden.float()
-        with nullcontext() if args.cast_lm_head_to_fp32 else self.accelerator.autocast():
-            if (valid & ~distilled).any():
-                where = (valid & ~distilled).nonzero(as_tuple=True)
-                logps, entropy = chunked_logps_and_entropy(hidden[where], weight, bias, completion_ids[where], **head)
-                per_token_logps = per_token_logps.index_put(where, logps)
-                entropies = entropies.index_put(where, entropy)
-            if distilled.any():
-                where = distilled.nonzero(as_tuple=True)
-                logps, entropy, kl, t_logps, t_entropy = fused_policy_distillation(
-                    hidden[where], teacher_hidden[teacher_index[where[0]], where[1]], weight, bias,
-                    completion_ids[where], teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-                    chunk_size=args.distill_chunk_size, **head,
-                )  # fmt: skip
-                per_token_logps = per_token_logps.index_put(where, logps)
-                entropies = entropies.index_put(where, entropy)
-                opd = opd.index_put(where, kl)
-                teacher_logps = teacher_logps.index_put(where, t_logps)
-                teacher_entropies = teacher_entropies.index_put(where, t_entropy)
-            rlsd_only = valid & teacher_rows.unsqueeze(1) & ~distilled
-            if terms.rlsd and rlsd_only.any():  # RLSD needs the teacher's sampled-token log-prob, not its KL
-                where = rlsd_only.nonzero(as_tuple=True)
-                with torch.no_grad():
-                    t_logps, t_entropy = chunked_logps_and_entropy(
-                        teacher_hidden[teacher_index[where[0]], where[1]], teacher_weight, teacher_bias,
-                        completion_ids[where], **head,
-                    )  # fmt: skip
-                teacher_logps = teacher_logps.index_put(where, t_logps)
-                teacher_entropies = teacher_entropies.index_put(where, t_entropy)
+        head_hidden, head_teacher_hidden, autocast = hidden, teacher_hidden, self.accelerator.autocast()
+        if self.args.cast_lm_head_to_fp32:
+            head_hidden, head_teacher_hidden, autocast = hidden.float(), teacher_hidden.float(), nullcontext()
+        with autocast:
+            scores = score_tokens(
+                head_hidden, head_teacher_hidden, inputs["completion_ids"], selection,
+                LMHead(weight, bias, **self._logit_transform), teacher_head, distill=step.terms.distill,
+                rlsd=step.terms.rlsd, chunk_size=self.args.distill_chunk_size,
+            )  # fmt: skip
+        return (*scores, hidden, outputs.aux_loss if self.aux_loss_enabled else None)
 
-        old_per_token_logps = inputs.get("old_per_token_logps")
+    def _per_token_terms(
+        self, inputs: dict[str, Any], mask: torch.Tensor, scores: HeadScores, selection: TokenSelection,
+        step: StepCoefficients,
+    ) -> PerTokenTerms:  # fmt: skip
+        """The `(B, C)` terms of SPEC 2 and 3 from the head's scores: GRPO's policy term for its loss type (with RLSD's
+        reweighted advantages and GRPO's token filters), the anchor, the distillation KL and its token weights."""
+        args, terms = self.args, step.terms
+        advantages, old_logps = inputs["advantages"], inputs.get("old_per_token_logps")
         token_advantages = advantages
         if terms.rlsd:
-            sampler_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-            token_advantages = rlsd_advantages(advantages, teacher_logps, sampler_logps, lam=rlsd_lam,
-                                               clip=args.rlsd_clip, scored=teacher_rows)  # fmt: skip
+            sampler_logps = scores.logps.detach() if old_logps is None else old_logps
+            token_advantages = rlsd_advantages(advantages, scores.teacher_logps, sampler_logps, lam=step.rlsd_lam,
+                                               clip=args.rlsd_clip, scored=selection.teacher_rows)  # fmt: skip
         # GRPO's policy loss for its loss_type; vLLM's `importance_sampling_ratio` corrects the sampler mismatch.
         options = OutcomeOptions.from_config(args)
         policy = outcome_per_token(
-            per_token_logps, token_advantages, old_per_token_logps, mask=mask, options=options,
+            scores.logps, token_advantages, old_logps, mask=mask, options=options,
             sampler_ratio=inputs.get("importance_sampling_ratio"),
         )  # fmt: skip
         outcome = policy.loss
         # GRPO's filters of its policy term (not of SDPG's terms): DeepSeek-V3.2's off-policy sequence mask, measured
         # against the sampler's log-probs, and the top-entropy-quantile token mask ("Beyond the 80/20 Rule").
         if args.off_policy_mask_threshold is not None:
-            old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+            old = scores.logps.detach() if old_logps is None else old_logps
             outcome = outcome * off_policy_sequence_mask(
-                advantages.unsqueeze(1), per_token_logps, inputs.get("sampling_per_token_logps", old), mask,
+                advantages.unsqueeze(1), scores.logps, inputs.get("sampling_per_token_logps", old), mask,
                 args.off_policy_mask_threshold,
             )  # fmt: skip
         if args.top_entropy_quantile < 1.0:
-            outcome = outcome * self.get_high_entropy_mask(entropies.detach(), mask, 1 - args.top_entropy_quantile)
+            outcome = outcome * self.get_high_entropy_mask(scores.entropy.detach(), mask, 1 - args.top_entropy_quantile)
         anchor = None
         if terms.anchor:
-            anchor = anchor_per_token(per_token_logps, inputs["ref_per_token_logps"], args.kl_estimator)
+            anchor = anchor_per_token(scores.logps, inputs["ref_per_token_logps"], args.kl_estimator)
             if args.use_bias_correction_kl:  # DeepSeek-V3.2: times the importance ratio, with its gradient
                 anchor = anchor * policy.ratio
+        confident_only = args.distill_teacher_confident_only
         distill_weight = distill_token_weight(
-            mask, gate * distill_rows, completion_ids=completion_ids,
+            mask, selection.gate * selection.distill_rows, completion_ids=inputs["completion_ids"],
             eos_token_ids=self.eos_token_ids if args.distill_exclude_eos else None,
-            student_entropy=entropies if args.distill_teacher_confident_only else None,
-            teacher_entropy=teacher_entropies if args.distill_teacher_confident_only else None,
+            student_entropy=scores.entropy if confident_only else None,
+            teacher_entropy=scores.teacher_entropy if confident_only else None,
+        )  # fmt: skip
+        return PerTokenTerms(
+            outcome=outcome if terms.outcome else None, distill_kl=scores.distill_kl if terms.distill else None,
+            anchor=anchor, distill_weight=distill_weight, policy=policy, options=options,
+            token_advantages=token_advantages,
         )  # fmt: skip
 
-        # SPEC 2's N as GRPOTrainer's DAPO computes it: `num_items_in_batch` spans the generation batch on all
-        # processes. The distillation term is over N; the outcome and the anchor are aggregated by loss_type.
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            normalizer = normalizer * self.current_gradient_accumulation_steps / args.steps_per_generation
-        policy_weights = policy_token_weights(
-            mask, args.loss_type, token_normalizer=normalizer, max_completion_length=args.max_completion_length,
-            accumulation_steps=self.current_gradient_accumulation_steps if mode == "train" else 1.0,
+    def _objective(
+        self, terms: PerTokenTerms, mask: torch.Tensor, tokens: Aggregation, step: StepCoefficients,
+        only: str | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """SPEC 2's loss from the per-token terms (`sdpg_objective`); `only` keeps one term (`"outcome"`,
+        `"distill"` or `"anchor"`), for the per-term gradient norms."""
+        keep = lambda name, value: value if only in (None, name) else None  # noqa: E731
+        return sdpg_objective(
+            keep("outcome", terms.outcome), keep("distill", terms.distill_kl), keep("anchor", terms.anchor), mask,
+            terms.distill_weight, terms.policy.rho, outcome_coef=self.args.outcome_coef,
+            distill_coef=step.distill_coef, kl_coef=self.beta, aggregation=tokens,
+            anchor_ratio_weighted=self.args.anchor_ratio_weighted,
         )  # fmt: skip
-        objective = dict(mask=mask, distill_weight=distill_weight, rho=policy.rho, normalizer=normalizer,
-                         policy_weights=policy_weights)  # fmt: skip
-        coefs = dict(outcome_coef=args.outcome_coef, distill_coef=distill_coef, kl_coef=self.beta,
-                     anchor_ratio_weighted=args.anchor_ratio_weighted)  # fmt: skip
-        outcome = outcome if terms.outcome else None
-        opd_term = opd if terms.distill else None
-        loss = sdpg_objective(outcome, opd_term, anchor, **objective, **coefs)
-        if self.aux_loss_enabled:
-            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        metrics = self._metrics[mode]
-        if args.log_term_grad_norms and torch.is_grad_enabled():
-            parts = {
-                "outcome": (outcome, None, None),
-                "distill": (None, opd_term, None),
-                "anchor": (None, None, anchor),
-            }
-            for name, (o, d, a) in parts.items():
-                part = sdpg_objective(o, d, a, **objective, **coefs)
-                grad = None
-                if part.requires_grad:  # a term this step does not use is a constant 0
-                    grad = torch.autograd.grad(part, hidden, retain_graph=True, allow_unused=True)[0]
-                norm = torch.zeros((), device=hidden.device) if grad is None else grad.float().square().sum()
-                metrics[f"grad_norm/{name}"].append(self.accelerator.reduce(norm, reduction="sum").sqrt().item())
+    # ----------------------------------------------------------------------------------------------------------------
+    # Metrics of the loss
+    # ----------------------------------------------------------------------------------------------------------------
+    def _log_term_grad_norms(
+        self, metrics: dict, terms: PerTokenTerms, mask: torch.Tensor, tokens: Aggregation, step: StepCoefficients,
+        hidden: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """`grad_norm/{outcome,distill,anchor}`: each term's gradient norm at the final hidden states, over all
+        processes; one extra LM-head backward per term (`log_term_grad_norms`)."""
+        for name in ("outcome", "distill", "anchor"):
+            part = self._objective(terms, mask, tokens, step, only=name)
+            grad = None
+            if part.requires_grad:  # a term this step does not use is a constant 0
+                grad = torch.autograd.grad(part, hidden, retain_graph=True, allow_unused=True)[0]
+            norm = torch.zeros((), device=hidden.device) if grad is None else grad.float().square().sum()
+            metrics[f"grad_norm/{name}"].append(self.accelerator.reduce(norm, reduction="sum").sqrt().item())
 
-        with torch.no_grad():
-            metrics["entropy"].append(self._global_masked_mean(entropies, mask))
-            metrics["sdpg/distill_coef"].append(distill_coef)
-            metrics["sdpg/gate_ratio"].append(self.accelerator.gather(gate).mean().item())
-            if args.distill_coef > 0:  # the distillation metrics (RLSD has a teacher but no KL term)
-                metrics["sdpg/opd_kl"].append(self._global_masked_mean(opd, distilled))
-                metrics["sdpg/teacher_minus_student_logp"].append(
-                    self._global_masked_mean(teacher_logps - per_token_logps, distilled)
-                )
-                metrics["sdpg/teacher_entropy"].append(self._global_masked_mean(teacher_entropies, distilled))
-                metrics["sdpg/student_entropy"].append(self._global_masked_mean(entropies, distilled))
-                metrics["sdpg/distilled_token_share"].append(self._global_masked_mean(distill_weight, distilled))
-                if "context_token_mask" in inputs:
-                    # Leakage: the share of the KL on completion tokens that also occur in the privileged context.
-                    on_context = inputs["context_token_mask"] & distilled
-                    totals = self.accelerator.reduce(torch.stack([(opd * on_context).sum(), (opd * distilled).sum()]))
-                    metrics["sdpg/kl_share_on_context_tokens"].append((totals[0] / totals[1].clamp(min=1e-12)).item())
-                    metrics["sdpg/context_token_share"].append(self._global_masked_mean(on_context.float(), distilled))
-            if self.args.rlsd_coef > 0:
-                scored = valid & teacher_rows.unsqueeze(1)
-                metrics["rlsd/lambda"].append(rlsd_lam)
-                if terms.rlsd:
-                    ratio = token_advantages / advantages.unsqueeze(1).where(advantages.unsqueeze(1) != 0, 1.0)
-                    metrics["rlsd/advantage_weight"].append(self._global_masked_mean(ratio, scored))
-                    gap = teacher_logps - (per_token_logps if old_per_token_logps is None else old_per_token_logps)
-                    metrics["rlsd/teacher_minus_sampler_logp"].append(self._global_masked_mean(gap, scored))
-            if anchor is not None:
-                metrics["sdpg/anchor"].append(self._global_masked_mean(anchor, mask))
-                kl = k3_kl(per_token_logps, inputs["ref_per_token_logps"])
-                if args.use_bias_correction_kl:  # GRPOTrainer logs the importance-weighted estimate
-                    kl = kl * policy.ratio
-                metrics["kl"].append(self._global_masked_mean(kl, mask))
-            self._log_ratio_metrics(metrics, policy, options, token_advantages, mask)
-        return loss
+    def _log_loss_metrics(
+        self, metrics: dict, inputs: dict[str, Any], mask: torch.Tensor, scores: HeadScores,
+        selection: TokenSelection, terms: PerTokenTerms, step: StepCoefficients,
+    ) -> None:  # fmt: skip
+        """The step's metrics, each a mean over every process's tokens, whatever this process's data (every process
+        takes part in every reduction, in the same order)."""
+        mean = self._global_masked_mean
+        metrics["entropy"].append(mean(scores.entropy, mask))
+        metrics["sdpg/distill_coef"].append(step.distill_coef)
+        metrics["sdpg/gate_ratio"].append(self.accelerator.gather(selection.gate).mean().item())
+        if self.args.distill_coef > 0:  # the method distils: logged from step 0, also while the schedule is at 0
+            self._log_distill_metrics(metrics, inputs, scores, terms.distill_weight, selection.distilled)
+        if self.args.rlsd_coef > 0:
+            scored = selection.distilled | selection.teacher_only
+            metrics["rlsd/lambda"].append(step.rlsd_lam)
+            if step.terms.rlsd:
+                advantages = inputs["advantages"].unsqueeze(1)
+                ratio = terms.token_advantages / advantages.where(advantages != 0, 1.0)
+                metrics["rlsd/advantage_weight"].append(mean(ratio, scored))
+                old_logps = inputs.get("old_per_token_logps")
+                sampler_logps = scores.logps if old_logps is None else old_logps
+                metrics["rlsd/teacher_minus_sampler_logp"].append(mean(scores.teacher_logps - sampler_logps, scored))
+        if terms.anchor is not None:
+            metrics["sdpg/anchor"].append(mean(terms.anchor, mask))
+            kl = k3_kl(scores.logps, inputs["ref_per_token_logps"])
+            if self.args.use_bias_correction_kl:  # GRPOTrainer logs the importance-weighted estimate
+                kl = kl * terms.policy.ratio
+            metrics["kl"].append(mean(kl, mask))
+        self._log_ratio_metrics(metrics, terms.policy, terms.options, terms.token_advantages, mask)
+
+    def _log_distill_metrics(
+        self, metrics: dict, inputs: dict[str, Any], scores: HeadScores, distill_weight: torch.Tensor,
+        distilled: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """The distillation term's metrics over the distilled tokens, and the leakage signal: the share of the KL on
+        completion tokens that also occur in the privileged context."""
+        mean = self._global_masked_mean
+        metrics["sdpg/distill_kl"].append(mean(scores.distill_kl, distilled))
+        metrics["sdpg/teacher_minus_student_logp"].append(mean(scores.teacher_logps - scores.logps, distilled))
+        metrics["sdpg/teacher_entropy"].append(mean(scores.teacher_entropy, distilled))
+        metrics["sdpg/student_entropy"].append(mean(scores.entropy, distilled))
+        metrics["sdpg/distilled_token_share"].append(mean(distill_weight, distilled))
+        if "context_token_mask" in inputs:
+            on_context = inputs["context_token_mask"] & distilled
+            kl = scores.distill_kl
+            totals = self.accelerator.reduce(torch.stack([(kl * on_context).sum(), (kl * distilled).sum()]))
+            metrics["sdpg/kl_share_on_context_tokens"].append((totals[0] / totals[1].clamp(min=1e-12)).item())
+            metrics["sdpg/context_token_share"].append(mean(on_context.float(), distilled))
 
     def _log_ratio_metrics(
         self, metrics: dict, policy: Outcome, options: OutcomeOptions, advantages: torch.Tensor, mask: torch.Tensor
@@ -590,10 +664,8 @@ class SDPGTrainer(GRPOTrainer):
             return nullcontext()
         return use_adapter(self.accelerator.unwrap_model(model), None if kind == "base" else "sdpg_ema_teacher")
 
-    def _teacher_hidden(
-        self, model: torch.nn.Module, inputs: dict[str, Any], rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`(R, C, H)` teacher hidden states predicting the completion tokens of `rows`, and the teacher's LM head.
+    def _teacher_hidden(self, model: torch.nn.Module, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+        """`(R, C, H)` teacher hidden states predicting the completion tokens of `rows`.
 
         The input is the teacher prompt followed by the student's completion ids unchanged (SPEC 1). Dropout is off
         (eval mode) so the teacher's distribution does not depend on a dropout draw. Positions count from each row's
@@ -621,8 +693,7 @@ class SDPGTrainer(GRPOTrainer):
                 use_cache=False,
                 logits_to_keep=1,
             )
-        weight, bias = self._lm_head_params(teacher)
-        return self._completion_hidden(captured, completion_ids.size(1)), weight, bias
+        return self._completion_hidden(captured, completion_ids.size(1))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Helpers
@@ -675,6 +746,5 @@ class SDPGTrainer(GRPOTrainer):
         return hidden[:, -num_completion - 1 : -1]
 
     def _global_masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        mask = mask.float()
-        totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]), reduction="sum")
-        return (totals[0] / totals[1].clamp(min=1.0)).item()
+        """Mean of `values` over every process's tokens where `mask` is set."""
+        return masked_mean(values, mask, reduce=lambda totals: self.accelerator.reduce(totals, reduction="sum")).item()

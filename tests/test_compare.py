@@ -232,7 +232,7 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     report = (out / "results.md").read_text()
     assert (out / "accuracy.png").is_file() and "| grpo | 1 |" in report and "teacher entropy" in report
     sdpg_log = json.loads((out / "sdpg" / "seed0" / "trainer_state.json").read_text())["log_history"]
-    assert any("sdpg/opd_kl" in entry for entry in sdpg_log)
+    assert any("sdpg/distill_kl" in entry for entry in sdpg_log)
     stamp = (out / "grpo" / "seed0" / "run.json").stat().st_mtime
     main(argv)  # resumed: nothing to rerun
     assert (out / "grpo" / "seed0" / "run.json").stat().st_mtime == stamp

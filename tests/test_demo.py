@@ -54,7 +54,7 @@ def test_demo_writes_metrics_plots_and_a_summary(cached_tiny_smollm2, tmp_path, 
     assert json.loads((out / "summary.json").read_text()) == summary
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(history) and "sdpg/opd_kl" in rows[0]
+    assert len(rows) == len(history) and "sdpg/distill_kl" in rows[0]
     for name in CURVES:
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -51,11 +51,11 @@ def nan_teacher(trainer, steps):
     original = trainer._teacher_hidden
 
     def teacher_hidden(*args, **kwargs):
-        hidden, weight, bias = original(*args, **kwargs)
+        hidden = original(*args, **kwargs)
         if at_poisoned_step(trainer, steps):
             hidden = hidden.clone()
             hidden[0, 0, 0] = float("nan")
-        return hidden, weight, bias
+        return hidden
 
     trainer._teacher_hidden = teacher_hidden
 

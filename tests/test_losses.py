@@ -9,15 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdpg_trl.head_kernels import chunked_logps_and_entropy, fused_policy_distillation
 from sdpg_trl.losses import (
     CLIPPED_LOSS_TYPES,
     LOSS_TYPES,
     OutcomeOptions,
     anchor_per_token,
-    beta_schedule,
-    chunked_logps_and_entropy,
+    distill_coef_schedule,
     full_vocab_reverse_kl,
-    fused_policy_distillation,
     outcome_per_token,
     policy_token_weights,
     positive_advantage_gate,
@@ -371,17 +370,17 @@ def test_no_distillation_for_non_positive_advantages_or_all_equal_groups():
     ("step", "expected"),
     [(0, 0.0), (25, 0.5), (50, 1.0), (100, 300 / 350), (225, 0.5), (399, 1 / 350), (400, 0.0)],
 )
-def test_beta_schedule_paper_windows(step, expected):
+def test_distill_coef_schedule_paper_windows(step, expected):
     """The paper's run: T = 400, T_warm = 50, T_decay = 350, so the decay starts exactly at the end of warmup."""
-    assert beta_schedule(step, 400, 1.0, 50, 350) == pytest.approx(expected)
+    assert distill_coef_schedule(step, 400, 1.0, 50, 350) == pytest.approx(expected)
 
 
-def test_beta_schedule_switches_and_overlap():
-    assert beta_schedule(0, 10, 2e-3, 0, 0) == 2e-3  # no warmup, no decay
-    assert beta_schedule(10, 10, 2e-3, 0, 5) == 0.0
-    assert beta_schedule(3, 10, 2e-3, 5, 0) == pytest.approx(2e-3 * 3 / 5)
+def test_distill_coef_schedule_switches_and_overlap():
+    assert distill_coef_schedule(0, 10, 2e-3, 0, 0) == 2e-3  # no warmup, no decay
+    assert distill_coef_schedule(10, 10, 2e-3, 0, 5) == 0.0
+    assert distill_coef_schedule(3, 10, 2e-3, 5, 0) == pytest.approx(2e-3 * 3 / 5)
     # overlapping windows (T_warm + T_decay > T): the peak stays below beta_base
-    peak = max(beta_schedule(k, 100, 1.0, 80, 80) for k in range(101))
+    peak = max(distill_coef_schedule(k, 100, 1.0, 80, 80) for k in range(101))
     assert peak < 1.0
     assert peak == pytest.approx(max(min(1, k / 80) * min(1, (100 - k) / 80) for k in range(101)))
 
@@ -411,7 +410,7 @@ def test_reference_loss_equals_hand_computation():
     assert loss.item() == pytest.approx(total / n_tokens, rel=1e-6)
     assert metrics["gate_ratio"] == 0.5
     assert set(metrics) == {
-        "opd_kl",
+        "distill_kl",
         "gate_ratio",
         "teacher_minus_student_logp",
         "teacher_entropy",

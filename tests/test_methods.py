@@ -352,8 +352,8 @@ def test_teacher_forward_has_dropout_off(tmp_path, tokenizer, tiny_model_dir):
     trainer.model.train()
     batch = hand_batch(tokenizer)
     rows = torch.arange(4)
-    first, _, _ = trainer._teacher_hidden(trainer.model, batch, rows)
-    second, _, _ = trainer._teacher_hidden(trainer.model, batch, rows)
+    first = trainer._teacher_hidden(trainer.model, batch, rows)
+    second = trainer._teacher_hidden(trainer.model, batch, rows)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert trainer.model.training  # mode restored
 

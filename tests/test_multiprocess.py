@@ -164,7 +164,7 @@ def assert_matches_one_process(single: dict, rank0: dict, rank1: dict) -> None:
     assert len(logs) == len(logs0) == 2
     for step, (one, two) in enumerate(zip(logs, logs0)):
         # The test needs a gate that distils some rollouts and not others, and a distillation term.
-        assert 0 < one["sdpg/gate_ratio"] < 1 and one["sdpg/opd_kl"] > 0, one
+        assert 0 < one["sdpg/gate_ratio"] < 1 and one["sdpg/distill_kl"] > 0, one
         assert one.keys() == two.keys()
         # float32 tolerance: at step 2 the weights differ in the last bits, and the KL between the two near-equal
         # views (about 2e-3) is a difference of log-probs near 4, so it keeps only about 1e-5 of relative precision.

@@ -21,10 +21,11 @@ from transformers import (
 )
 from trl import GRPOConfig, GRPOTrainer
 
+import sdpg_trl.head_kernels
 import sdpg_trl.trainer
 from sdpg_trl import SDPGConfig, SDPGTrainer
 from sdpg_trl._trl_compat import compute_dtype
-from sdpg_trl.losses import OutcomeOptions, beta_schedule, sdpg_loss_reference
+from sdpg_trl.losses import OutcomeOptions, distill_coef_schedule, sdpg_loss_reference
 from sdpg_trl.teacher import build_teacher_prompt
 from sdpg_trl.trainer import vision_language_signs
 
@@ -159,10 +160,10 @@ def test_trainer_loss_equals_reference(tmp_path, tokenizer, tiny_model_dir, chun
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(g_trainer, g_ref)
     logged = {k.removeprefix("sdpg/"): v[-1] for k, v in trainer._metrics["train"].items()}
-    for key in ("opd_kl", "gate_ratio", "teacher_minus_student_logp", "anchor", "kl"):
+    for key in ("distill_kl", "gate_ratio", "teacher_minus_student_logp", "anchor", "kl"):
         assert logged[key] == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-6), key
     assert logged["distill_coef"] == trainer.args.distill_coef
-    assert ref_metrics["opd_kl"] > 0
+    assert ref_metrics["distill_kl"] > 0
 
 
 def test_trainer_loss_equals_reference_off_policy_and_ungated(tmp_path, tokenizer, tiny_model_dir):
@@ -198,7 +199,7 @@ def test_trainer_with_grpo_options_equals_reference(tmp_path, tokenizer, tiny_mo
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(g_trainer, g_ref)
     logged = trainer._metrics["train"]
-    assert logged["kl"][-1] == pytest.approx(ref_metrics["kl"], rel=1e-4) and ref_metrics["opd_kl"] > 0
+    assert logged["kl"][-1] == pytest.approx(ref_metrics["kl"], rel=1e-4) and ref_metrics["distill_kl"] > 0
 
 
 def test_peft_teacher_uses_the_adapter(tmp_path, tokenizer, tiny_model_dir):
@@ -233,7 +234,7 @@ def test_head_kernels_project_in_the_mixed_precision_dtype(tmp_path, tokenizer, 
         return run
 
     for name in ("chunked_logps_and_entropy", "fused_policy_distillation"):
-        monkeypatch.setattr(sdpg_trl.trainer, name, spy(getattr(sdpg_trl.trainer, name)))
+        monkeypatch.setattr(sdpg_trl.head_kernels, name, spy(getattr(sdpg_trl.head_kernels, name)))
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, bf16=True, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
     loss, g_trainer = trainer_loss_and_grads(trainer, hand_batch(tokenizer))  # rows 0 and 2 distilled, 1 and 3 not
     assert sorted(seen) == [("chunked_logps_and_entropy", expected), ("fused_policy_distillation", expected)]
@@ -302,7 +303,7 @@ def test_build_teacher_prompt_shapes():
 # Real training runs
 # ---------------------------------------------------------------------------------------------------------------------
 SDPG_METRICS = (
-    "sdpg/opd_kl",
+    "sdpg/distill_kl",
     "sdpg/distill_coef",
     "sdpg/gate_ratio",
     "sdpg/anchor",
@@ -320,7 +321,7 @@ def test_train_full_finetuning_updates_weights_and_logs(tmp_path, tokenizer, tin
     assert len(logs) == 3
     for key in (*SDPG_METRICS, "kl", "entropy", "reward"):
         assert all(key in h for h in logs), key
-    assert any(h["sdpg/opd_kl"] > 0 for h in logs)
+    assert any(h["sdpg/distill_kl"] > 0 for h in logs)
 
 
 def test_train_peft_lora_updates_adapter_only(tmp_path, tokenizer, tiny_model_dir):
@@ -336,7 +337,7 @@ def test_train_peft_lora_updates_adapter_only(tmp_path, tokenizer, tiny_model_di
 
 def test_schedule_follows_optimizer_steps_and_survives_resume(tmp_path, tokenizer, tiny_model_dir):
     overrides = dict(max_steps=4, distill_warmup_steps=2, distill_decay_steps=2, save_strategy="steps", save_steps=2)
-    expected = [beta_schedule(k, 4, 0.5, 2, 2) for k in range(4)]  # 0, 0.25, 0.5, 0.25
+    expected = [distill_coef_schedule(k, 4, 0.5, 2, 2) for k in range(4)]  # 0, 0.25, 0.5, 0.25
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, **overrides)
     trainer.train()
     full = [h["sdpg/distill_coef"] for h in trainer.state.log_history if "loss" in h]

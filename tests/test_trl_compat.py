@@ -41,6 +41,7 @@ SIGNATURES = {
     "create_model_from_path": ["model_id", "architecture", "kwargs"],
     "get_config_model_id": ["config"],
     "use_adapter": ["model", "adapter_name"],
+    "ForwardRedirection": [],  # constructed without arguments; its call is checked below
     "off_policy_sequence_mask": ["advantages", "per_token_logps", "sampling_per_token_logps", "mask",
                                  "off_policy_threshold"],
     "vespo_gamma_weights": ["advantages", "log_ratio_per_token", "mask", "importance_sampling_ratio", "k_pos",
@@ -69,6 +70,10 @@ def test_trl_internal_resolves_with_the_parameters_sdpg_passes(name):
     expected = SIGNATURES[name]
     actual = _parameters(obj)[: len(expected)]
     assert actual == expected, f"{name} ({obj.__module__}) changed its parameters in {TRL}: {actual} != {expected}"
+
+
+def test_forward_redirection_is_called_with_the_wrapper_the_module_and_the_method():
+    assert _parameters(compat.ForwardRedirection.__call__)[:4] == ["self", "wrapper_module", "original_module", "method"]
 
 
 def test_every_compat_name_is_checked():

@@ -38,7 +38,7 @@ CURVES = {
     "entropy": ("Policy entropy of sampled tokens", [("entropy", "entropy")]),
     "kl": (
         "KL terms",
-        [("sdpg/opd_kl", "OPD KL(student || teacher), gated"), ("kl", "KL to the reference")],
+        [("sdpg/distill_kl", "distillation KL(student || teacher), gated"), ("kl", "KL to the reference")],
     ),
     "response_length": (
         "Response length (tokens)",

@@ -10,6 +10,12 @@ What is logged: `skipped_steps` (skipped optimizer steps so far in the run) next
 `loss` itself is the mean over the steps of the logging window that were optimised, or `None` when every step of the
 window was skipped (never the 0.0 or running average that `logging_nan_inf_filter` substitutes for a NaN). A skipped
 step forces a log entry at its step, so the count reaches the log history (and any checkpoint) at once.
+
+Under DeepSpeed the engine steps inside `accelerator.backward`, before any callback runs, so the skip is DeepSpeed's
+own: its ZeRO optimizers discard a step whose gradient norm is not finite (no update, no scheduler step). The guard
+hands it every step it must skip: `deepspeed_loss` turns the loss of a batch with a broken reward into NaN before
+the backward, so its gradients are not finite; then the guard reads whether DeepSpeed skipped, and counts and logs
+the step as above.
 """
 
 from __future__ import annotations
@@ -56,10 +62,12 @@ class StepGuard(TrainerCallback):
 
     Args:
         max_consecutive_skipped_steps: training raises once this many optimizer steps in a row were skipped.
+        deepspeed: the optimizer is DeepSpeed's, which steps inside the backward pass and skips non-finite steps.
     """
 
-    def __init__(self, max_consecutive_skipped_steps: int):
+    def __init__(self, max_consecutive_skipped_steps: int, deepspeed: bool = False):
         self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+        self.deepspeed = deepspeed
         self.skipped_steps = 0
         self.consecutive = 0
         self._reset_step()
@@ -79,6 +87,11 @@ class StepGuard(TrainerCallback):
         loss = loss.detach().float()
         self._loss = loss if self._loss is None else self._loss + loss
         self._fault = self._fault or fault
+
+    def deepspeed_loss(self, loss: torch.Tensor, fault: str | None) -> torch.Tensor:
+        """The micro-batch loss to back-propagate under DeepSpeed: NaN for a generation batch with a broken reward,
+        so that DeepSpeed's non-finite-gradient check discards the step (finite gradients would be applied)."""
+        return loss * float("nan") if fault is not None else loss
 
     def rewrite_logs(self, logs: dict) -> None:
         """Replace the Trainer's `loss` and `train_loss` by means over optimised steps; add `skipped_steps`."""
@@ -103,8 +116,10 @@ class StepGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         loss = self._loss if self._loss is not None else torch.zeros((), device=args.device)
+        # Under DeepSpeed the step has already run: a non-finite gradient shows as DeepSpeed's skip.
+        deepspeed_skipped = self.deepspeed and optimizer.step_was_skipped
         flags = torch.stack([
-            torch.tensor(float(_nonfinite_grad(model)), device=loss.device),
+            torch.tensor(float(_nonfinite_grad(model) or deepspeed_skipped), device=loss.device),
             (~torch.isfinite(loss)).float(),
             torch.tensor(float(self._fault is not None), device=loss.device),
             loss,
@@ -121,8 +136,14 @@ class StepGuard(TrainerCallback):
             self._skip = f"the loss is not finite ({loss_sum})"
         elif bad_grad:
             self._skip = "a gradient is not finite"
-        if self._skip is not None:
+        if self._skip is not None and not self.deepspeed:
             self._skip_optimizer_step(optimizer)
+        elif self._skip is not None and not deepspeed_skipped:
+            raise RuntimeError(
+                f"DeepSpeed applied optimizer step {state.global_step + 1}, which SDPG had to skip because {self._skip}: "
+                "its non-finite-gradient check is off (bf16 with `check_grad_overflow: false` in the DeepSpeed "
+                "config?). Turn it on so that non-finite steps are skipped."
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._restore_optimizer is not None:

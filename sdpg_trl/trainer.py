@@ -200,14 +200,10 @@ class SDPGTrainer(GRPOTrainer):
                 "with trl.GRPOTrainer."
             )
         self.teacher_model = self._setup_teacher_model()
-        # Non-finite steps are skipped (guards.py); DeepSpeed steps inside backward, before any callback could.
+        # Non-finite steps are skipped (guards.py); under DeepSpeed by DeepSpeed's own check, which the guard feeds.
         self._reward_fault: str | None = None  # why the current generation batch's rewards are unusable
-        self._step_guard = None
-        if self.is_deepspeed_enabled:
-            logger.warning("SDPG's step guard is off under DeepSpeed: a non-finite step cannot be skipped there.")
-        else:
-            self._step_guard = StepGuard(self.args.max_consecutive_skipped_steps)
-            self.add_callback(self._step_guard)
+        self._step_guard = StepGuard(self.args.max_consecutive_skipped_steps, deepspeed=self.is_deepspeed_enabled)
+        self.add_callback(self._step_guard)
 
         text_config = self._causal_lm(self.model).config.get_text_config()
         for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
@@ -312,13 +308,11 @@ class SDPGTrainer(GRPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._step_guard is not None:
-            self._step_guard.observe(loss, self._reward_fault)
+        self._step_guard.observe(loss, self._reward_fault)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._step_guard is not None:  # training logs only: eval logs carry `eval_loss`, not `loss`
-            self._step_guard.rewrite_logs(logs)
+        self._step_guard.rewrite_logs(logs)  # training logs only: eval logs carry `eval_loss`, not `loss`
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
@@ -376,6 +370,8 @@ class SDPGTrainer(GRPOTrainer):
             self._log_term_grad_norms(self._metrics[mode], terms, mask, tokens, step, hidden)
         with torch.no_grad():
             self._log_loss_metrics(self._metrics[mode], inputs, mask, scores, selection, terms, step)
+        if self.is_deepspeed_enabled and mode == "train":  # DeepSpeed steps in the backward: skip a bad batch there
+            loss = self._step_guard.deepspeed_loss(loss, self._reward_fault)
         return loss
 
     def _step_coefficients(self) -> StepCoefficients:

@@ -446,3 +446,35 @@ def test_reference_off_policy_weights_distillation_and_anchor_by_rho():
                                  ref_per_token_logps=ref, old_per_token_logps=logp - 0.1)  # fmt: skip
     # rho = e^0.1 is inside the clip range: outcome scales by rho, and so do the distillation and the anchor
     assert off.item() == pytest.approx(math.exp(0.1) * on.item(), rel=1e-6)
+
+
+def test_reference_loss_keeps_fp64_and_equals_the_papers_loss_at_1e_12():
+    """SPEC 2's loss written out token by token in fp64 (on-policy, gate, urkl anchor, every term over N): the
+    reference keeps the dtype it is given, so value and gradient agree to 1e-12, not fp32's ~1e-8."""
+    batch, length, vocab, beta, alpha = 4, 5, 7, 0.37, 0.11
+    student = torch.randn(batch, length, vocab, requires_grad=True)
+    teacher = torch.randn(batch, length, vocab)
+    ids = torch.randint(vocab, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[2, 4:] = 0
+    advantages = torch.tensor([0.9, -0.3, 1.2, -1.8])
+    ref = -torch.rand(batch, length) * 2 - 1
+    loss, _ = sdpg_loss_reference(student, teacher, ids, mask, advantages, distill_coef=beta, kl_coef=alpha,
+                                  kl_estimator="urkl", ref_per_token_logps=ref)  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, student)
+
+    log_p, log_q = student.log_softmax(-1), teacher.log_softmax(-1)
+    total, count = torch.zeros(()), int(mask.sum())
+    for i in range(batch):
+        for t in range(length):
+            if mask[i, t]:
+                logp = log_p[i, t, ids[i, t]]
+                kl = (log_p[i, t].exp() * (log_p[i, t] - log_q[i, t])).sum()
+                total = total - advantages[i] * logp + beta * float(advantages[i] > 0) * kl
+                total = total + alpha * 0.5 * (logp - ref[i, t]) ** 2
+    expected = total / count
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15)

@@ -2,7 +2,8 @@
 
 Times forward + backward (process CPU and wall seconds, best of 2 after a warmup) for N tokens, hidden 256:
 one plain projection (the unit), TRL's chunked log-prob kernel (GRPO's fused head), TRL's chunked divergence (SDPG's
-KL before 90a969b), and SDPG's fused log-prob + KL pass (`sdpg_trl.head_kernels.fused_policy_distillation`, since 90a969b).
+KL before 90a969b), and SDPG's fused log-prob + KL pass (`sdpg_trl.head_kernels.fused_policy_distillation`, since
+90a969b).
 
 Usage: python -m bench.head_kernels [--tokens 1024 --vocab 49152]
 """

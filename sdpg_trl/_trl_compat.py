@@ -179,7 +179,8 @@ def vllm_generate(
 
 # The eager names; the lazy ones (`_LAZY`) are left out so that `import *` does not import `trl.experimental.sdpo`.
 __all__ = [
-    "ChunkedLogProbFunction", "ForwardRedirection", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL",
+    "ChunkedLogProbFunction", "ForwardRedirection", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES",
+    "SUPPORTED_TRL", "TESTED_TRL",
     "VLLM_SAMPLING_ATTRIBUTES", "addmm_fp32", "compute_dtype", "create_model_from_path",
     "disable_gradient_checkpointing", "get_config_model_id", "installed_trl_version", "maybe_gather_lm_head_ctx",
     "off_policy_sequence_mask", "pad", "prepare_deepspeed", "prepare_fsdp", "project_tile", "tokenize_prompts",

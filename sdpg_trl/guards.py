@@ -140,7 +140,8 @@ class StepGuard(TrainerCallback):
             self._skip_optimizer_step(optimizer)
         elif self._skip is not None and not deepspeed_skipped:
             raise RuntimeError(
-                f"DeepSpeed applied optimizer step {state.global_step + 1}, which SDPG had to skip because {self._skip}: "
+                f"DeepSpeed applied optimizer step {state.global_step + 1}, which SDPG had to skip because "
+                f"{self._skip}: "
                 "its non-finite-gradient check is off (bf16 with `check_grad_overflow: false` in the DeepSpeed "
                 "config?). Turn it on so that non-finite steps are skipped."
             )

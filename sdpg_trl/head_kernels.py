@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 # TRL's helpers (private to TRL, so imported through `_trl_compat`): fp32 projections and gradient GEMMs from
 # bf16/fp16 inputs, and ZeRO-3 gathering.
@@ -109,7 +110,10 @@ class _FusedPolicyDistillation(torch.autograd.Function):
         grad_hidden = torch.zeros(student_hidden.shape, device=student_hidden.device, dtype=torch.float32)
         # The head's shape is read inside the gather: under ZeRO-3 a partitioned parameter is empty outside it.
         with _gather_heads(weight, bias, teacher_weight, teacher_bias):
-            f32 = {"device": weight.device, "dtype": torch.float32}  # gradients accumulate in fp32, as in TRL's kernels
+            f32 = {
+                "device": weight.device,
+                "dtype": torch.float32,
+            }  # gradients accumulate in fp32, as in TRL's kernels
             grad_weight = torch.zeros(weight.shape, **f32) if need_weight else None
             grad_bias = torch.zeros(weight.shape[0], **f32) if need_bias else None
             for start in range(0, student_hidden.shape[0], ctx.token_chunk):
@@ -236,6 +240,18 @@ def fused_policy_distillation(
     )  # fmt: skip
 
 
+def lm_head_parameters(causal_lm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `(V, H)` weight and `(V,)` bias (or None) of a causal LM's output layer, whole: FSDP2 shards them as
+    DTensors, and the kernels need the whole head, as TRL's fused head does (`full_tensor` gathers it, and its
+    backward scatters the gradient back to the shards). ZeRO-3 parameters are gathered by the kernels themselves."""
+    head = causal_lm.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    return weight, bias
+
+
 class HeadScores(NamedTuple):
     """What the LM head gives one batch, as `(B, T)` fp32 tensors, 0 where a token was not scored.
 
@@ -308,7 +324,11 @@ def score_tokens(
             completion_ids[where], teacher_weight=teacher_head.weight, teacher_bias=teacher_head.bias,
             chunk_size=chunk_size, **transform,
         )  # fmt: skip
-        logps, entropy, kl = logps.index_put(where, d_logps), entropy.index_put(where, d_entropy), kl.index_put(where, d_kl)
+        logps, entropy, kl = (
+            logps.index_put(where, d_logps),
+            entropy.index_put(where, d_entropy),
+            kl.index_put(where, d_kl),
+        )
         teacher_logps = teacher_logps.index_put(where, t_logps)
         teacher_entropy = teacher_entropy.index_put(where, t_entropy)
     if rlsd:  # RLSD needs the teacher's sampled-token log-prob, not its KL

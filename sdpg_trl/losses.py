@@ -7,8 +7,8 @@ Shapes: `B` rollouts, `T` completion positions, `V` vocabulary, `H` hidden size,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -529,7 +529,8 @@ def sdpg_loss_reference(
             gradient (TRL's `use_bias_correction_kl`). max_completion_length: dr_grpo's constant (None: `T`).
     Returns: the scalar loss (the distillation term normalised by all completion tokens of the batch, the outcome and
         the anchor aggregated by `outcome.loss_type` in one accumulation step) and float metrics:
-        `distill_kl`, `teacher_minus_student_logp`, `teacher_entropy` and `student_entropy` (means over the gated tokens),
+        `distill_kl`, `teacher_minus_student_logp`, `teacher_entropy` and `student_entropy` (means over the gated
+        tokens),
         `gate_ratio` (fraction of rollouts distilled), `anchor` (mean surrogate) and `kl` (mean k3, importance-weighted
         with `bias_correction_kl` as GRPOTrainer logs it) when a reference is given.
     """
@@ -555,7 +556,8 @@ def sdpg_loss_reference(
         anchor = anchor * policy.ratio
     tokens = loss_aggregation(mask, outcome.loss_type, mask.sum(), max_completion_length=max_completion_length)
     loss = sdpg_objective(
-        policy.loss, distill_kl, anchor, mask, weight, policy.rho, outcome_coef=outcome_coef, distill_coef=distill_coef,
+        policy.loss, distill_kl, anchor, mask, weight, policy.rho, outcome_coef=outcome_coef,
+        distill_coef=distill_coef,
         kl_coef=kl_coef, aggregation=tokens, anchor_ratio_weighted=anchor_ratio_weighted,
     )  # fmt: skip
 

@@ -20,7 +20,6 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig, PeftModel
-from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import GRPOTrainer
 
@@ -39,7 +38,7 @@ from ._trl_compat import (
 )
 from .config import SDPGConfig
 from .guards import StepGuard, reward_fault
-from .head_kernels import HeadScores, LMHead, score_tokens
+from .head_kernels import HeadScores, LMHead, lm_head_parameters, score_tokens
 from .losses import (
     CLIPPED_LOSS_TYPES,
     Aggregation,
@@ -347,7 +346,7 @@ class SDPGTrainer(GRPOTrainer):
             raise ValueError("The SDPGTrainer does not support returning outputs")
         mode = "train" if self.model.training else "eval"
         step = self._step_coefficients()
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)  # GRPO's: tool-call tokens are not trained
         selection = token_selection(
             inputs["advantages"], mask, step.terms, gate_enabled=self.args.distill_positive_only,
             fits=inputs.get("teacher_prompt_fits", True),  # rows whose teacher prompt fits max_teacher_prompt_length
@@ -412,7 +411,9 @@ class SDPGTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         # Bound here, not passed through the wrapper's forward: ZeRO-3 replaces the tensors in a forward's arguments
         # (the teacher's head parameters among them) by autograd wrappers.
-        score = functools.partial(self._score_student, unwrapped, inputs, selection, teacher_hidden, teacher_head, step)
+        score = functools.partial(
+            self._score_student, unwrapped, inputs, selection, teacher_hidden, teacher_head, step
+        )
         *scores, hidden, aux_loss = self._forward_redirection(model, unwrapped, score)
         return HeadScores(*scores), hidden, aux_loss
 
@@ -474,7 +475,9 @@ class SDPGTrainer(GRPOTrainer):
                 args.off_policy_mask_threshold,
             )  # fmt: skip
         if args.top_entropy_quantile < 1.0:
-            outcome = outcome * self.get_high_entropy_mask(scores.entropy.detach(), mask, 1 - args.top_entropy_quantile)
+            outcome = outcome * self.get_high_entropy_mask(
+                scores.entropy.detach(), mask, 1 - args.top_entropy_quantile
+            )
         anchor = None
         if terms.anchor:
             anchor = anchor_per_token(scores.logps, inputs["ref_per_token_logps"], args.kl_estimator)
@@ -713,12 +716,7 @@ class SDPGTrainer(GRPOTrainer):
         return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
     def _lm_head_params(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        lm_head = self._causal_lm(model).get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards the head; the divergence needs it whole, like TRL's fused head
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        return weight, bias
+        return lm_head_parameters(self._causal_lm(model))
 
     @contextmanager
     def _capture_hidden(self, model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:

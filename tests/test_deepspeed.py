@@ -75,9 +75,7 @@ PARTITION_ALL = textwrap.dedent(
     """
 )
 SAVE = 'trainer.save_model({out!r} + "/saved")'  # ZeRO-3: gathers the 16-bit weights (zero3_save_16bit_model)
-RUNS = {
-    f"{stage}-{teacher}": (stage, teacher) for stage in ("one", "zero2", "zero3") for teacher in ("live", "base")
-}
+RUNS = {f"{stage}-{teacher}": (stage, teacher) for stage in ("one", "zero2", "zero3") for teacher in ("live", "base")}
 
 
 def launch(stage: str) -> list[str] | None:
@@ -141,4 +139,3 @@ def test_zero3_save_model_writes_full_weights(runs, teacher):
     saved = AutoModelForCausalLM.from_pretrained(runs[f"zero3-{teacher}"][1] / "saved", dtype=torch.float32)
     flat = torch.cat([p.detach().flatten() for p in saved.parameters()])
     torch.testing.assert_close(flat, ranks[0]["weights"]["after"], rtol=0, atol=0)
-

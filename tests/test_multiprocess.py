@@ -97,7 +97,8 @@ SCRIPT = textwrap.dedent(
     record = {{"world": state.num_processes, "logs": trainer.state.log_history, "batches": trainer.batches,
               "group_alive": torch.distributed.is_initialized(), "ddp_alive": ddp_alive,
               "distributed_type": trainer.accelerator.distributed_type.value, "fsdp": trainer.is_fsdp_enabled,
-              "partitioned": partitioned, "steps": steps, "parameters": [n for n, _ in trainer.model.named_parameters()]}}
+              "partitioned": partitioned, "steps": steps,
+              "parameters": [n for n, _ in trainer.model.named_parameters()]}}
     with open({out!r} + f"/rank{{state.process_index}}.json", "w") as f:
         json.dump(record, f)
     """
@@ -151,7 +152,9 @@ def finish_run(run: subprocess.Popen, out, timeout: float = 300) -> list[dict]:
         code = run.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         run.kill()
-        pytest.fail(f"{out.name} did not finish in {timeout} s (a hang?):\n" + (out / "output.txt").read_text()[-4000:])
+        pytest.fail(
+            f"{out.name} did not finish in {timeout} s (a hang?):\n" + (out / "output.txt").read_text()[-4000:]
+        )
     assert code == 0, (out / "output.txt").read_text()[-4000:]
     ranks = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
     for i, rank in enumerate(ranks):
@@ -230,7 +233,8 @@ def test_two_process_fsdp2_training_matches_one_process(runs):
         pytest.skip(
             f"accelerate {accelerate.__version__} cannot run FSDP on CPU: launched with the FSDP2 config, the run "
             f"trained as {ranks[0]['distributed_type']} (plain DDP over gloo), because AcceleratorState enables FSDP "
-            "only for GPU-like distributed types; without use_cpu each process would train alone"
+            "only for GPU-like distributed types; without use_cpu each process would train alone (tests/test_fsdp2.py "
+            "checks the head kernels and teachers under torch's fully_shard directly)"
         )
     assert all(r["distributed_type"] == "FSDP" for r in ranks)
     (single,) = finish_run(*runs["one"])

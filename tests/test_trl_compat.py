@@ -73,7 +73,12 @@ def test_trl_internal_resolves_with_the_parameters_sdpg_passes(name):
 
 
 def test_forward_redirection_is_called_with_the_wrapper_the_module_and_the_method():
-    assert _parameters(compat.ForwardRedirection.__call__)[:4] == ["self", "wrapper_module", "original_module", "method"]
+    assert _parameters(compat.ForwardRedirection.__call__)[:4] == [
+        "self",
+        "wrapper_module",
+        "original_module",
+        "method",
+    ]
 
 
 def test_every_compat_name_is_checked():

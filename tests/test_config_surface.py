@@ -9,12 +9,14 @@ import re
 import numpy as np
 import pytest
 import torch
+import transformers.training_args
 import yaml
-from test_trainer import make_args
-from trl import GRPOConfig
+from conftest import make_dataset, make_model
+from test_trainer import make_args, parity_reward
+from trl import GRPOConfig, GRPOTrainer
 
 import sdpg_trl.config
-from sdpg_trl import SDPGConfig
+from sdpg_trl import SDPGConfig, SDPGTrainer
 from sdpg_trl.config import KL_ESTIMATORS, METHODS, docstring_entries
 from sdpg_trl.parser import SDPGParser
 from sdpg_trl.scripts.train import make_parser
@@ -152,6 +154,20 @@ def test_sdpg_fields_and_defaults_are_unchanged(tmp_path):
     assert {name: getattr(config, name) for name in SDPG_DEFAULTS} == SDPG_DEFAULTS
 
 
+def test_trainer_without_args_names_the_default_method_and_the_fix(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)  # the default config's output_dir
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)  # its bf16 on CPU
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # which bf16 sets; restored afterwards
+    monkeypatch.setattr(GRPOTrainer, "__init__", lambda *a, **k: pytest.fail("loaded the model"))
+    data = make_dataset().remove_columns("privileged_context")
+    with pytest.raises(ValueError) as err:
+        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, train_dataset=data)
+    message = str(err.value)
+    assert "train_dataset has no privileged-context column 'privileged_context'" in message
+    assert "no args, so it uses the default SDPGConfig: SDPG with a privileged teacher" in message
+    assert "args=SDPGConfig(method='grpo')" in message
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. Wrong types, non-finite numbers, missing packages, models and data sets: refused before any model loads
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,10 +206,79 @@ def test_numpy_and_tensor_numbers_become_python_numbers(tmp_path):
     assert (type(config.beta), type(config.distill_coef), type(config.max_steps)) == (float, float, int)
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if GRPOTrainer starts (it loads the model first)."""
+    monkeypatch.setattr(GRPOTrainer, "__init__", lambda *a, **k: pytest.fail("GRPOTrainer loaded the model"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "module", "message"),
+    [
+        ({"report_to": ["wandb"]}, None, r"report_to='wandb' needs the wandb package \(`pip install wandb`"),
+        ({"report_to": "comet_ml"}, None, r"report_to='comet_ml' needs the comet-ml package"),
+        ({"use_vllm": True}, "vllm", r"use_vllm=True needs the vllm package \(`pip install \"sdpg-trl\[vllm\]\"`\)"),
+        ({"use_liger_kernel": True}, "liger_kernel", r"use_liger_kernel=True needs the liger_kernel package"),
+        ({}, "deepspeed", r"DeepSpeed \(.*accelerate config\) needs the deepspeed package"),
+    ],
+)
+def test_missing_packages_are_named_before_the_model_loads(
+    tmp_path, monkeypatch, tiny_model_dir, no_model_load, settings, module, message
+):
+    monkeypatch.setitem(sdpg_trl.config._REPORTERS, "wandb", (lambda: False, "wandb"))
+    monkeypatch.setitem(sdpg_trl.config._REPORTERS, "comet_ml", (lambda: False, "comet-ml"))
+    monkeypatch.setattr(sdpg_trl.config, "is_installed", lambda name: name != module)
+    args = make_args(tmp_path, **settings)
+    if module == "deepspeed":
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as `accelerate launch` with a DeepSpeed config
+    with pytest.raises(ImportError, match=message):
+        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=make_dataset())
+
+
 def test_every_report_to_integration_has_a_package():
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     assert set(sdpg_trl.config._REPORTERS) == set(INTEGRATION_TO_CALLBACK)
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_training_set_smaller_than_one_generation_batch_is_refused(tmp_path, tiny_model_dir, no_model_load, rows):
+    # 4 completions per device x 2 steps per generation / 4 generations = 2 prompts per generation batch
+    args = make_args(tmp_path, per_device_train_batch_size=4, num_generations=4, steps_per_generation=2)
+    message = rf"train_dataset has {rows} rows, fewer than one generation batch takes: 2 prompts"
+    with pytest.raises(ValueError, match=message):
+        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args,
+                    train_dataset=make_dataset(2).select(range(rows)))  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["./no/such/model", "/no/such/model", "~/no-such-model", "org/name/extra"])
+def test_missing_local_model_path_says_it_does_not_exist(tmp_path, no_model_load, path):
+    with pytest.raises(FileNotFoundError, match=rf"The model path '{re.escape(path)}' does not exist"):
+        SDPGTrainer(model=path, reward_funcs=parity_reward, args=make_args(tmp_path), train_dataset=make_dataset())
+
+
+@pytest.mark.parametrize(
+    ("settings", "needs"),
+    [
+        ({"beta": 0.1}, r"beta=0\.1 needs a reference model"),
+        ({"beta": 0.0, "teacher_model_kind": "base"}, r"teacher_model_kind='base' needs a copy of the initial"),
+        ({"beta": 0.0, "teacher_model_kind": "ema"}, r"teacher_model_kind='ema' needs a copy of the initial"),
+    ],
+)
+def test_model_object_without_checkpoint_is_refused_when_a_copy_is_needed(
+    tmp_path, tokenizer, no_model_load, settings, needs
+):
+    model = make_model(tokenizer)  # built from a config: no checkpoint to load the reference or teacher from
+    with pytest.raises(ValueError, match=rf"model object whose config names no checkpoint .* but {needs}"):
+        SDPGTrainer(model=model, reward_funcs=parity_reward, args=make_args(tmp_path, **settings),
+                    train_dataset=make_dataset(), processing_class=tokenizer)  # fmt: skip
+
+
+def test_model_object_trains_when_no_copy_is_needed(tmp_path, tokenizer):
+    model = make_model(tokenizer)
+    trainer = SDPGTrainer(model=model, reward_funcs=parity_reward, args=make_args(tmp_path, beta=0.0),
+                          train_dataset=make_dataset(), processing_class=tokenizer)  # fmt: skip
+    assert trainer.ref_model is None and trainer.teacher_model is None
 
 
 def test_teacher_context_column_is_the_column_the_method_reads(tmp_path):

@@ -446,6 +446,7 @@ def test_use_liger_kernel_applies_liger_layer_kernels_as_in_grpo(tmp_path, token
     Liger needs a GPU and is not installed here, so the call is recorded, not run."""
     applied = []
     monkeypatch.setattr("transformers.trainer.apply_liger_kernel", lambda model, cfg: applied.append((model, cfg)))
+    monkeypatch.setattr("sdpg_trl.config.is_installed", lambda module: True)  # SDPGTrainer checks Liger is installed
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, use_liger_kernel=True, max_steps=1)
     trainer.train()
     assert applied == [(trainer.model, {"fused_linear_cross_entropy": False})]

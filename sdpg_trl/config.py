@@ -266,7 +266,7 @@ class SDPGConfig(GRPOConfig):
         (`sdpg-train`), the keys of the `--config` YAML and the flags on the command line (`explicit_fields`).
 
         method (`str`, *optional*, defaults to `"sdpg_urkl"`):
-            The method whose settings fill the fields (see the table above): `"sdpg_urkl"`, `"sdpg_ufkl"`,
+            The method, a preset (`METHODS`) that defines some fields and fills others: `"sdpg_urkl"`, `"sdpg_ufkl"`,
             `"sdpg_no_distill"` (beta = 0), `"sdpg_no_anchor"` (alpha = 0), `"grpo"` (TRL's GRPO), `"rlsd"` or
             `"opcd"`. A field set explicitly keeps its value; one that contradicts what defines the method is refused.
         outcome_coef (`float`, *optional*, defaults to `1.0`):

@@ -533,10 +533,8 @@ class SDPGConfig(GRPOConfig):
             accepts = _type_check(kind)
             value = getattr(self, f.name)
             if accepts is None or accepts(value):
-                if kind is float:  # np.float32(0.1), a 0-d tensor -> a Python float
-                    setattr(self, f.name, real_value(value))
-                elif kind is int:  # np.int64(3) -> 3
-                    setattr(self, f.name, int(value))
+                if kind in (float, int) and not isinstance(value, (int, float)):  # np.float32(0.1), a 0-d tensor
+                    setattr(self, f.name, kind(real_value(value)))
                 continue
             raise TypeError(
                 f"SDPGConfig.{f.name} must be {_type_name(kind)}, got {value!r} of type {type(value).__name__}."

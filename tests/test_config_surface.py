@@ -204,6 +204,7 @@ def test_numpy_and_tensor_numbers_become_python_numbers(tmp_path):
     config = make_args(tmp_path, beta=np.float32(0.5), distill_coef=torch.tensor(0.25), max_steps=np.int64(3))
     assert (config.beta, config.distill_coef, config.max_steps) == (0.5, 0.25, 3)
     assert (type(config.beta), type(config.distill_coef), type(config.max_steps)) == (float, float, int)
+    assert type(make_args(tmp_path, warmup_steps=10).warmup_steps) is int  # Python's own numbers stay as given
 
 
 @pytest.fixture

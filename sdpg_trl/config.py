@@ -75,11 +75,15 @@ METHODS: dict[str, MethodPreset] = {
     # differ, so that `method: grpo` is what `trl grpo` runs.
     "grpo": MethodPreset(
         defines={
-            "distill_coef": 0.0, "rlsd_coef": 0.0, "outcome_coef": 1.0, "kl_estimator": "k3", "dual_clip": None,
+            "distill_coef": 0.0,
+            "rlsd_coef": 0.0,
+            "outcome_coef": 1.0,
+            "kl_estimator": "k3",
+            "dual_clip": None,
             "anchor_ratio_weighted": False,
         },
         fills={name: _GRPO_DEFAULTS[name] for name in ("beta", "use_bias_correction_kl")},
-    ),  # fmt: skip
+    ),
     # RLSD: the teacher only reweights the token advantages; no distillation term; no reference model by default.
     "rlsd": MethodPreset(
         defines={"distill_coef": 0.0},
@@ -91,10 +95,13 @@ METHODS: dict[str, MethodPreset] = {
     "opcd": MethodPreset(
         defines={"outcome_coef": 0.0},
         fills={
-            "distill_coef": 1.0, "distill_positive_only": False, "distill_warmup_steps": 0, "distill_decay_steps": 0,
+            "distill_coef": 1.0,
+            "distill_positive_only": False,
+            "distill_warmup_steps": 0,
+            "distill_decay_steps": 0,
             "beta": 0.0,
         },
-    ),  # fmt: skip
+    ),
 }
 
 # The names of the fields set explicitly, while `SDPGParser` builds an `SDPGConfig` (None otherwise: then they are the

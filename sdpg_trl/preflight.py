@@ -20,6 +20,7 @@ DEFAULT_ARGS_NEED_CONTEXT = (
     "context with args=SDPGConfig(context_column=...)"
 )
 
+
 def looks_like_local_path(name: str) -> bool:
     """Whether a model name can only be a local path: absolute, `./`, `../` or `~`, or more than one `/` (a Hub id
     is `name` or `org/name`)."""

@@ -249,6 +249,11 @@ class SDPGConfig(GRPOConfig):
     Defaults follow the paper's Qwen3 runs (SPEC 4). Schedules count optimiser steps from 0 (the reference code counts
     from 1): with warmup, the first update has `beta(0) = 0` and skips the teacher pass.
 
+    Values are checked when the config is built, each error naming the field: the type (SDPG's fields and every
+    numeric field; numpy and torch numbers count as Python's), finite numbers only (also in lists), each field's
+    range, and the method preset. What the run needs installed (`missing_packages`: `report_to` trackers, vLLM,
+    DeepSpeed, Liger) is checked by `SDPGTrainer` before it loads the model.
+
     Parameters:
         > Method (SPEC 3)
 

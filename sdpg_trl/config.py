@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import importlib.util
 import math
+import numbers
+import os
+import re
 import string
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+from transformers.integrations import integration_utils
 from trl import GRPOConfig
 
 from .losses import CLIPPED_LOSS_TYPES, LOSS_TYPES
@@ -38,35 +51,185 @@ def resolve_teacher_template(template: str) -> str:
     return TEACHER_TEMPLATES.get(template, template)
 
 
-# Methods as presets (SPEC 3): each names the settings that make it; every other field keeps its value. A preset only
-# fills fields left at their default, so a recipe or flag that sets a field explicitly always wins.
-METHODS: dict[str, dict[str, Any]] = {
+@dataclass(frozen=True)
+class MethodPreset:
+    """The settings of one method (SPEC 3). `defines`: the values that make the method; an explicit other value is
+    refused. `fills`: the method's defaults; an explicit value wins. `positive`: fields the method needs above 0."""
+
+    defines: Mapping[str, Any]
+    fills: Mapping[str, Any] = field(default_factory=dict)
+    positive: tuple[str, ...] = ()
+
+
+_GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.default is not dataclasses.MISSING}
+
+# Methods as presets (SPEC 3); the `SDPGConfig` docstring says which field each one defines or fills, and why.
+METHODS: dict[str, MethodPreset] = {
     # The paper's SDPG with its two anchors (SPEC 2); the defaults are SDPG-URKL.
-    "sdpg_urkl": {"kl_estimator": "urkl"},
-    "sdpg_ufkl": {"kl_estimator": "ufkl"},
+    "sdpg_urkl": MethodPreset(defines={"kl_estimator": "urkl"}),
+    "sdpg_ufkl": MethodPreset(defines={"kl_estimator": "ufkl"}),
     # The paper's ablations: no distillation (beta = 0) and no anchor (alpha = 0).
-    "sdpg_no_distill": {"distill_coef": 0.0},
-    "sdpg_no_anchor": {"beta": 0.0},
-    # GRPO: no teacher, TRL's k3 anchor with alpha = 1e-3, the clipped surrogate (SPEC 3).
-    "grpo": {
-        "distill_coef": 0.0,
-        "kl_estimator": "k3",
-        "beta": 1e-3,
-        "dual_clip": None,
-        "anchor_ratio_weighted": False,
-    },
-    # RLSD: the teacher only reweights the token advantages; no distillation term, no reference model (SPEC 3).
-    "rlsd": {"distill_coef": 0.0, "beta": 0.0, "rlsd_coef": 0.5, "rlsd_decay_steps": 50, "rlsd_clip": 0.2},
-    # OPCD / pure on-policy self-distillation: the KL on every rollout, no outcome term, no gate, no anchor (SPEC 3).
-    "opcd": {
-        "outcome_coef": 0.0,
-        "distill_coef": 1.0,
-        "distill_positive_only": False,
-        "distill_warmup_steps": 0,
-        "distill_decay_steps": 0,
-        "beta": 0.0,
-    },  # fmt: skip
+    "sdpg_no_distill": MethodPreset(defines={"distill_coef": 0.0}),
+    "sdpg_no_anchor": MethodPreset(defines={"beta": 0.0}),
+    # TRL's GRPO: no teacher, no SDPG term or option, TRL's k3 anchor, and GRPOConfig's own defaults where SDPG's
+    # differ, so that `method: grpo` is what `trl grpo` runs.
+    "grpo": MethodPreset(
+        defines={
+            "distill_coef": 0.0,
+            "rlsd_coef": 0.0,
+            "outcome_coef": 1.0,
+            "kl_estimator": "k3",
+            "dual_clip": None,
+            "anchor_ratio_weighted": False,
+        },
+        fills={name: _GRPO_DEFAULTS[name] for name in ("beta", "use_bias_correction_kl")},
+    ),
+    # RLSD: the teacher only reweights the token advantages; no distillation term; no reference model by default.
+    "rlsd": MethodPreset(
+        defines={"distill_coef": 0.0},
+        fills={"rlsd_coef": 0.5, "rlsd_decay_steps": 50, "rlsd_clip": 0.2, "beta": 0.0},
+        positive=("rlsd_coef",),
+    ),
+    # OPCD / pure on-policy self-distillation: no outcome term; by default the KL on every rollout at a constant
+    # weight, no gate, no anchor.
+    "opcd": MethodPreset(
+        defines={"outcome_coef": 0.0},
+        fills={
+            "distill_coef": 1.0,
+            "distill_positive_only": False,
+            "distill_warmup_steps": 0,
+            "distill_decay_steps": 0,
+            "beta": 0.0,
+        },
+    ),
 }
+
+# The names of the fields set explicitly, while `SDPGParser` builds an `SDPGConfig` (None otherwise: then they are the
+# constructor's keyword arguments).
+_PARSED_EXPLICIT_FIELDS: ContextVar[frozenset[str] | None] = ContextVar("sdpg_parsed_explicit_fields", default=None)
+
+
+@contextmanager
+def explicit_fields_while_parsing(names: set[str] | frozenset[str]) -> Iterator[None]:
+    """Within this context, an `SDPGConfig` built from every field (as `HfArgumentParser` builds it) takes `names`
+    as the fields the user set, for its method preset."""
+    token = _PARSED_EXPLICIT_FIELDS.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _PARSED_EXPLICIT_FIELDS.reset(token)
+
+
+def real_value(value: Any) -> float | None:
+    """`value` as a float when it is one real number (Python's, numpy's, a 0-d tensor or array; not a bool), else
+    None."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if value.ndim != 0:
+            return None
+        value = value.item()  # a Python bool, int, float or complex
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _type_check(kind: Any) -> Callable[[Any], bool] | None:
+    """A test that a value is of the annotated type `kind`, for plain data (numbers, text, lists, dicts, enums);
+    None for a type it does not know, which is then not checked."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is type(None):
+        return lambda v: v is None
+    if kind is bool:
+        return lambda v: isinstance(v, (bool, np.bool_))
+    if kind is int:
+        return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+    if kind is float:
+        return lambda v: real_value(v) is not None
+    if kind is str:
+        return lambda v: isinstance(v, str)
+    if kind is dict or origin is dict:
+        return lambda v: isinstance(v, dict)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return lambda v: isinstance(v, kind)
+    if origin is typing.Literal:
+        return lambda v: v in args
+    if origin is list:
+        item = _type_check(args[0]) if args else (lambda v: True)
+        return None if item is None else lambda v: isinstance(v, (list, tuple)) and all(item(x) for x in v)
+    if origin in (typing.Union, types.UnionType):
+        checks = [_type_check(arg) for arg in args]
+        return None if None in checks else lambda v: any(check(v) for check in checks)
+    return None
+
+
+_NUMBERS = {int, float, bool, type(None)}  # the annotations of the numeric fields `_check_types` checks everywhere
+
+
+def _type_name(kind: Any) -> str:
+    """How an error names the annotated type `kind` ("float", "int or None", "list of str", ...)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in args)
+    return "None" if kind is type(None) else getattr(origin or kind, "__name__", str(kind))
+
+
+# `report_to` integrations (transformers' `INTEGRATION_TO_CALLBACK`): how transformers tells that each is installed,
+# and the package that installs it.
+_REPORTERS: dict[str, tuple[Callable[[], bool], str]] = {
+    "azure_ml": (integration_utils.is_azureml_available, "azureml-core"),
+    "clearml": (integration_utils.is_clearml_available, "clearml"),
+    "codecarbon": (integration_utils.is_codecarbon_available, "codecarbon"),
+    "comet_ml": (integration_utils.is_comet_available, "comet-ml"),
+    "dagshub": (integration_utils.is_dagshub_available, "dagshub"),
+    "dvclive": (integration_utils.is_dvclive_available, "dvclive"),
+    "flyte": (integration_utils.is_flytekit_available, "flytekit"),
+    "kubeflow": (integration_utils.is_kubeflow_available, "kubeflow"),
+    "mlflow": (integration_utils.is_mlflow_available, "mlflow"),
+    "neptune": (integration_utils.is_neptune_available, "neptune"),
+    "swanlab": (integration_utils.is_swanlab_available, "swanlab"),
+    "tensorboard": (integration_utils.is_tensorboard_available, "tensorboard"),
+    "trackio": (integration_utils.is_trackio_available, "trackio"),
+    "wandb": (integration_utils.is_wandb_available, "wandb"),
+}
+
+
+def is_installed(module: str) -> bool:
+    """Whether `module` can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def docstring_entries(doc: str) -> dict[str, str]:
+    """The `name (type, ...):` entries of the `Parameters:` section of a TRL-style docstring, each entry's text as
+    one line (the field's `help`)."""
+    entries: dict[str, list[str]] = {}
+    name, indent = None, 0
+    for line in doc.split("Parameters:", 1)[1].splitlines():
+        header = re.fullmatch(r"( *)(\w+) \(.+\):", line)
+        if header:
+            name, indent = header[2], len(header[1])
+            entries[name] = []
+        elif name and line.strip() and len(line) - len(line.lstrip()) > indent:
+            entries[name].append(line.strip())
+        else:
+            name = None
+    return {name: " ".join(lines) for name, lines in entries.items()}
+
+
+def _help_from_docstring(cls: type) -> type:
+    """Give each field declared in the body of dataclass `cls` its docstring entry as `help`, so that `--help` and
+    the documentation say the same thing."""
+    entries = docstring_entries(cls.__doc__)
+    declared = cls.__dict__["__annotations__"]
+    undocumented = sorted(set(declared) - set(entries))
+    if undocumented:
+        raise TypeError(f"{cls.__name__} declares fields its docstring does not document: {undocumented}.")
+    for name in declared:
+        f = cls.__dataclass_fields__[name]
+        f.metadata = types.MappingProxyType({**f.metadata, "help": entries[name]})
+    return cls
 
 
 def template_fields(template: str) -> set[str]:
@@ -74,6 +237,7 @@ def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
+@_help_from_docstring
 @dataclass
 class SDPGConfig(GRPOConfig):
     r"""
@@ -85,13 +249,38 @@ class SDPGConfig(GRPOConfig):
     Defaults follow the paper's Qwen3 runs (SPEC 4). Schedules count optimiser steps from 0 (the reference code counts
     from 1): with warmup, the first update has `beta(0) = 0` and skips the teacher pass.
 
+    Values are checked when the config is built, each error naming the field: the type (SDPG's fields and every
+    numeric field; numpy and torch numbers count as Python's), finite numbers only (also in lists), each field's
+    range, and the method preset. What the run needs installed (`missing_packages`: `report_to` trackers, vLLM,
+    DeepSpeed, Liger) is checked by `SDPGTrainer` before it loads the model.
+
     Parameters:
         > Method (SPEC 3)
 
+        A method is a preset over the fields below. Each preset *defines* some fields (what makes the method; a
+        recipe, flag or keyword argument that sets one of them to another value is refused, naming both) and *fills*
+        others with the method's defaults (a value set explicitly wins). Every other field keeps its own default.
+        When `method` is not given, the default method's settings are plain defaults, so any field may be set (e.g.
+        `kl_estimator: rkl` trains SDPG with that anchor). `METHODS` holds the presets:
+
+        - `sdpg_urkl` defines `kl_estimator="urkl"`, `sdpg_ufkl` defines `kl_estimator="ufkl"`; all else is SDPG's.
+        - `sdpg_no_distill` defines `distill_coef=0`; `sdpg_no_anchor` defines `beta=0`.
+        - `grpo` (TRL's GRPO) defines `distill_coef=0`, `rlsd_coef=0`, `outcome_coef=1`, `kl_estimator="k3"`,
+          `dual_clip=None` and `anchor_ratio_weighted=False`, and fills GRPOConfig's defaults where SDPG's differ
+          (`beta=0`, `use_bias_correction_kl=True`): `SDPGConfig(method="grpo")` is `GRPOConfig()` on every field
+          they share.
+        - `rlsd` defines `distill_coef=0` and needs `rlsd_coef > 0`; it fills `rlsd_coef=0.5`, `rlsd_decay_steps=50`,
+          `rlsd_clip=0.2` and `beta=0` (the reference code's settings).
+        - `opcd` defines `outcome_coef=0`; it fills `distill_coef=1`, `distill_positive_only=False`,
+          `distill_warmup_steps=0`, `distill_decay_steps=0` and `beta=0`.
+
+        The fields set explicitly are the keyword arguments given to the constructor, or, through `SDPGParser`
+        (`sdpg-train`), the keys of the `--config` YAML and the flags on the command line (`explicit_fields`).
+
         method (`str`, *optional*, defaults to `"sdpg_urkl"`):
-            Preset that fills the settings of one method: `"sdpg_urkl"`, `"sdpg_ufkl"`, `"sdpg_no_distill"` (beta = 0),
-            `"sdpg_no_anchor"` (alpha = 0), `"grpo"`, `"rlsd"` or `"opcd"` (see `METHODS`). It only fills fields left
-            at their default, so any field set in a recipe or on the command line overrides it.
+            The method, a preset (`METHODS`) that defines some fields and fills others: `"sdpg_urkl"`, `"sdpg_ufkl"`,
+            `"sdpg_no_distill"` (beta = 0), `"sdpg_no_anchor"` (alpha = 0), `"grpo"` (TRL's GRPO), `"rlsd"` or
+            `"opcd"`. A field set explicitly keeps its value; one that contradicts what defines the method is refused.
         outcome_coef (`float`, *optional*, defaults to `1.0`):
             Weight of the outcome term `L_out`. `0.0` switches it off (pure self-distillation, OPCD).
 
@@ -196,14 +385,15 @@ class SDPGConfig(GRPOConfig):
             `"ufkl"`).
         beta (`float`, *optional*, defaults to `1e-3`; GRPOConfig: `0.0`):
             The anchor coefficient `alpha` (TRL's name, kept so GRPO recipes keep their meaning). `0.0` skips the
-            reference model entirely.
+            reference model entirely. The `"grpo"` method fills GRPOConfig's `0.0`.
         anchor_ratio_weighted (`bool`, *optional*, defaults to `True`):
             Off-policy, weigh the anchor by the detached ratio `rho` (SPEC 2.4). GRPO does not (the `"grpo"` preset).
         use_bias_correction_kl (`bool`, *optional*, defaults to `False`; GRPOConfig: `True`):
             GRPO's bias-corrected KL (DeepSeek-V3.2): the anchor times the importance ratio at
             `importance_sampling_level`, with its gradient, so it changes the gradient even on-policy. Off by default,
             as SPEC 2.4 weighs the anchor by the detached ratio instead (`anchor_ratio_weighted`); turning it on needs
-            `anchor_ratio_weighted=False`, since both would weigh the anchor by the ratio.
+            `anchor_ratio_weighted=False`, since both would weigh the anchor by the ratio. The `"grpo"` method fills
+            GRPOConfig's `True`.
 
         > The outcome term: GRPO's options (SPEC 2.1)
 
@@ -236,67 +426,68 @@ class SDPGConfig(GRPOConfig):
     would replace the LM-head pass SDPG computes itself, is refused by GRPOTrainer.
     """
 
-    method: str = field(
-        default="sdpg_urkl",
-        metadata={"help": "Method preset (fills fields left at their default).", "choices": list(METHODS)},
-    )
-    outcome_coef: float = field(default=1.0, metadata={"help": "Weight of the outcome term; 0 = pure distillation."})
-    distill_coef: float = field(
-        default=1e-3, metadata={"help": "beta_base: peak weight of the gated full-vocabulary reverse KL."}
-    )
-    distill_warmup_steps: int = field(default=50, metadata={"help": "T_warm: linear warmup of beta(k), in steps."})
-    distill_decay_steps: int = field(default=350, metadata={"help": "T_decay: linear decay of beta(k), in steps."})
-    distill_positive_only: bool = field(
-        default=True, metadata={"help": "Distil only rollouts with positive advantage (the gate m_i)."}
-    )
-    distill_exclude_eos: bool = field(default=False, metadata={"help": "Leave EOS tokens out of the distillation."})
-    distill_teacher_confident_only: bool = field(
-        default=False, metadata={"help": "Distil only where the teacher's entropy is below the student's."}
-    )
-    rlsd_coef: float = field(default=0.0, metadata={"help": "RLSD: start value of lam; 0 = off."})
-    rlsd_decay_steps: int = field(default=50, metadata={"help": "RLSD: steps over which lam decays to 0."})
-    rlsd_clip: float = field(default=0.2, metadata={"help": "RLSD: eps_w, clip of the token weight."})
-    teacher_model_kind: str = field(
-        default="live", metadata={"help": "Teacher weights: live, base or ema.", "choices": TEACHER_MODEL_KINDS}
-    )
-    teacher_update_rate: float = field(default=0.05, metadata={"help": "EMA teacher update rate."})
-    teacher_sync_steps: int = field(default=1, metadata={"help": "Steps between EMA teacher updates."})
-    max_consecutive_skipped_steps: int = field(
-        default=5, metadata={"help": "Stop training after this many non-finite (skipped) steps in a row."}
-    )
-    log_term_grad_norms: bool = field(
-        default=False, metadata={"help": "Log each loss term's gradient norm at the final hidden states."}
-    )
-    distill_chunk_size: int = field(
-        default=1024, metadata={"help": "Completion tokens per chunk of the full-vocabulary KL."}
-    )
-    context_column: str = field(
-        default="privileged_context", metadata={"help": "Dataset column with the privileged context."}
-    )
-    teacher_template: str = field(
-        default=DEFAULT_TEACHER_TEMPLATE,
-        metadata={"help": "Text appended to the student prompt for the teacher; must contain {context}."},
-    )
-    max_teacher_prompt_length: int | None = field(
-        default=None,
-        metadata={"help": "Longest teacher prompt in tokens; None = max_position_embeddings - max_completion_length."},
-    )
-    teacher_context_truncation_side: str = field(
-        default="left",
-        metadata={"help": "Which end of a too-long privileged context is cut.", "choices": ["left", "right"]},
-    )
-    kl_estimator: str = field(
-        default="urkl", metadata={"help": "Anchor surrogate: k3, urkl, ufkl, rkl or fkl.", "choices": KL_ESTIMATORS}
-    )
-    # Paper defaults for fields GRPOConfig already has.
-    beta: float = field(default=1e-3, metadata={"help": "alpha: coefficient of the reference anchor."})
-    dual_clip: float | None = field(default=3.0, metadata={"help": "Dual-clip constant c for negative advantages."})
-    anchor_ratio_weighted: bool = field(
-        default=True, metadata={"help": "Weigh the anchor by the detached ratio off-policy (SPEC 2.4)."}
-    )
-    use_bias_correction_kl: bool = field(
-        default=False, metadata={"help": "Weigh the anchor by the importance ratio, with its gradient (GRPO's)."}
-    )
+    # Every field's `help` (what `--help` prints) is its entry in the docstring above (`_help_from_docstring`).
+
+    # Method (SPEC 3)
+    method: str = field(default="sdpg_urkl", metadata={"choices": list(METHODS)})
+    outcome_coef: float = 1.0
+
+    # SDPG: dense self-distillation (SPEC 2.2, 2.3)
+    distill_coef: float = 1e-3
+    distill_warmup_steps: int = 50
+    distill_decay_steps: int = 350
+    distill_positive_only: bool = True
+    distill_exclude_eos: bool = False
+    distill_teacher_confident_only: bool = False
+    distill_chunk_size: int = 1024
+
+    # RLSD (SPEC 3)
+    rlsd_coef: float = 0.0
+    rlsd_decay_steps: int = 50
+    rlsd_clip: float = 0.2
+
+    # The teacher's weights
+    teacher_model_kind: str = field(default="live", metadata={"choices": TEACHER_MODEL_KINDS})
+    teacher_update_rate: float = 0.05
+    teacher_sync_steps: int = 1
+
+    # SDPG: privileged context (SPEC 1)
+    context_column: str = "privileged_context"
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    max_teacher_prompt_length: int | None = None
+    teacher_context_truncation_side: str = field(default="left", metadata={"choices": ["left", "right"]})
+
+    # Non-finite values
+    max_consecutive_skipped_steps: int = 5
+
+    # Diagnostics
+    log_term_grad_norms: bool = False
+
+    # Reference anchor (SPEC 2.4); `beta` and `use_bias_correction_kl` are GRPOConfig's, with SDPG's defaults
+    kl_estimator: str = field(default="urkl", metadata={"choices": KL_ESTIMATORS})
+    beta: float = 1e-3
+    anchor_ratio_weighted: bool = True
+    use_bias_correction_kl: bool = False
+
+    # The outcome term (SPEC 2.1); `loss_type` is GRPOConfig's, with its default
+    loss_type: str = "dapo"
+    dual_clip: float | None = 3.0
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SDPGConfig:
+        # The dataclass __init__ receives every field from a parser and only the given ones from Python code, so the
+        # fields set explicitly are known here, before __post_init__ applies the method preset.
+        config = super().__new__(cls)
+        given = _PARSED_EXPLICIT_FIELDS.get()
+        if given is None:
+            positional = [f.name for f in dataclasses.fields(cls) if f.init][: len(args)]
+            given = frozenset([*positional, *kwargs])
+        config._explicit_fields = given
+        return config
+
+    @property
+    def explicit_fields(self) -> frozenset[str]:
+        """Names of the fields the user set (keyword arguments, or `--config` keys and flags through `SDPGParser`)."""
+        return self._explicit_fields
 
     @property
     def generation_cycle_steps(self) -> int:
@@ -313,13 +504,91 @@ class SDPGConfig(GRPOConfig):
         """Whether the method scores the teacher view at all (and so needs the privileged context)."""
         return self.distill_coef > 0 or self.rlsd_coef > 0
 
+    @property
+    def teacher_context_column(self) -> str | None:
+        """The dataset column the method reads the privileged context from: `context_column` when it has a teacher,
+        None when it has none (GRPO, `distill_coef=0` without RLSD)."""
+        return self.context_column if self.needs_teacher else None
+
     def _apply_method_preset(self) -> None:
+        """Fill the fields of `method`'s preset that the user left unset; refuse a set one that contradicts it."""
         if self.method not in METHODS:
             raise ValueError(f"SDPGConfig.method must be one of {sorted(METHODS)}, got {self.method!r}.")
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
-        for name, value in METHODS[self.method].items():
-            if getattr(self, name) == defaults[name]:
+        preset = METHODS[self.method]
+        if "method" in self.explicit_fields:  # with the default method, its settings are plain defaults
+            for name, value in preset.defines.items():
+                if name in self.explicit_fields and getattr(self, name) != value:
+                    raise ValueError(
+                        f"SDPGConfig.{name}={getattr(self, name)!r} contradicts method={self.method!r}, which is "
+                        f"defined by {name}={value!r}. Remove {name}, or choose the method that has it (see "
+                        "SDPGConfig.method)."
+                    )
+        for name, value in {**preset.defines, **preset.fills}.items():
+            if name not in self.explicit_fields:
                 setattr(self, name, value)
+        for name in preset.positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"SDPGConfig.{name}={getattr(self, name)!r} contradicts method={self.method!r}, which needs "
+                    f"{name} > 0 (the preset fills {preset.fills.get(name)!r})."
+                )
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong type (e.g. a list or None for a float, a float for an int), naming the field:
+        SDPG's fields, and GRPO's and TrainingArguments' numbers and switches. Numbers of numpy or torch become
+        Python's."""
+        own = SDPGConfig.__dict__["__annotations__"]
+        for f in dataclasses.fields(self):
+            kind = _FIELD_TYPES[f.name]
+            if not f.init or f.name not in own and not set(typing.get_args(kind) or [kind]) <= _NUMBERS:
+                continue  # TrainingArguments' richer fields (enums, dicts, ...) are checked by transformers
+            accepts = _type_check(kind)
+            value = getattr(self, f.name)
+            if accepts is None or accepts(value):
+                if kind in (float, int) and not isinstance(value, (int, float)):  # np.float32(0.1), a 0-d tensor
+                    setattr(self, f.name, kind(real_value(value)))
+                continue
+            raise TypeError(
+                f"SDPGConfig.{f.name} must be {_type_name(kind)}, got {value!r} of type {type(value).__name__}."
+            )
+
+    def _check_finite(self) -> None:
+        """nan/inf anywhere (Python, numpy or torch numbers, also inside lists) would silently poison the loss."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, (list, tuple)) else [value]  # e.g. reward_weights
+            if any(real_value(v) is not None and not math.isfinite(real_value(v)) for v in values):
+                raise ValueError(f"SDPGConfig.{f.name} must hold finite numbers only, got {value}.")
+
+    def missing_packages(self) -> list[str]:
+        """What this configuration needs that is not installed: one line per package, naming the field that needs it
+        and how to install it. `SDPGTrainer` checks it before loading any model; `check_installed` raises."""
+        missing = []
+        report_to = self.report_to if isinstance(self.report_to, list) else [self.report_to]
+        for name in report_to:
+            if name in _REPORTERS and not _REPORTERS[name][0]():
+                package = _REPORTERS[name][1]
+                missing.append(
+                    f"report_to={name!r} needs the {package} package (`pip install {package}`, or report_to none)"
+                )
+        uses_deepspeed = self.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+        needs = [  # (what needs it, whether this config uses it, the module, how to install it)
+            ("use_vllm=True", self.use_vllm, "vllm", 'pip install "sdpg-trl[vllm]"'),
+            ("DeepSpeed (the deepspeed field or an accelerate config)", uses_deepspeed, "deepspeed",
+             'pip install "sdpg-trl[deepspeed]"'),
+            ("use_liger_kernel=True", self.use_liger_kernel, "liger_kernel", "pip install liger-kernel"),
+        ]  # fmt: skip
+        for what, used, module, install in needs:
+            if used and not is_installed(module):
+                missing.append(f"{what} needs the {module} package (`{install}`)")
+        return missing
+
+    def check_installed(self) -> None:
+        """Raise an ImportError listing `missing_packages`, if any: a run would fail on them after loading the
+        model."""
+        missing = self.missing_packages()
+        if missing:
+            raise ImportError("SDPGConfig needs packages that are not installed: " + "; ".join(missing) + ".")
 
     def _check_outcome_options(self) -> None:
         """GRPO's options for the outcome term: each is supported, unless it conflicts with SDPG's own terms."""
@@ -354,12 +623,9 @@ class SDPGConfig(GRPOConfig):
                 )
 
     def __post_init__(self):
+        self._check_types()
+        self._check_finite()
         self._apply_method_preset()
-        for f in dataclasses.fields(self):  # nan/inf anywhere would silently poison the loss or its schedule
-            value = getattr(self, f.name)
-            values = value if isinstance(value, (list, tuple)) else [value]  # e.g. reward_weights
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ValueError(f"SDPGConfig.{f.name} must hold finite numbers only, got {value}.")
         super().__post_init__()
         cycle = self.generation_cycle_steps
         if self.save_strategy == "steps" and self.save_steps >= 1 and self.save_steps % cycle:
@@ -420,3 +686,6 @@ class SDPGConfig(GRPOConfig):
                 f"SDPGConfig.teacher_template has unknown placeholders {sorted(fields - {'context'})}; "
                 "only {context} is filled (write literal braces as {{ and }})."
             )
+
+
+_FIELD_TYPES = typing.get_type_hints(SDPGConfig)  # the annotations resolved, for `_check_types`

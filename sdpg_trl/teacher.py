@@ -133,7 +133,9 @@ def fit_teacher_prompts(
     return ids, fits, [i in over and fits[i] for i in range(len(ids))]
 
 
-def check_dataset(dataset: Any, name: str, context_column: str | None = None, template: str = "{context}") -> None:
+def check_dataset(
+    dataset: Any, name: str, context_column: str | None = None, template: str = "{context}", why: str | None = None
+) -> None:
     """Fail before training, naming the row, when `dataset` cannot be trained on.
 
     Every dataset needs a `prompt` column; with a teacher (`context_column` given) also the context column, a
@@ -146,12 +148,13 @@ def check_dataset(dataset: Any, name: str, context_column: str | None = None, te
         name: how errors name it ("train_dataset").
         context_column: `SDPGConfig.context_column`, or None for a method without a teacher.
         template: `SDPGConfig.teacher_template`.
+        why: the sentence the error adds when the context column is missing (default: which setting names it).
     """
     if dataset is None:
         return
     if isinstance(dataset, dict):
         for split, part in dataset.items():
-            check_dataset(part, f"{name}[{split!r}]", context_column, template)
+            check_dataset(part, f"{name}[{split!r}]", context_column, template, why)
         return
     columns = getattr(dataset, "column_names", None)
     if columns is None and isinstance(dataset, Sized) and len(dataset) > 0:
@@ -161,10 +164,9 @@ def check_dataset(dataset: Any, name: str, context_column: str | None = None, te
     if context_column is None:
         return
     if columns is not None and context_column not in columns:
+        why = why or "The column is named by SDPGConfig.context_column (sdpg-evaluate: --context_column)"
         raise ValueError(
-            f"{name} has no privileged-context column {context_column!r} (SDPGConfig.context_column, or "
-            f"sdpg-evaluate's --context_column); "
-            f"its columns are {list(columns)}."
+            f"{name} has no privileged-context column {context_column!r}; its columns are {list(columns)}. {why}."
         )
     if isinstance(dataset, Dataset):  # map-style: cheap to check every row now rather than mid-training
         for index, (prompt, context) in enumerate(zip(dataset["prompt"], dataset[context_column])):

@@ -59,6 +59,7 @@ from .losses import (
     sdpg_objective,
     token_selection,
 )
+from .preflight import DEFAULT_ARGS_NEED_CONTEXT, check_model_source, check_train_size
 from .teacher import (
     build_teacher_prompt,
     check_dataset,
@@ -176,14 +177,19 @@ class SDPGTrainer(GRPOTrainer):
         """Same arguments as [`trl.GRPOTrainer`]; those not named here (`quantization_config`, `tools`, ...) are passed
         through unchanged. `args` must be an [`SDPGConfig`]; when the method has a teacher, the datasets need the
         privileged-context column `args.context_column`."""
-        if args is None:
+        default_args = args is None
+        if default_args:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = SDPGConfig(f"{str(model_name).split('/')[-1]}-SDPG")
         if not isinstance(args, SDPGConfig):
             raise TypeError(f"SDPGTrainer needs args of type SDPGConfig, got {type(args).__name__}.")
-        context_column = args.context_column if args.needs_teacher else None  # GRPO needs no privileged context
-        check_dataset(train_dataset, "train_dataset", context_column, args.teacher_template)
-        check_dataset(eval_dataset, "eval_dataset", context_column, args.teacher_template)
+        # Everything that can be wrong with the inputs is checked before GRPOTrainer loads a model.
+        args.check_installed()
+        check_model_source(model, args, peft_config)
+        why = DEFAULT_ARGS_NEED_CONTEXT if default_args else None
+        check_dataset(train_dataset, "train_dataset", args.teacher_context_column, args.teacher_template, why)
+        check_dataset(eval_dataset, "eval_dataset", args.teacher_context_column, args.teacher_template, why)
+        check_train_size(train_dataset, args)
         super().__init__(
             model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,

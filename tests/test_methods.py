@@ -23,7 +23,6 @@ from test_trainer import (
 from trl import GRPOConfig, GRPOTrainer
 
 from sdpg_trl import SDPGConfig, SDPGTrainer
-from sdpg_trl.config import METHODS
 from sdpg_trl.losses import rlsd_advantages, rlsd_lambda, sdpg_loss_reference
 from sdpg_trl.teacher import context_token_mask
 
@@ -61,30 +60,8 @@ def perturb(model, seed: int = 1) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Presets
+# Settings refused by name (the presets: tests/test_config_surface.py)
 # ---------------------------------------------------------------------------------------------------------------------
-def test_presets_fill_fields_left_at_default_and_explicit_fields_win(tmp_path):
-    grpo = make_args(tmp_path, method="grpo", distill_coef=1e-3, beta=1e-3)  # = the defaults, so the preset fills
-    assert (grpo.distill_coef, grpo.kl_estimator, grpo.needs_teacher) == (0.0, "k3", False)
-    rlsd = SDPGConfig(str(tmp_path), method="rlsd", bf16=False, use_cpu=True)
-    assert (rlsd.rlsd_coef, rlsd.rlsd_decay_steps, rlsd.rlsd_clip, rlsd.beta, rlsd.distill_coef) == (
-        0.5,
-        50,
-        0.2,
-        0,
-        0,
-    )
-    opcd = SDPGConfig(str(tmp_path), method="opcd", bf16=False, use_cpu=True)
-    assert (opcd.outcome_coef, opcd.distill_positive_only, opcd.distill_warmup_steps, opcd.beta) == (0, False, 0, 0)
-    assert SDPGConfig(str(tmp_path), method="sdpg_ufkl", bf16=False, use_cpu=True).kl_estimator == "ufkl"
-    # a field set to something else than its default is the user's choice
-    assert make_args(tmp_path, method="grpo", distill_coef=0.05).distill_coef == 0.05
-    assert make_args(tmp_path, method="rlsd", rlsd_coef=0.3).rlsd_coef == 0.3
-    for name, preset in METHODS.items():  # every preset names real fields and builds a valid config
-        config = SDPGConfig(str(tmp_path), method=name, bf16=False, use_cpu=True)
-        assert all(getattr(config, k) == v for k, v in preset.items()), name
-
-
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
@@ -141,8 +118,7 @@ def test_rlsd_rows_the_teacher_did_not_score_keep_their_advantage():
 
 @pytest.mark.parametrize("off_policy", [False, True])
 def test_rlsd_loss_and_gradient_equal_full_logits(tmp_path, tokenizer, tiny_model_dir, off_policy):
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, method="rlsd", distill_coef=1e-3, beta=1e-3,
-                           rlsd_decay_steps=4)  # fmt: skip
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, method="rlsd", rlsd_decay_steps=4)  # fmt: skip
     trainer.state.global_step = 1  # lam = 0.375: both the plain and the reweighted parts matter
     batch = hand_batch(tokenizer)
     batch.pop("ref_per_token_logps")
@@ -166,8 +142,7 @@ def test_rlsd_loss_and_gradient_equal_full_logits(tmp_path, tokenizer, tiny_mode
 # OPCD: the KL on every rollout, no outcome term
 # ---------------------------------------------------------------------------------------------------------------------
 def test_opcd_has_no_outcome_gradient(tmp_path, tokenizer, tiny_model_dir):
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, method="opcd", distill_coef=1e-3, beta=1e-3,
-                           distill_positive_only=True, distill_warmup_steps=50, distill_decay_steps=350)  # fmt: skip
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, method="opcd")
     batch = hand_batch(tokenizer)
     loss, g_trainer = trainer_loss_and_grads(trainer, batch)
     ref_loss, g_ref, metrics = reference(trainer, batch)
@@ -199,9 +174,10 @@ GRPO_OPTIONS = {
     "two_sided_clip": {"delta": 1.15},  # below 1 + epsilon_high, so that it also changes the clip metrics
     "top_entropy_quantile": {"top_entropy_quantile": 0.4},
     "off_policy_mask": {"off_policy_mask_threshold": 0.1},
-    "bias_correction_kl": {"use_bias_correction_kl": True},
-    "bias_correction_kl_sequence": {"use_bias_correction_kl": True, "loss_type": "grpo",
-                                    "importance_sampling_level": "sequence"},
+    # GRPOConfig's default, and the `grpo` preset's, is the bias-corrected KL; these turn it off.
+    "no_bias_correction_kl": {"use_bias_correction_kl": False},
+    "gspo_no_bias_correction_kl": {"use_bias_correction_kl": False, "loss_type": "grpo",
+                                   "importance_sampling_level": "sequence"},
 }  # fmt: skip
 WINDOWS = dict(gradient_accumulation_steps=2, steps_per_generation=4)  # so that every aggregation's scaling differs
 
@@ -209,8 +185,7 @@ WINDOWS = dict(gradient_accumulation_steps=2, steps_per_generation=4)  # so that
 def stock_grpo(path, tiny_model_dir, tokenizer, data, **options) -> GRPOTrainer:
     args = GRPOConfig(
         output_dir=str(path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-        report_to="none", bf16=False, use_cpu=True, temperature=TEMPERATURE, beta=0.2, **WINDOWS,
-        **{"use_bias_correction_kl": False, **options},  # TRL's default is True; SDPG's False
+        report_to="none", bf16=False, use_cpu=True, temperature=TEMPERATURE, beta=0.2, **WINDOWS, **options,
     )  # fmt: skip
     return GRPOTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=data,
                        processing_class=tokenizer)  # fmt: skip
@@ -236,7 +211,7 @@ def plain_grpo(tmp_path_factory, tokenizer, tiny_model_dir):
 def test_teacher_off_equals_stock_grpo_trainer(tmp_path, tokenizer, tiny_model_dir, monkeypatch, plain_grpo, options):
     """The `grpo` preset (no teacher) with each of GRPO's options: GRPOTrainer's loss, gradient and metrics."""
     data = make_dataset().remove_columns("privileged_context")  # GRPO needs no privileged context
-    args = make_args(tmp_path / "sdpg", method="grpo", distill_coef=1e-3, beta=0.2, **WINDOWS, **options)
+    args = make_args(tmp_path / "sdpg", method="grpo", beta=0.2, **WINDOWS, **options)
     sdpg = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=data,
                        processing_class=tokenizer)  # fmt: skip
     grpo = stock_grpo(tmp_path / "grpo", tiny_model_dir, tokenizer, data, **options)
@@ -263,7 +238,7 @@ def test_teacher_off_equals_stock_grpo_trainer(tmp_path, tokenizer, tiny_model_d
 
 def test_grpo_preset_builds_no_teacher_prompts(tmp_path, tokenizer, tiny_model_dir):
     data = make_dataset().remove_columns("privileged_context")
-    args = make_args(tmp_path, method="grpo", distill_coef=1e-3, beta=0.2)
+    args = make_args(tmp_path, method="grpo", beta=0.2)
     sdpg = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=data,
                        processing_class=tokenizer)  # fmt: skip
     out = sdpg._generate_and_score_completions([row for row in data for _ in range(4)][:4])
@@ -329,7 +304,7 @@ def test_peft_base_teacher_is_the_model_with_its_adapter_off(tmp_path, tokenizer
 
 
 def test_rlsd_takes_a_frozen_teacher_too(tmp_path, tokenizer, tiny_model_dir):
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, method="rlsd", distill_coef=1e-3, beta=1e-3,
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, method="rlsd",
                            teacher_model_kind="base")  # fmt: skip
     perturb(trainer.model)
     batch = hand_batch(tokenizer)

@@ -184,7 +184,7 @@ def test_grpo_without_teacher_still_needs_a_prompt_column(tmp_path, tokenizer, t
     rows = [{"question": r["prompt"]} for r in data_rows()]
     with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column; its columns are \['question'\]"):
         SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, processing_class=tokenizer,
-                    args=make_args(tmp_path, method="grpo", distill_coef=1e-3, beta=1e-3),
+                    args=make_args(tmp_path, method="grpo"),
                     train_dataset=Dataset.from_list(rows))  # fmt: skip
 
 

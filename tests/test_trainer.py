@@ -44,6 +44,8 @@ def make_args(tmp_path, **overrides) -> SDPGConfig:
         temperature=TEMPERATURE, distill_warmup_steps=0, distill_decay_steps=0, distill_coef=0.5, beta=0.1,
         learning_rate=1e-2, seed=0,
     )  # fmt: skip
+    if "method" in overrides:  # a method's preset fills its own distill_coef and beta
+        del kwargs["distill_coef"], kwargs["beta"]
     kwargs.update(overrides)
     return SDPGConfig(**kwargs)
 
@@ -435,7 +437,7 @@ def test_vision_language_models_are_refused(tmp_path, tokenizer, method):
     model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
     with pytest.raises(NotImplementedError, match="vision-language model .*vision_config.* would be dropped") as err:
         SDPGTrainer(model=model, reward_funcs=parity_reward, train_dataset=make_dataset(), processing_class=tokenizer,
-                    args=make_args(tmp_path, method=method, distill_coef=1e-3, beta=0.0))  # fmt: skip
+                    args=make_args(tmp_path, method=method, beta=0.0))  # fmt: skip
     assert ("teacher prompts would be tokenised without their images" in str(err.value)) is (method != "grpo")
 
 
@@ -445,6 +447,7 @@ def test_use_liger_kernel_applies_liger_layer_kernels_as_in_grpo(tmp_path, token
     Liger needs a GPU and is not installed here, so the call is recorded, not run."""
     applied = []
     monkeypatch.setattr("transformers.trainer.apply_liger_kernel", lambda model, cfg: applied.append((model, cfg)))
+    monkeypatch.setattr("sdpg_trl.config.is_installed", lambda module: True)  # SDPGTrainer checks Liger is installed
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, use_liger_kernel=True, max_steps=1)
     trainer.train()
     assert applied == [(trainer.model, {"fused_linear_cross_entropy": False})]

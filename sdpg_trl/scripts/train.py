@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from ..config import SDPGConfig
 from ..data import DataArguments, held_out_dataset, train_dataset
 from ..distributed import end_training
 from ..evaluation import MeanAtKArguments, MeanAtKCallback
+from ..parser import SDPGParser
 from ..rewards import REWARD_FUNCS, get_reward_funcs
 from ..trainer import SDPGTrainer
 
@@ -54,9 +55,9 @@ class SDPGScriptArguments(DataArguments, MeanAtKArguments):
             raise ValueError(f"eval_every_steps must be >= 0, got {self.eval_every_steps}.")
 
 
-def make_parser() -> TrlParser:
+def make_parser() -> SDPGParser:
     """The parser over (script arguments, `SDPGConfig`, `trl.ModelConfig`), also used to validate recipes."""
-    return TrlParser((SDPGScriptArguments, SDPGConfig, ModelConfig))
+    return SDPGParser((SDPGScriptArguments, SDPGConfig, ModelConfig))
 
 
 def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig) -> SDPGTrainer:

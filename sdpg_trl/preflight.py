@@ -1,0 +1,76 @@
+"""What `SDPGTrainer` checks before it loads anything: what a run would otherwise find out after minutes of model
+loading, or never (a data set too small for one batch trains 0 steps and exits as if it had trained)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sized
+from typing import Any
+
+from accelerate.utils import is_peft_model
+from peft import PeftConfig
+
+from .config import SDPGConfig
+
+# What the error on a missing context column adds when `SDPGTrainer` was given no `args`.
+DEFAULT_ARGS_NEED_CONTEXT = (
+    "SDPGTrainer was given no args, so it uses the default SDPGConfig: SDPG with a privileged teacher (method "
+    "'sdpg_urkl'), which reads each prompt's privileged context from that column. To train without a teacher, pass "
+    "args=SDPGConfig(method='grpo'); otherwise add the column to the dataset, or name the column that holds the "
+    "context with args=SDPGConfig(context_column=...)"
+)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model name can only be a local path: absolute, `./`, `../` or `~`, or more than one `/` (a Hub id
+    is `name` or `org/name`)."""
+    return os.path.isabs(name) or name.startswith(("./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+
+
+def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | None) -> None:
+    """Refuse a model GRPOTrainer could not load, or could not load the reference or teacher weights of.
+
+    - A model path that looks local and does not exist (transformers would take it for a malformed Hub id).
+    - A model object whose config names no checkpoint (`_name_or_path`, e.g. a model built from a config) while
+      the run needs a second copy of its initial weights, which GRPOTrainer and SDPGTrainer load from that
+      checkpoint: the reference model (`beta > 0`, no PEFT) or a `base`/`ema` teacher without PEFT.
+    """
+    if isinstance(model, str):
+        if looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):
+            raise FileNotFoundError(
+                f"The model path {model!r} does not exist. Give an existing model directory, or a Hub id "
+                "('name' or 'org/name')."
+            )
+        return
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    loadable = bool(source) and (not looks_like_local_path(source) or os.path.exists(os.path.expanduser(source)))
+    if loadable or peft_config is not None or is_peft_model(model):  # with PEFT, the initial weights are adapter-off
+        return
+    needs = []
+    if args.beta > 0:
+        needs.append(f"beta={args.beta} needs a reference model")
+    if args.needs_teacher and args.teacher_model_kind in ("base", "ema"):
+        needs.append(f"teacher_model_kind={args.teacher_model_kind!r} needs a copy of the initial weights")
+    if needs:
+        raise ValueError(
+            f"SDPGTrainer got a model object whose config names no checkpoint to load from (_name_or_path "
+            f"{source!r}), but {' and '.join(needs)}, which are loaded from that checkpoint. Save the model "
+            "(model.save_pretrained(path)) and pass the path, or set beta=0.0 and teacher_model_kind='live'."
+        )
+
+
+def check_train_size(dataset: Any, args: SDPGConfig) -> None:
+    """Refuse a training set with fewer rows than one generation batch takes, which GRPO's sampler would drop
+    whole: the run would take 0 steps and save the untrained model. A streamed set (no length) is not checked."""
+    if not isinstance(dataset, Sized):
+        return
+    prompts = args.generation_batch_size // args.num_generations
+    if len(dataset) < prompts:
+        raise ValueError(
+            f"train_dataset has {len(dataset)} rows, fewer than one generation batch takes: {prompts} prompts "
+            f"(generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}; "
+            f"generation_batch_size = per_device_train_batch_size {args.per_device_train_batch_size} x "
+            f"{args.world_size} processes x steps_per_generation {args.steps_per_generation}). It would train 0 "
+            "steps. Give it more rows (e.g. a larger arithmetic_num_train), or lower per_device_train_batch_size or "
+            "steps_per_generation."
+        )

@@ -68,7 +68,9 @@ class _FusedPolicyDistillation(torch.autograd.Function):
     Forward: the student's sampled-token log-prob and entropy (what TRL's fused head gives GRPO), the teacher's
     sampled-token log-prob and entropy (metrics), and the full-vocabulary reverse KL(p || SG[q]) (SPEC 2.2), from
     online softmax statistics. Backward recomputes both tiles once and applies
-    `dL/dz = g_logp * (onehot(y) - p) + g_kl * p * (log p - log q - KL)` to the student only.
+    `dL/dz = g_logp * (onehot(y) - p) + g_kl * p * (log p - log q - KL) - g_H * p * (log p + H)` to the student only
+    (the last term is the entropy's gradient, for GRPO's entropy bonus). Without a teacher (`teacher_hidden` None)
+    it is the student's pass alone: log-prob and entropy, both with gradients, and zeros for the rest.
 
     Tokens are processed `token_chunk` at a time inside one call, so that the heads are gathered once per forward and
     once per backward (ZeRO-3) however many tokens this process has, none included.
@@ -86,25 +88,36 @@ class _FusedPolicyDistillation(torch.autograd.Function):
         with _gather_heads(weight, bias, teacher_weight, teacher_bias):
             for start in range(0, n, token_chunk):
                 rows = slice(start, start + token_chunk)
-                out = _fused_forward_chunk(student_hidden[rows].to(dtype), teacher_hidden[rows].to(dtype), weight,
-                                           bias, teacher_weight, teacher_bias, labels[rows], transform, vocab_chunk,
-                                           dtype)  # fmt: skip
+                h_t = None if teacher_hidden is None else teacher_hidden[rows].to(dtype)
+                out = _fused_forward_chunk(student_hidden[rows].to(dtype), h_t, weight, bias, teacher_weight,
+                                           teacher_bias, labels[rows], transform, vocab_chunk, dtype)  # fmt: skip
                 logps[rows], entropy[rows], kl[rows], teacher_logps[rows], teacher_entropy[rows] = out[:5]
                 s_lse[rows], t_lse[rows] = out[5:]
         ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
-                              s_lse, t_lse, kl)  # fmt: skip
+                              s_lse, t_lse, kl, entropy)  # fmt: skip
         ctx.transform, ctx.token_chunk, ctx.vocab_chunk, ctx.dtype = transform, token_chunk, vocab_chunk, dtype
-        ctx.mark_non_differentiable(entropy, teacher_logps, teacher_entropy)
+        ctx.mark_non_differentiable(teacher_logps, teacher_entropy)
+        ctx.set_materialize_grads(False)  # an output the loss does not use gets None: its term is skipped
         return logps, entropy, kl, teacher_logps, teacher_entropy
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy, grad_kl, _grad_teacher_logps, _grad_teacher_entropy):
-        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, s_lse, t_lse, kl = (
-            ctx.saved_tensors
-        )
+    def backward(ctx, grad_logps, grad_entropy, grad_kl, _grad_teacher_logps, _grad_teacher_entropy):
+        (
+            student_hidden,
+            teacher_hidden,
+            weight,
+            bias,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            s_lse,
+            t_lse,
+            kl,
+            entropy,
+        ) = ctx.saved_tensors
         dtype = ctx.dtype
         grad_logps = torch.zeros_like(kl) if grad_logps is None else grad_logps.float()
-        grad_kl = torch.zeros_like(kl) if grad_kl is None else grad_kl.float()
+        with_kl, with_entropy = grad_kl is not None and teacher_hidden is not None, grad_entropy is not None
         need_weight = ctx.needs_input_grad[2]
         need_bias = bias is not None and ctx.needs_input_grad[3]
         grad_hidden = torch.zeros(student_hidden.shape, device=student_hidden.device, dtype=torch.float32)
@@ -118,15 +131,22 @@ class _FusedPolicyDistillation(torch.autograd.Function):
             grad_bias = torch.zeros(weight.shape[0], **f32) if need_bias else None
             for start in range(0, student_hidden.shape[0], ctx.token_chunk):
                 rows = slice(start, start + ctx.token_chunk)
-                h_s, h_t = student_hidden[rows].to(dtype), teacher_hidden[rows].to(dtype)
+                h_s = student_hidden[rows].to(dtype)
                 for v_start in range(0, weight.shape[0], ctx.vocab_chunk):
                     v_end = min(v_start + ctx.vocab_chunk, weight.shape[0])
                     s, dz_draw = _logit_tile(h_s, weight, bias, v_start, v_end, ctx.transform, dtype)
-                    t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, v_start, v_end, ctx.transform, dtype)
-                    log_p, log_q = s - s_lse[rows].unsqueeze(1), t - t_lse[rows].unsqueeze(1)
+                    log_p = s - s_lse[rows].unsqueeze(1)
                     p = log_p.exp()
-                    g_logps, g_kl = grad_logps[rows], grad_kl[rows]
-                    grad_z = p * (g_kl.unsqueeze(1) * (log_p - log_q - kl[rows].unsqueeze(1)) - g_logps.unsqueeze(1))
+                    g_logps = grad_logps[rows]
+                    scale = -g_logps.unsqueeze(1)  # the softmax part of each term's gradient is p * scale
+                    if with_kl:
+                        h_t = teacher_hidden[rows].to(dtype)
+                        t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, v_start, v_end, ctx.transform, dtype)
+                        log_q = t - t_lse[rows].unsqueeze(1)
+                        scale = grad_kl[rows].float().unsqueeze(1) * (log_p - log_q - kl[rows].unsqueeze(1)) + scale
+                    if with_entropy:
+                        scale = scale - grad_entropy[rows].float().unsqueeze(1) * (log_p + entropy[rows].unsqueeze(1))
+                    grad_z = p * scale
                     hit, cols = _labels_in_tile(labels[rows], v_start, v_end)
                     grad_z[hit, cols] += g_logps[hit]
                     grad_raw = grad_z * dz_draw
@@ -143,7 +163,8 @@ class _FusedPolicyDistillation(torch.autograd.Function):
 
 def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, labels, transform, vocab_chunk, dtype):
     """The forward of `_FusedPolicyDistillation` for one chunk of tokens: online softmax statistics of both views,
-    rescaled whenever a tile raises the running max. Returns the five outputs and both log-normalisers."""
+    rescaled whenever a tile raises the running max. Returns the five outputs and both log-normalisers; without a
+    teacher (`h_t` None) its view is the student's, so that the KL is 0, and only the student's outputs are kept."""
     n, vocab = h_s.shape[0], weight.shape[0]
     f32 = {"device": h_s.device, "dtype": torch.float32}
     s_max, t_max = torch.full((n,), -math.inf, **f32), torch.full((n,), -math.inf, **f32)
@@ -151,7 +172,7 @@ def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, l
     for start in range(0, vocab, vocab_chunk):
         end = min(start + vocab_chunk, vocab)
         s, _ = _logit_tile(h_s, weight, bias, start, end, transform, dtype)
-        t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, start, end, transform, dtype)
+        t = s if h_t is None else _logit_tile(h_t, teacher_weight, teacher_bias, start, end, transform, dtype)[0]
         rows, cols = _labels_in_tile(labels, start, end)
         s_label[rows], t_label[rows] = s[rows, cols], t[rows, cols]
         new_s_max, new_t_max = torch.maximum(s_max, s.amax(-1)), torch.maximum(t_max, t.amax(-1))
@@ -166,6 +187,8 @@ def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, l
     s_lse, t_lse = s_max + s_sum.log(), t_max + t_sum.log()
     kl = s_gap / s_sum - s_lse + t_lse
     entropy, teacher_logps, teacher_entropy = s_lse - s_x_sum / s_sum, t_label - t_lse, t_lse - t_x_sum / t_sum
+    if h_t is None:
+        kl, teacher_logps, teacher_entropy = (torch.zeros_like(kl) for _ in range(3))
     return s_label - s_lse, entropy, kl, teacher_logps, teacher_entropy, s_lse, t_lse
 
 
@@ -201,7 +224,7 @@ def _labels_in_tile(labels, start, end):
 
 def fused_policy_distillation(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
@@ -222,19 +245,20 @@ def fused_policy_distillation(
     Transient memory is a few `chunk_size x vocab_chunk_size` fp32 tiles.
 
     Args:
-        student_hidden: `(N, H)` student final hidden states, with grad. teacher_hidden: `(N, H)`, detached here.
+        student_hidden: `(N, H)` student final hidden states, with grad. teacher_hidden: `(N, H)`, detached here;
+            None: no teacher (the KL and the teacher's outputs are 0), for the entropy's gradient alone.
         weight: `(V, H)` student LM-head weight. bias: `(V,)` or None. labels: `(N,)` sampled tokens.
         teacher_weight, teacher_bias: the teacher's head when it is another model (frozen or EMA teacher); default
             the student's (the live teacher shares the weights).
         chunk_size: tokens per block of vocabulary tiles.
-    Returns: `(logps, entropy, kl, teacher_logps, teacher_entropy)`, each `(N,)` fp32; only `logps` and `kl` carry
-        gradients.
+    Returns: `(logps, entropy, kl, teacher_logps, teacher_entropy)`, each `(N,)` fp32; `logps`, `entropy` and `kl`
+        carry gradients (the student's only).
     """
     if teacher_weight is None:
         teacher_weight, teacher_bias = weight, bias
     transform = (logit_scale, final_logit_softcapping, 1.0 / temperature)
     return _FusedPolicyDistillation.apply(
-        student_hidden, teacher_hidden.detach(), weight, bias,
+        student_hidden, None if teacher_hidden is None else teacher_hidden.detach(), weight, bias,
         teacher_weight, teacher_bias,  # no gradient flows to it: backward returns None for the teacher's head
         labels, transform, chunk_size, vocab_chunk_size,
     )  # fmt: skip

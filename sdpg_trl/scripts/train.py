@@ -32,6 +32,8 @@ from ..evaluation import MeanAtKArguments, MeanAtKCallback
 from ..rewards import get_reward_funcs
 from ..trainer import SDPGTrainer
 
+# The reward when a recipe names neither reward_funcs nor reward_model_name_or_path.
+DEFAULT_REWARD = "math_accuracy_reward"
 # Set in the processes `--accelerate_config` launches, so that they train instead of launching again.
 LAUNCHED = "SDPG_TRAIN_LAUNCHED"
 
@@ -43,9 +45,10 @@ class SDPGScriptArguments(DataArguments, MeanAtKArguments, GRPOScriptArguments):
     (`MeanAtKArguments`). A field TRL adds to its script arguments is accepted here without a copy.
 
     TRL's fields mean what they mean in `trl grpo`: `reward_funcs` (names from `sdpg_trl.rewards.get_reward_funcs`:
-    TRL's, then this project's, or dotted import paths), `reward_model_name_or_path` (a sequence-classification
-    model scored as a reward before `reward_funcs`), `ignore_bias_buffers` (read by none of TRL's GRPO code, so
-    ignored here too). `dataset_name` and its splits are read by `DataArguments`, which also knows the built-in sets.
+    TRL's, then this project's, or dotted import paths; unset and without a reward model, `DEFAULT_REWARD`),
+    `reward_model_name_or_path` (a sequence-classification model scored as a reward before `reward_funcs`),
+    `ignore_bias_buffers` (read by none of TRL's GRPO code, so ignored here too). `dataset_name` and its splits are
+    read by `DataArguments`, which also knows the built-in sets; `dataset_streaming` is refused (stream a mixture).
 
     Args:
         eval_every_steps: run mean@k on the held-out set(s) every this many optimiser steps and log it as
@@ -69,13 +72,12 @@ class SDPGScriptArguments(DataArguments, MeanAtKArguments, GRPOScriptArguments):
                 "dataset_streaming: sdpg-train loads dataset_name in full; to stream, give the data as a datasets: "
                 "mixture with streaming: true (README, data contract)."
             )
-        if not self.reward_funcs and not self.reward_model_name_or_path:
-            raise ValueError(
-                "Name a reward: reward_funcs (e.g. [accuracy_reward] or [math_accuracy_reward]) and/or "
-                "reward_model_name_or_path."
-            )
+        if self.reward_funcs is None and not self.reward_model_name_or_path:
+            self.reward_funcs = [DEFAULT_REWARD]  # with a reward model alone, that model is the reward, as in TRL
         if self.reward_funcs:
             get_reward_funcs(self.reward_funcs)  # an unknown name fails while parsing, naming the known ones
+        elif not self.reward_model_name_or_path:
+            raise ValueError("reward_funcs is empty: name a reward function, or give reward_model_name_or_path.")
 
 
 def make_parser() -> TrlParser:
@@ -102,9 +104,9 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
     held_out = held_out_dataset(script_args, context_column if trl_eval else None) if users else None
     if users and held_out is None:
         raise ValueError(
-            f"{' and '.join(users)} {'need' if len(users) > 1 else 'needs'} a held-out set: set eval_dataset_name (e.g. aime24), give dataset_name a "
-            f"{script_args.dataset_test_split!r} split (dataset_test_split), or split a datasets: mixture "
-            "(test_split_size)."
+            f"{' and '.join(users)} {'need' if len(users) > 1 else 'needs'} a held-out set: set eval_dataset_name "
+            f"(e.g. aime24), give dataset_name a {script_args.dataset_test_split!r} split (dataset_test_split), or "
+            "split a datasets: mixture (test_split_size)."
         )
 
     model_init_kwargs = dict(

@@ -82,9 +82,12 @@ def _run(cmd: list[str], cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def both_clis(trl_recipe) -> tuple[list[dict], list[dict]]:
     """The log histories of `trl grpo --config X` and `sdpg-train --config X --method grpo`, seeded, 2 steps."""
+    assert train_script.LAUNCHED not in os.environ
     root = trl_recipe.parent
     _run([str(TRL_CLI), "grpo", "--config", str(trl_recipe), "--output_dir", str(root / "trl")], root)
-    sdpg = [sys.executable, "-m", "sdpg_trl.scripts.train", "--config", str(trl_recipe), "--method", "grpo"]
+    # Through `accelerate launch` too, as `trl grpo` runs: TRL's single_gpu config, by name, in fp32 on a CPU.
+    sdpg = [sys.executable, "-m", "sdpg_trl.scripts.train", "--config", str(trl_recipe), "--method", "grpo",
+            "--accelerate_config", "single_gpu", "--mixed_precision", "no"]  # fmt: skip
     _run([*sdpg, "--output_dir", str(root / "sdpg")], root)
     states = [json.loads((root / run / "checkpoint-2" / "trainer_state.json").read_text()) for run in ("trl", "sdpg")]
     return states[0]["log_history"], states[1]["log_history"]

@@ -119,9 +119,9 @@ def test_train_script_ends_the_run_without_trainer_end(monkeypatch):
     )
     trainer = types.SimpleNamespace(accelerator=accelerator, model="model")
     monkeypatch.setattr(train_script, "train", lambda *args: trainer)
-    monkeypatch.setattr(
-        train_script, "make_parser", lambda: types.SimpleNamespace(parse_args_and_config=lambda args: ())
-    )
+    # Nothing parsed, nothing left over (no accelerate flags): main trains in this process.
+    parser = types.SimpleNamespace(parse_args_and_config=lambda args, **kwargs: ([], []))
+    monkeypatch.setattr(train_script, "make_parser", lambda: parser)
     train_script.main([])
     assert ended == ["freed", "accelerator"] and trainer.model_wrapped == "model"
     trainer.end = lambda: ended.append("trainer")

@@ -273,7 +273,7 @@ def trainer_vllm_sampler(trainer: Trainer, settings: MeanAtKSettings) -> Sampler
 
 
 def evaluate_mean_at_k(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, progress: bool = True, **settings
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, progress: bool = True, **settings
 ) -> dict:
     """`mean_at_k` of `model` on `dataset` with transformers' `generate` (`generate_sampler`); `settings` are the
     fields of `MeanAtKSettings` (`k=32`, `temperature=1.0`, `top_p`, `max_new_tokens`, `batch_size`, `reward_func`,

@@ -177,6 +177,17 @@ def vllm_generate(
     return [list(ids) for ids in completion_ids]
 
 
+# --- TRL's command line (trl.scripts.grpo, trl.cli, trl.accelerate_configs) ----------------------------------------
+# `GRPOScriptArguments`: the script arguments `trl grpo` parses (TRL's `ScriptArguments` plus `reward_funcs` and
+# `reward_model_name_or_path`); `sdpg-train`'s are a subclass, so a field TRL adds there is accepted here too.
+GRPOScriptArguments = _load("trl.scripts.grpo", "GRPOScriptArguments")
+# `resolve_accelerate_config_argument(launch_args) -> launch_args`: `--accelerate_config NAME|PATH` as `trl`'s CLI
+# reads it, a file or the name of a config TRL ships (`TRL_ACCELERATE_CONFIGS`), turned into `--config_file PATH`.
+resolve_accelerate_config_argument = _load("trl.cli.accelerate_config", "resolve_accelerate_config_argument")
+# The package whose `<name>.yaml` files are those configs (zero2, zero3, fsdp2, multi_gpu, ...).
+TRL_ACCELERATE_CONFIGS = "trl.accelerate_configs"
+
+
 # The eager names; the lazy ones (`_LAZY`) are left out so that `import *` does not import `trl.experimental.sdpo`.
 __all__ = [
     "ChunkedLogProbFunction", "ForwardRedirection", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES",
@@ -186,3 +197,4 @@ __all__ = [
     "off_policy_sequence_mask", "pad", "prepare_deepspeed", "prepare_fsdp", "project_tile", "tokenize_prompts",
     "unwrap_model_for_generation", "use_adapter", "vespo_gamma_weights", "vllm_generate",
 ]  # fmt: skip
+__all__ += ["GRPOScriptArguments", "TRL_ACCELERATE_CONFIGS", "resolve_accelerate_config_argument"]

@@ -29,9 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+if TYPE_CHECKING:
+    from trl import TrlParser
 
 # The held-out accuracy as `MeanAtKCallback` logs it for one eval set (TRL's `eval_` naming).
 ACCURACY = "eval_accuracy"
@@ -114,12 +118,15 @@ def plan_runs(
     return runs
 
 
-def check_runs(runs: list[Run]) -> None:
-    """Parse every run's configuration with `sdpg-train`'s parser, so a bad flag fails before the first run."""
-    from .scripts.train import make_parser  # the training stack is only needed here
-
+def check_runs(runs: list[Run], make_parser: Callable[[], TrlParser]) -> None:
+    """Check every run before the first one starts: its model (`model_problem`) and its configuration, which must
+    parse with `make_parser()`, `sdpg-train`'s parser (`sdpg_trl.scripts.train.make_parser`, handed down by the
+    script). Raises `ValueError` naming the run and what is wrong."""
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
+            problem = model_problem(run.config.get("model_name_or_path"))
+            if problem:
+                raise ValueError(f"Method {run.method!r}, seed {run.seed}: {problem}")
             path = Path(tmp) / "config.yaml"
             path.write_text(yaml.safe_dump(run.config))
             try:
@@ -128,6 +135,23 @@ def check_runs(runs: list[Run]) -> None:
                 raise ValueError(
                     f"Method {run.method!r}, seed {run.seed}: its configuration does not parse: {err}"
                 ) from err
+
+
+def model_problem(model: str | None) -> str | None:
+    """What is wrong with a run's `model_name_or_path`, or None: a local folder must exist, anything else must be a
+    valid Hub id (whether the Hub has it is left to the run, which may be offline)."""
+    if not model:
+        return "no model_name_or_path: set it under train:, or pass --model_name_or_path."
+    path = Path(model).expanduser()
+    if path.exists():
+        return None if path.is_dir() else f"model_name_or_path {model} is a file, not a model folder."
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        return f"model_name_or_path {model} does not exist (a local folder)."
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return f"model_name_or_path {model!r} is neither an existing folder nor a valid Hub id."
+    return None
 
 
 def last_evaluation_warnings(runs: list[Run]) -> list[str]:

@@ -6,8 +6,9 @@ the two views.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -58,7 +59,8 @@ class MeanAtKArguments:
         get_reward_funcs([self.eval_reward_func])  # fail now, not after training, on an unknown name
 
     def eval_kwargs(self) -> dict:
-        """Keyword arguments of `evaluate_mean_at_k` (and `MeanAtKCallback`) for these settings."""
+        """These settings as the fields of `MeanAtKSettings`: keyword arguments of `evaluate_mean_at_k`,
+        `evaluate_mean_at_k_vllm` and `MeanAtKCallback`."""
         return dict(
             k=self.eval_k,
             temperature=self.eval_temperature,
@@ -73,6 +75,41 @@ class MeanAtKArguments:
 # The generation back-end of `mean_at_k`: (token ids of some prompts, samples per prompt) -> the completions' token
 # ids, prompt-major (the samples of the first prompt, then those of the second, ...).
 Sampler = Callable[[list[list[int]], int], list[list[int]]]
+
+
+@dataclass(frozen=True)
+class MeanAtKSettings:
+    """The settings of one mean@k evaluation, whichever back-end samples (`MeanAtKArguments.eval_kwargs` gives them).
+
+    Args:
+        k: samples per problem.
+        temperature: sampling temperature (`0` = greedy with transformers).
+        top_p: nucleus sampling threshold.
+        max_new_tokens: generation budget per sample.
+        batch_size: sequences per `model.generate` call (transformers only: vLLM schedules its own batches).
+        reward_func: the verifier, called as GRPOTrainer calls a reward function.
+        seed: sampling seed (plus the process index) of transformers and of a vLLM engine built here; a trainer's
+            engine seeds itself.
+        chat_template_kwargs: passed to the chat template with the prompt, e.g. `{"enable_thinking": False}`.
+    """
+
+    k: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    batch_size: int = 64
+    reward_func: RewardFunc = math_accuracy_reward
+    seed: int = 0
+    chat_template_kwargs: dict | None = None
+
+    def __post_init__(self):
+        if self.k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                "k, batch_size and max_new_tokens must be >= 1, got "
+                f"{self.k}, {self.batch_size}, {self.max_new_tokens}."
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
 
 
 def prompt_token_ids(
@@ -123,28 +160,25 @@ def mean_at_k(
     sample: Sampler,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
-    k: int,
-    temperature: float,
-    max_new_tokens: int,
-    reward_func: RewardFunc = math_accuracy_reward,
+    settings: MeanAtKSettings,
     problems_per_call: int = 1,
-    chat_template_kwargs: dict | None = None,
     progress: bool = True,
 ) -> dict:
     """mean@k of `dataset` (rows with `prompt` and a gold answer, README "Data contract") with completions from
-    `sample`, any generation back-end; `temperature` and `max_new_tokens` are `sample`'s, recorded in the report.
+    `sample`, any generation back-end (`generate_sampler`, `vllm_sampler`, `trainer_vllm_sampler`), which samples
+    with `settings`.
 
-    Each problem is sampled `k` times, `problems_per_call` problems per `sample` call; its score is the fraction of
-    samples `reward_func` marks correct (called as GRPOTrainer calls it: prompts, completions, completion ids and
-    every other column of the row), and `accuracy` is the mean over problems. Under `accelerate launch` the
-    problems are split over processes, padded so that every process calls `sample` as often and with as many
-    prompts (sharded models and vLLM's server mode need every process in each call), and the result gathered, so
-    every process gets the same report.
+    Each problem is sampled `settings.k` times, `problems_per_call` problems per `sample` call; its score is the
+    fraction of samples `settings.reward_func` marks correct (called as GRPOTrainer calls it: prompts, completions,
+    completion ids and every other column of the row), and `accuracy` is the mean over problems. Under
+    `accelerate launch` the problems are split over processes, padded so that every process calls `sample` as often
+    and with as many prompts (sharded models and vLLM's server mode need every process in each call), and the result
+    gathered, so every process gets the same report.
 
     Returns a JSON-serialisable dict: `accuracy`, `mean_completion_tokens`, `num_problems`, `k`, `temperature`,
     `max_new_tokens`, and `problems` (per problem: `answer`, `accuracy`, `rewards`, `completions`).
     """
-    state = PartialState()
+    k, state = settings.k, PartialState()
     indices = list(range(len(dataset)))
     with state.split_between_processes(indices, apply_padding=True) as mine:
         disable = not progress or not state.is_main_process
@@ -152,12 +186,13 @@ def mean_at_k(
         scored = []
         for start in range(0, len(mine), problems_per_call):
             rows = [(index, dataset[index]) for index in mine[start : start + problems_per_call]]
-            prompts = [prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs) for _, row in rows]
+            prompts = [prompt_token_ids(tokenizer, row["prompt"], settings.chat_template_kwargs) for _, row in rows]
             completions = [list(ids) for ids in sample(prompts, k)]
             if len(completions) != len(rows) * k:
                 raise RuntimeError(f"The sampler returned {len(completions)} completions for {len(rows)} x {k}.")
             for slot, (index, row) in enumerate(rows):
-                scored.append(_score(index, row, completions[slot * k : (slot + 1) * k], tokenizer, reward_func))
+                completion_ids = completions[slot * k : (slot + 1) * k]
+                scored.append(_score(index, row, completion_ids, tokenizer, settings.reward_func))
             bar.update(len(rows) * k)
         bar.close()
     if state.num_processes > 1:
@@ -169,127 +204,104 @@ def mean_at_k(
         "mean_completion_tokens": sum(p["mean_completion_tokens"] for p in problems) / num if num else 0.0,
         "num_problems": num,
         "k": k,
-        "temperature": temperature,
-        "max_new_tokens": max_new_tokens,
+        "temperature": settings.temperature,
+        "max_new_tokens": settings.max_new_tokens,
         "problems": problems,
     }
 
 
-@torch.no_grad()
-def evaluate_mean_at_k(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset,
-    k: int = 32,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 4096,
-    batch_size: int = 64,
-    reward_func: RewardFunc = math_accuracy_reward,
-    seed: int = 0,
-    progress: bool = True,
-    chat_template_kwargs: dict | None = None,
-) -> dict:
-    """`mean_at_k` of `model` on `dataset`, generating with transformers (`model.generate`), `batch_size`
-    sequences per call, sampled at `temperature` (`0` = greedy) with `seed` (plus the process index), without
-    touching the caller's random state.
-    """
-    if k < 1 or batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"k, batch_size and max_new_tokens must be >= 1, got {k}, {batch_size}, {max_new_tokens}.")
-    was_training = model.training
-    model.eval()
+@contextmanager
+def generate_sampler(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: MeanAtKSettings
+) -> Iterator[Sampler]:
+    """A sampler generating with transformers (`model.generate`), `settings.batch_size` sequences per call, at
+    `settings.temperature` (`0` = greedy), seeded with `settings.seed` plus the process index. While it is open the
+    model is in eval mode, and the caller's random state is set aside: seeding here must not change the sampling of a
+    training run this evaluation interrupts."""
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    if settings.temperature > 0:
+        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        sampling = dict(do_sample=False)
 
     def sample(prompts: list[list[int]], n: int) -> list[list[int]]:
         jobs = [torch.tensor(ids) for ids in prompts for _ in range(n)]
         completions = []
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start : start + settings.batch_size]
             # Decoder-only batch generation needs left padding.
             input_ids = pad(batch, padding_value=pad_token_id, padding_side="left").to(model.device)
             attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0, padding_side="left")
             output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask.to(model.device), max_new_tokens=max_new_tokens,
-                pad_token_id=pad_token_id, **sampling,
+                input_ids=input_ids, attention_mask=attention_mask.to(model.device),
+                max_new_tokens=settings.max_new_tokens, pad_token_id=pad_token_id, **sampling,
             )  # fmt: skip
             completions.extend(output[:, input_ids.shape[1] :].tolist())
         return completions
 
-    # fork_rng: seeding here must not change the sampling of a training run this evaluation interrupts.
+    was_training = model.training
+    model.eval()
     devices = [model.device] if model.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed + PartialState().process_index)
-            return mean_at_k(
-                sample, tokenizer, dataset, k, temperature, max_new_tokens, reward_func,
-                problems_per_call=max(1, batch_size // k), chat_template_kwargs=chat_template_kwargs,
-                progress=progress,
-            )  # fmt: skip
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(settings.seed + PartialState().process_index)
+            yield sample
     finally:
         model.train(was_training)
 
 
-def evaluate_mean_at_k_vllm(
-    model: Any,  # a model name or path, or a vllm.LLM
-    dataset: Dataset,
-    k: int = 32,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 4096,
-    reward_func: RewardFunc = math_accuracy_reward,
-    seed: int = 0,
-    chat_template_kwargs: dict | None = None,
-    **llm_kwargs,
-) -> dict:
-    """`mean_at_k` with generation by vLLM (`pip install sdpg-trl[vllm]`, GPU only), from the same prompt token ids
-    as `evaluate_mean_at_k` (the engine's own tokenizer and chat template, with `chat_template_kwargs`).
+def vllm_sampler(llm: Any, settings: MeanAtKSettings) -> Sampler:
+    """A sampler generating with a `vllm.LLM` (`pip install sdpg-trl[vllm]`, GPU only), seeded with `settings.seed`."""
+    from vllm import SamplingParams
 
-    `model` is a Hub id or local path, from which a `vllm.LLM` is built with `llm_kwargs` (e.g.
+    params = dict(temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_new_tokens)
+
+    def sample(prompts: list[list[int]], n: int) -> list[list[int]]:
+        sampling = SamplingParams(n=n, seed=settings.seed, **params)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=True)
+        return [list(completion.token_ids) for output in outputs for completion in output.outputs]
+
+    return sample
+
+
+def trainer_vllm_sampler(trainer: Trainer, settings: MeanAtKSettings) -> Sampler:
+    """A sampler generating with a GRPOTrainer's own vLLM engine (`use_vllm`, colocate or server mode), which gets
+    the policy's current weights first, as before a rollout; every process takes part, as in a rollout. The engine
+    seeds and batches itself, so `settings.seed` and `settings.batch_size` do not apply."""
+    return partial(vllm_generate, trainer, temperature=settings.temperature, top_p=settings.top_p,
+                   max_tokens=settings.max_new_tokens)  # fmt: skip
+
+
+def evaluate_mean_at_k(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, progress: bool = True, **settings
+) -> dict:
+    """`mean_at_k` of `model` on `dataset` with transformers' `generate` (`generate_sampler`); `settings` are the
+    fields of `MeanAtKSettings` (`k=32`, `temperature=1.0`, `top_p`, `max_new_tokens`, `batch_size`, `reward_func`,
+    `seed`, `chat_template_kwargs`)."""
+    options = MeanAtKSettings(**settings)
+    with generate_sampler(model, tokenizer, options) as sample:
+        per_call = max(1, options.batch_size // options.k)
+        return mean_at_k(sample, tokenizer, dataset, options, problems_per_call=per_call, progress=progress)
+
+
+def evaluate_mean_at_k_vllm(model: Any, dataset: Dataset, llm_kwargs: dict | None = None, **settings) -> dict:
+    """`mean_at_k` with vLLM (`vllm_sampler`), from the same prompt token ids as `evaluate_mean_at_k` (the engine's
+    own tokenizer and chat template); `settings` are the fields of `MeanAtKSettings` (`batch_size` does not apply).
+
+    `model` is a Hub id or local path, from which a `vllm.LLM` is built with `settings.seed` and `llm_kwargs` (e.g.
     `tensor_parallel_size`, `gpu_memory_utilization`, `max_model_len`), or an `LLM` already built, so that several
     evaluations (the student and the teacher view) share one engine.
     """
-    from vllm import LLM, SamplingParams
-
+    options = MeanAtKSettings(**settings)
     if isinstance(model, str):
-        llm = LLM(model=model, seed=seed, **llm_kwargs)
+        from vllm import LLM
+
+        model = LLM(model=model, seed=options.seed, **(llm_kwargs or {}))
     elif llm_kwargs:
         raise ValueError(f"llm_kwargs {sorted(llm_kwargs)} only apply when a model name is given, not an LLM.")
-    else:
-        llm = model
-
-    def sample(prompts: list[list[int]], n: int) -> list[list[int]]:
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
-        return [list(completion.token_ids) for output in outputs for completion in output.outputs]
-
-    return mean_at_k(
-        sample, llm.get_tokenizer(), dataset, k, temperature, max_new_tokens, reward_func,
-        problems_per_call=max(1, len(dataset)), chat_template_kwargs=chat_template_kwargs, progress=False,
-    )  # fmt: skip
-
-
-def evaluate_mean_at_k_trainer_vllm(
-    trainer: Trainer,
-    dataset: Dataset,
-    k: int = 32,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 4096,
-    reward_func: RewardFunc = math_accuracy_reward,
-    progress: bool = True,
-    chat_template_kwargs: dict | None = None,
-) -> dict:
-    """`mean_at_k` generated by a GRPOTrainer's own vLLM engine (`use_vllm`, colocate or server mode), which gets
-    the policy's current weights first, as before a rollout; every process takes part, as in a rollout.
-
-    The engine seeds and batches itself, so there is no `seed` or `batch_size` here.
-    """
-    sample = partial(vllm_generate, trainer, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
-    return mean_at_k(
-        sample, trainer.processing_class, dataset, k, temperature, max_new_tokens, reward_func,
-        problems_per_call=max(1, len(dataset)), chat_template_kwargs=chat_template_kwargs, progress=progress,
-    )  # fmt: skip
+    sample = vllm_sampler(model, options)
+    return mean_at_k(sample, model.get_tokenizer(), dataset, options, problems_per_call=max(1, len(dataset)),
+                     progress=False)  # fmt: skip
 
 
 def prompt_view(
@@ -442,23 +454,24 @@ class MeanAtKCallback(TrainerCallback):
         eval_dataset: Dataset | dict[str, Dataset],
         eval_every: int,
         eval_on_start: bool = True,
-        **eval_kwargs,
+        progress: bool = True,
+        **settings,
     ):
         if eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 step, got {eval_every}.")
-        self.trainer, self.eval_every = trainer, eval_every
-        self.eval_on_start, self.eval_kwargs = eval_on_start, eval_kwargs
+        self.trainer, self.eval_every, self.eval_on_start, self.progress = trainer, eval_every, eval_on_start, progress
+        self.settings = MeanAtKSettings(**settings)  # the trainer's chat_template_kwargs are added at each evaluation
         self.eval_sets = dict(eval_dataset) if isinstance(eval_dataset, dict) else {None: eval_dataset}
 
     def _evaluate(self) -> None:
         trainer, args = self.trainer, self.trainer.args
-        chat_template_kwargs = args.chat_template_kwargs or {}
+        settings = replace(self.settings, chat_template_kwargs=args.chat_template_kwargs or {})
+        tokenizer = trainer.processing_class
         if getattr(trainer, "use_vllm", False):  # GRPOTrainer's; a plain Trainer has no engine
-            settings = {key: value for key, value in self.eval_kwargs.items() if key not in ("batch_size", "seed")}
+            sample = trainer_vllm_sampler(trainer, settings)
             reports = {
-                name: evaluate_mean_at_k_trainer_vllm(
-                    trainer, data, chat_template_kwargs=chat_template_kwargs, **settings
-                )
+                name: mean_at_k(sample, tokenizer, data, settings, problems_per_call=max(1, len(data)),
+                                progress=self.progress)  # fmt: skip
                 for name, data in self.eval_sets.items()
             }
         else:
@@ -470,14 +483,9 @@ class MeanAtKCallback(TrainerCallback):
                 gather_deepspeed3_params=args.ds3_gather_for_generation,
                 gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             ) as model:
+                # Each set seeded on its own, as `sdpg-evaluate` samples it.
                 reports = {
-                    name: evaluate_mean_at_k(
-                        model,
-                        trainer.processing_class,
-                        data,
-                        chat_template_kwargs=chat_template_kwargs,
-                        **self.eval_kwargs,
-                    )  # fmt: skip
+                    name: evaluate_mean_at_k(model, tokenizer, data, progress=self.progress, **asdict(settings))
                     for name, data in self.eval_sets.items()
                 }
         # Transformers' own Trainer.log, not GRPOTrainer.log: the latter flushes the buffered training metrics into

@@ -9,10 +9,15 @@ itself is `trl.rewards.accuracy_reward`, i.e. `math-verify`: no LaTeX parsing is
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import os
 import re
+import sys
 from collections.abc import Callable, Iterable
+from types import ModuleType
 
+from trl import rewards as trl_rewards
 from trl.rewards import accuracy_reward
 
 logger = logging.getLogger(__name__)
@@ -24,6 +29,8 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 # Columns a reward reads the gold final answer from, in order of preference: SDPG's, then TRL's.
 GOLD_COLUMNS = ("answer", "solution")
 THINK_CLOSE = "</think>"  # ends the reasoning block of thinking models (Qwen3, DeepSeek-R1)
+# The settings `trl grpo --reward_funcs get_soft_overlong_punishment` uses (its GRPOScriptArguments help says so).
+TRL_OVERLONG_PUNISHMENT = {"max_completion_len": 1280, "soft_punish_cache": 256}
 
 
 def completion_text(completion: str | list[dict]) -> str:
@@ -124,20 +131,45 @@ REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
 }
 
 
+def trl_reward_funcs() -> dict[str, Callable[..., list[float]]]:
+    """The reward names `trl grpo --reward_funcs` knows, resolved as TRL's GRPO script resolves them: every reward
+    function of `trl.rewards` by its name, and `get_soft_overlong_punishment` built with the values that script
+    documents (`TRL_OVERLONG_PUNISHMENT`). The other `get_*` of `trl.rewards` are factories that script does not
+    offer by name; give them as a dotted path to a function of your own that builds one."""
+    exported = {name: getattr(trl_rewards, name) for name in trl_rewards.__all__}  # its submodules too
+    funcs = {name: f for name, f in exported.items() if inspect.isfunction(f) and not name.startswith("get_")}
+    funcs["get_soft_overlong_punishment"] = trl_rewards.get_soft_overlong_punishment(**TRL_OVERLONG_PUNISHMENT)
+    return funcs
+
+
 def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float]]]:
-    """Reward functions by registry name (`REWARD_FUNCS`) or dotted import path (`"my_pkg.rewards.my_reward"`)."""
+    """Reward functions by name, looked up as `trl grpo` does and then some: TRL's names first
+    (`trl_reward_funcs`: `accuracy_reward`, `think_format_reward`, ...), then this project's (`REWARD_FUNCS`),
+    then a dotted import path (`"my_pkg.rewards.my_reward"`, importable from the working directory as in TRL)."""
+    known = {**trl_reward_funcs(), **REWARD_FUNCS}
     if not names:
-        raise ValueError(f"Name at least one reward function; registered: {sorted(REWARD_FUNCS)}.")
+        raise ValueError(f"Name at least one reward function; known: {sorted(known)}.")
     funcs = []
     for name in names:
-        if name in REWARD_FUNCS:
-            funcs.append(REWARD_FUNCS[name])
+        if name in known:
+            funcs.append(known[name])
             continue
         module_name, _, attribute = name.rpartition(".")
         if not module_name:
-            raise ValueError(f"Unknown reward function {name!r}; use one of {sorted(REWARD_FUNCS)} or a dotted path.")
+            raise ValueError(
+                f"Unknown reward function {name!r}; use one of {sorted(known)} or a dotted import path "
+                "('my_pkg.rewards.my_reward')."
+            )
         try:
-            funcs.append(getattr(importlib.import_module(module_name), attribute))
+            funcs.append(getattr(_import_from_working_directory(module_name), attribute))
         except (ImportError, AttributeError) as err:
             raise ValueError(f"Cannot import reward function {name!r}: {err}") from err
     return funcs
+
+
+def _import_from_working_directory(module_name: str) -> ModuleType:
+    """`importlib.import_module`, with the working directory importable, as `trl grpo` makes it for its rewards."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)  # after the installed packages: a local file must not shadow one of them
+    return importlib.import_module(module_name)

@@ -24,6 +24,7 @@ from sdpg_trl.compare import (
     summarise_run,
 )
 from sdpg_trl.scripts.compare import main
+from sdpg_trl.scripts.train import make_parser
 
 
 def history(evals: dict[int, float], steps: int = 4, reward: float = 0.5) -> list[dict]:
@@ -263,7 +264,7 @@ def test_shipped_comparison_recipe_parses():
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "compare_demo_cpu.yaml")
     runs = plan_runs(recipe, "unused", model_name_or_path="local/model")
-    check_runs(runs)
+    check_runs(runs, make_parser)
     assert {r.method for r in runs} >= {"grpo", "rlsd", "sdpg_urkl", "sdpg_ufkl"} and len({r.seed for r in runs}) >= 3
 
 

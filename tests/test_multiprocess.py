@@ -223,7 +223,8 @@ def test_two_process_ddp_training_matches_one_process(runs):
 
 
 def test_two_process_fsdp2_training_matches_one_process(runs):
-    """recipes/accelerate/fsdp2.yaml on two CPU processes, or a skip that says what the run became instead."""
+    """TRL's fsdp2 accelerate config (`sdpg-recipes path fsdp2`) on two CPU processes, or a skip that says what the
+    run became instead."""
     ranks = finish_run(*runs["fsdp2"])
     if not ranks[0]["fsdp"]:
         # Found with accelerate 1.15 and torch 2.13: torch's `fully_shard` works on CPU over gloo, but accelerate

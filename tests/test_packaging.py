@@ -119,9 +119,9 @@ def test_train_script_ends_the_run_without_trainer_end(monkeypatch):
     )
     trainer = types.SimpleNamespace(accelerator=accelerator, model="model")
     monkeypatch.setattr(train_script, "train", lambda *args: trainer)
-    monkeypatch.setattr(
-        train_script, "make_parser", lambda: types.SimpleNamespace(parse_args_and_config=lambda args: ())
-    )
+    # Nothing parsed, nothing left over (no accelerate flags): main trains in this process.
+    parser = types.SimpleNamespace(parse_args_and_config=lambda args, **kwargs: ([], []))
+    monkeypatch.setattr(train_script, "make_parser", lambda: parser)
     train_script.main([])
     assert ended == ["freed", "accelerator"] and trainer.model_wrapped == "model"
     trainer.end = lambda: ended.append("trainer")
@@ -172,7 +172,7 @@ def test_an_installed_wheel_ships_the_recipes_and_the_demo_finds_its_own(tmp_pat
                    check=True, capture_output=True)  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("sdpg_trl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"sdpg_trl/recipes/demo_cpu.yaml", "sdpg_trl/recipes/accelerate/fsdp2.yaml", "sdpg_trl/py.typed"} <= names
+    assert {"sdpg_trl/recipes/demo_cpu.yaml", "sdpg_trl/recipes/qwen3_4b_grpo.yaml", "sdpg_trl/py.typed"} <= names
     assert any(".dist-info/" in name and name.endswith("LICENSE") for name in names)
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True,
@@ -189,7 +189,7 @@ from sdpg_trl.scripts.recipes import list_recipes
 site = Path(sys.argv[1]).resolve()
 assert Path(demo.__file__).resolve().is_relative_to(site), demo.__file__
 assert demo.DEFAULT_RECIPE.resolve().is_relative_to(site) and demo.DEFAULT_RECIPE.is_file(), demo.DEFAULT_RECIPE
-assert "accelerate/fsdp2" in list_recipes()
+assert "accelerate/fsdp2" in list_recipes()  # TRL's, by name
 print(demo.DEFAULT_RECIPE)
 """
     out = subprocess.run([sys.executable, "-c", code, site], cwd=elsewhere, env=env, capture_output=True, text=True)

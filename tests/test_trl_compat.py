@@ -49,9 +49,14 @@ SIGNATURES = {
     "PEFTAdapterEMACallback": ["model", "teacher_adapter_name", "update_rate", "sync_steps", "accelerator"],
     "SyncTeacherModelCallback": ["teacher_model", "accelerator"],
     "is_pure_lora_training": ["model", "accelerator"],
+    # sdpg-train reads these of TRL's GRPO script arguments (its own are a subclass).
+    "GRPOScriptArguments": ["dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split",
+                            "dataset_streaming", "ignore_bias_buffers", "reward_model_name_or_path", "reward_funcs"],
+    "resolve_accelerate_config_argument": ["launch_args"],
 }  # fmt: skip
 CONSTANTS = {
-    "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL", "VLLM_SAMPLING_ATTRIBUTES"
+    "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL", "VLLM_SAMPLING_ATTRIBUTES",
+    "TRL_ACCELERATE_CONFIGS",
 }  # fmt: skip
 # Defined in the compat module, checked below.
 OWN_HELPERS = {"installed_trl_version", "tokenize_prompts", "vllm_generate"}

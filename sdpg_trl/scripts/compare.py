@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
                 state = "to run"
             print(f"{run.method:>28} seed {run.seed}: {run.folder} ({state})")
         return
-    check_runs(runs)  # every run's flags parse before the first one starts
+    from .train import make_parser  # the training stack, needed from here on only
+
+    check_runs(runs, make_parser)  # every run's model and flags, before the first one starts
     for warning in last_evaluation_warnings(runs):
         print(f"Warning: {warning}", flush=True)
     for run in adopt_completed_runs(runs):

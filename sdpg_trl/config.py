@@ -82,7 +82,10 @@ METHODS: dict[str, MethodPreset] = {
             "dual_clip": None,
             "anchor_ratio_weighted": False,
         },
-        fills={name: _GRPO_DEFAULTS[name] for name in ("beta", "use_bias_correction_kl")},
+        fills={
+            **{name: _GRPO_DEFAULTS[name] for name in ("beta", "use_bias_correction_kl")},
+            "on_policy_surrogate": "ratio",
+        },
     ),
     # RLSD: the teacher only reweights the token advantages; no distillation term; no reference model by default.
     "rlsd": MethodPreset(
@@ -409,7 +412,13 @@ class SDPGConfig(GRPOConfig):
             term). The distillation term is always summed over tokens and divided by the number of completion tokens
             `N` (SPEC 2, DAPO-style), whatever the loss type; with `"dapo"` every term is over `N`, as in SPEC 2.
             On-policy the outcome is the REINFORCE surrogate `-A log pi` (SPEC 2.1), which has the gradient of the
-            clipped and soft surrogates at ratio 1 (cispo and vespo keep their form with ratio 1).
+            clipped and soft surrogates at ratio 1 (cispo and vespo keep their form with ratio 1); see
+            `on_policy_surrogate`.
+        on_policy_surrogate (`str`, *optional*, defaults to `"reinforce"`):
+            The outcome term on-policy (no old log-probs): `"reinforce"`, SPEC 2.1's `-A log pi`, or `"ratio"`,
+            GRPOTrainer's `loss_type` surrogate at the ratio `pi / SG[pi] = 1` (for the clipped types its value is
+            `-A`). Both have the same gradient; the logged `loss` differs. The `"grpo"` preset fills `"ratio"`, so
+            that a `method: grpo` run logs what `trl grpo` logs.
         dual_clip (`float` or `None`, *optional*, defaults to `3.0`):
             Dual-clip constant `c` for negative advantages in the off-policy surrogate (SPEC 2.1; Ye et al., 2020).
             Only used when old log-probs differ from the current ones (`num_iterations > 1`, stale batches, vLLM).
@@ -420,8 +429,11 @@ class SDPGConfig(GRPOConfig):
     SDPG's terms stay SDPG's whatever the outcome options: off-policy the distillation term (and the anchor, with
     `anchor_ratio_weighted`) is weighted by the detached per-token ratio `rho` (SPEC 2.2, 2.4), also with
     `importance_sampling_level="sequence"`, and neither is masked by `top_entropy_quantile` or
-    `off_policy_mask_threshold`. GRPO's entropy bonus (`entropy_coef`,
-    `use_adaptive_entropy`) is refused with an error: it is not implemented. `use_liger_kernel` does what it does in
+    `off_policy_mask_threshold`. GRPO's entropy bonus (`entropy_coef`, `use_adaptive_entropy` and its controller's
+    `entropy_target`, `entropy_coef_min/max/delta`) is GRPOTrainer's: `loss - coef * H`, with `H` the mean entropy of
+    the tokens the outcome term trains (after `top_entropy_quantile`), the entropy's gradient computed by SDPG's
+    LM-head pass (`sdpg_trl.head_kernels`), and the adaptive coefficient saved in checkpoints as GRPOTrainer saves
+    it. `use_liger_kernel` does what it does in
     GRPOTrainer: Liger's layer kernels (RMSNorm, RoPE, SwiGLU) on the policy; its fused linear cross-entropy, which
     would replace the LM-head pass SDPG computes itself, is refused by GRPOTrainer.
     """
@@ -471,6 +483,7 @@ class SDPGConfig(GRPOConfig):
 
     # The outcome term (SPEC 2.1); `loss_type` is GRPOConfig's, with its default
     loss_type: str = "dapo"
+    on_policy_surrogate: str = field(default="reinforce", metadata={"choices": ["reinforce", "ratio"]})
     dual_clip: float | None = 3.0
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SDPGConfig:
@@ -614,13 +627,10 @@ class SDPGConfig(GRPOConfig):
                 "ratio (GRPO's with its gradient, SPEC 2.4's detached); applying both would weigh it twice. Set "
                 "anchor_ratio_weighted=False to use GRPO's bias-corrected KL."
             )
-        for name in ("entropy_coef", "use_adaptive_entropy"):
-            if getattr(self, name):
-                raise ValueError(
-                    f"SDPGConfig.{name} must stay off: GRPO's entropy bonus is not implemented (SDPG's LM-head "
-                    "kernels return the entropy without its gradient, and the adaptive controller is GRPOTrainer's "
-                    "own state)."
-                )
+        if self.on_policy_surrogate not in ("reinforce", "ratio"):
+            raise ValueError(
+                f"SDPGConfig.on_policy_surrogate must be 'reinforce' or 'ratio', got {self.on_policy_surrogate!r}."
+            )
 
     def __post_init__(self):
         self._check_types()

@@ -470,8 +470,9 @@ class MeanAtKCallback(TrainerCallback):
         if getattr(trainer, "use_vllm", False):  # GRPOTrainer's; a plain Trainer has no engine
             sample = trainer_vllm_sampler(trainer, settings)
             reports = {
-                name: mean_at_k(sample, tokenizer, data, settings, problems_per_call=max(1, len(data)),
-                                progress=self.progress)  # fmt: skip
+                name: mean_at_k(
+                    sample, tokenizer, data, settings, problems_per_call=max(1, len(data)), progress=self.progress
+                )  # fmt: skip
                 for name, data in self.eval_sets.items()
             }
         else:

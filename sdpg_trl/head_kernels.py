@@ -312,11 +312,13 @@ def score_tokens(
     *,
     distill: bool,
     rlsd: bool,
+    entropy_grad: bool = False,
     chunk_size: int = 1024,
 ) -> HeadScores:
     """The LM head on the tokens `selection` names, one kernel call per kind of token (SPEC 2, 3, 5):
 
-    - `selection.plain` (valid, not distilled): TRL's log-prob kernel gives the student's log-prob and entropy;
+    - `selection.plain` (valid, not distilled): TRL's log-prob kernel gives the student's log-prob and entropy (with
+      `entropy_grad`, for GRPO's entropy bonus, the fused pass without a teacher: its entropy has a gradient);
     - `selection.distilled`: the fused pass gives those, the KL and the teacher's view, from one projection each;
     - `selection.teacher_only` (RLSD's rows that are not distilled): the teacher's log-prob and entropy, no grad.
 
@@ -337,9 +339,14 @@ def score_tokens(
     entropy, kl, teacher_logps, teacher_entropy = (torch.zeros_like(logps) for _ in range(4))
 
     where = selection.plain.nonzero(as_tuple=True)
-    plain_logps, plain_entropy = chunked_logps_and_entropy(
-        hidden[where], head.weight, head.bias, completion_ids[where], **transform
-    )
+    if entropy_grad:
+        plain_logps, plain_entropy, *_ = fused_policy_distillation(
+            hidden[where], None, head.weight, head.bias, completion_ids[where], chunk_size=chunk_size, **transform
+        )
+    else:
+        plain_logps, plain_entropy = chunked_logps_and_entropy(
+            hidden[where], head.weight, head.bias, completion_ids[where], **transform
+        )
     logps, entropy = logps.index_put(where, plain_logps), entropy.index_put(where, plain_entropy)
     if distill:
         where = selection.distilled.nonzero(as_tuple=True)

@@ -57,10 +57,13 @@ class OutcomeOptions:
 
     `loss_type` picks the surrogate (PPO clip for the grpo family, CISPO, SAPO, VESPO) and, in `policy_token_weights`,
     the aggregation; `importance_sampling_level` is per token or per sequence (GSPO). `dual_clip` is SDPG's (SPEC 2.1)
-    and only applies to PPO's clipped surrogate. The defaults are SDPG's: DAPO aggregation, token ratios, dual clip 3.
+    and only applies to PPO's clipped surrogate. `on_policy_surrogate`: on-policy, SPEC 2.1's REINFORCE form
+    (`"reinforce"`) or the loss type's own at ratio 1 (`"ratio"`, GRPOTrainer's value; the same gradient). The defaults
+    are SDPG's: DAPO aggregation, token ratios, dual clip 3, REINFORCE on-policy.
     """
 
     loss_type: str = "dapo"
+    on_policy_surrogate: str = "reinforce"
     importance_sampling_level: str = "token"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
@@ -117,7 +120,8 @@ def outcome_per_token(
     - sapo: `-sigmoid(tau (w - 1)) 4 / tau A`, with `tau` the temperature of `A`'s sign;
     - vespo: `-SG[phi(w_seq)] A log pi` with TRL's gamma weight of the sequence ratio.
     On-policy (`old_per_token_logps is None`), the clipped and soft surrogates become the REINFORCE surrogate
-    `-A log pi` (SPEC 2.1), which has their gradient at `w = 1`; cispo and vespo keep their form, with `w = 1`.
+    `-A log pi` (SPEC 2.1), which has their gradient at `w = 1`, unless `options.on_policy_surrogate` is `"ratio"`
+    (GRPOTrainer's value: the surrogate itself at `w = 1`); cispo and vespo keep their form, with `w = 1`.
 
     Args:
         per_token_logps: `(B, T)` log pi_theta of the sampled tokens, with grad.
@@ -148,7 +152,7 @@ def outcome_per_token(
             k_neg=options.vespo_k_neg, lambda_neg=options.vespo_lambda_neg,
         )  # fmt: skip
         loss = -vespo_weight * adv * per_token_logps
-    elif on_policy:
+    elif on_policy and options.on_policy_surrogate == "reinforce":
         loss = -adv * per_token_logps
     elif options.loss_type == "sapo":
         tau = torch.where(adv > 0, options.sapo_temperature_pos, options.sapo_temperature_neg)

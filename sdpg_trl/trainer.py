@@ -94,7 +94,7 @@ class PerTokenTerms(NamedTuple):
         outcome: GRPO's policy term after its token filters. distill_kl: the reverse KL to the teacher. anchor: the
             reference anchor. distill_weight: `(B, C)` gate times the distillation filters. policy: the outcome's
             ratios (`Outcome`). options: GRPO's options it was formed with. token_advantages: `(B,)`, or `(B, C)`
-            with RLSD.
+            with RLSD. trained_mask: `(B, C)` the tokens the outcome term trains (after `top_entropy_quantile`).
     """
 
     outcome: torch.Tensor | None
@@ -104,6 +104,7 @@ class PerTokenTerms(NamedTuple):
     policy: Outcome
     options: OutcomeOptions
     token_advantages: torch.Tensor
+    trained_mask: torch.Tensor
 
 
 @contextmanager
@@ -367,6 +368,8 @@ class SDPGTrainer(GRPOTrainer):
             max_completion_length=self.args.max_completion_length,
         )  # fmt: skip
         loss = self._objective(terms, mask, tokens, step)
+        if self._entropy_bonus_enabled:
+            loss = self._apply_entropy_bonus(loss, scores.entropy, terms.trained_mask, mode)
         if self.aux_loss_enabled:
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
@@ -448,7 +451,8 @@ class SDPGTrainer(GRPOTrainer):
             scores = score_tokens(
                 head_hidden, head_teacher_hidden, inputs["completion_ids"], selection,
                 LMHead(weight, bias, **self._logit_transform), teacher_head, distill=step.terms.distill,
-                rlsd=step.terms.rlsd, chunk_size=self.args.distill_chunk_size,
+                rlsd=step.terms.rlsd, entropy_grad=self._entropy_bonus_enabled,
+                chunk_size=self.args.distill_chunk_size,
             )  # fmt: skip
         return (*scores, hidden, outputs.aux_loss if self.aux_loss_enabled else None)
 
@@ -480,10 +484,10 @@ class SDPGTrainer(GRPOTrainer):
                 advantages.unsqueeze(1), scores.logps, inputs.get("sampling_per_token_logps", old), mask,
                 args.off_policy_mask_threshold,
             )  # fmt: skip
+        trained_mask = mask
         if args.top_entropy_quantile < 1.0:
-            outcome = outcome * self.get_high_entropy_mask(
-                scores.entropy.detach(), mask, 1 - args.top_entropy_quantile
-            )
+            entropy_mask = self.get_high_entropy_mask(scores.entropy.detach(), mask, 1 - args.top_entropy_quantile)
+            outcome, trained_mask = outcome * entropy_mask, mask * entropy_mask
         anchor = None
         if terms.anchor:
             anchor = anchor_per_token(scores.logps, inputs["ref_per_token_logps"], args.kl_estimator)
@@ -499,7 +503,7 @@ class SDPGTrainer(GRPOTrainer):
         return PerTokenTerms(
             outcome=outcome if terms.outcome else None, distill_kl=scores.distill_kl if terms.distill else None,
             anchor=anchor, distill_weight=distill_weight, policy=policy, options=options,
-            token_advantages=token_advantages,
+            token_advantages=token_advantages, trained_mask=trained_mask,
         )  # fmt: skip
 
     def _objective(
@@ -515,6 +519,39 @@ class SDPGTrainer(GRPOTrainer):
             distill_coef=step.distill_coef, kl_coef=self.beta, aggregation=tokens,
             anchor_ratio_weighted=self.args.anchor_ratio_weighted,
         )  # fmt: skip
+
+    def _apply_entropy_bonus(
+        self, loss: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, mode: str
+    ) -> torch.Tensor:
+        """GRPO's entropy bonus, `loss - coef * H` with `H` the mean entropy of the trained tokens, and its adaptive
+        controller, as `GRPOTrainer.compute_loss` (TRL 1.16) applies them inline there; the state (`entropy_coef`,
+        `_last_world_entropy`, `_entropy_window_stats`) and its checkpointing are GRPOTrainer's."""
+        args, metrics = self.args, self._metrics[mode]
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        # GRPO's `policy_loss`: the loss before the bonus, per accumulation window for the per-sequence loss types
+        policy_loss = loss.detach() * (1.0 if args.loss_type in ("dapo", "cispo", "vespo") else accumulation)
+        entropy_loss = (entropy * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+        # The coefficient and gate of the previous optimizer step, so that a window's micro-batches apply the same.
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
+            coef = 0.0
+        loss = loss - coef * entropy_loss
+        metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":  # the window's entropy over every process's tokens
+            stats = torch.stack([(entropy * mask).sum(), mask.sum()]).detach()
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                self._last_world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                if self._last_world_entropy <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            metrics["entropy_coef"].append(self.entropy_coef)
+        return loss
 
     # ----------------------------------------------------------------------------------------------------------------
     # Metrics of the loss

@@ -143,7 +143,8 @@ SDPG_DEFAULTS = {
     "context_column": "privileged_context", "teacher_template": sdpg_trl.config.DEFAULT_TEACHER_TEMPLATE,
     "max_teacher_prompt_length": None, "teacher_context_truncation_side": "left",
     "max_consecutive_skipped_steps": 5, "log_term_grad_norms": False, "kl_estimator": "urkl", "beta": 1e-3,
-    "anchor_ratio_weighted": True, "use_bias_correction_kl": False, "loss_type": "dapo", "dual_clip": 3.0,
+    "anchor_ratio_weighted": True, "use_bias_correction_kl": False, "loss_type": "dapo",
+    "on_policy_surrogate": "reinforce", "dual_clip": 3.0,
 }  # fmt: skip
 
 

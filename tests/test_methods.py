@@ -178,6 +178,9 @@ GRPO_OPTIONS = {
     "no_bias_correction_kl": {"use_bias_correction_kl": False},
     "gspo_no_bias_correction_kl": {"use_bias_correction_kl": False, "loss_type": "grpo",
                                    "importance_sampling_level": "sequence"},
+    # GRPO's entropy bonus, with its gradient from SDPG's LM-head pass; on the tokens top_entropy_quantile keeps.
+    "entropy_bonus": {"entropy_coef": 0.3},
+    "entropy_bonus_top_quantile": {"entropy_coef": 0.3, "top_entropy_quantile": 0.4, "loss_type": "grpo"},
 }  # fmt: skip
 WINDOWS = dict(gradient_accumulation_steps=2, steps_per_generation=4)  # so that every aggregation's scaling differs
 
@@ -230,10 +233,35 @@ def test_teacher_off_equals_stock_grpo_trainer(tmp_path, tokenizer, tiny_model_d
         )  # fmt: skip
     if options.get("loss_type", "dapo") in ("dapo", "grpo"):  # clipping happened, so the clip metrics were compared
         assert 0 < grpo._metrics["train"]["clip_ratio/region_mean"][-1] < 1
-    # On-policy SDPG's outcome is the REINFORCE surrogate `-A log pi` (SPEC 2.1), GRPO's the ratio `-A pi / SG[pi]`:
-    # the values differ, the gradients are the same.
+    # On-policy the `grpo` preset takes GRPO's ratio form `-A pi / SG[pi]` (`on_policy_surrogate="ratio"`): the
+    # same loss and gradient as GRPOTrainer.
     on_policy = grpo_batch(tokenizer)
-    assert_grads_close(trainer_loss_and_grads(sdpg, on_policy)[1], trainer_loss_and_grads(grpo, on_policy)[1])
+    (loss_a, grads_a), (loss_b, grads_b) = (trainer_loss_and_grads(t, on_policy) for t in (sdpg, grpo))
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads_a, grads_b)
+
+
+def test_adaptive_entropy_bonus_equals_stock_grpo_trainer(tmp_path, tokenizer, tiny_model_dir):
+    """GRPO's adaptive entropy controller: no bonus in the first window, then the coefficient moves toward the target
+    each optimizer step; SDPG's loss, gradient, coefficient and `policy_loss` follow GRPOTrainer's step by step."""
+    data = make_dataset().remove_columns("privileged_context")
+    options = dict(use_adaptive_entropy=True, entropy_coef=0.3, entropy_target=100.0, entropy_coef_delta=0.1)
+    args = make_args(tmp_path / "sdpg", method="grpo", beta=0.2, **WINDOWS, **options)
+    sdpg = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=data,
+                       processing_class=tokenizer)  # fmt: skip
+    grpo = stock_grpo(tmp_path / "grpo", tiny_model_dir, tokenizer, data, **options)
+    batch = grpo_batch(tokenizer, grpo.model)
+    losses = []
+    for _ in range(3):
+        (loss_a, grads_a), (loss_b, grads_b) = (trainer_loss_and_grads(t, batch) for t in (sdpg, grpo))
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+        assert_grads_close(grads_a, grads_b)
+        assert sdpg.entropy_coef == pytest.approx(grpo.entropy_coef)
+        losses.append(loss_a.item())
+    for key in ("policy_loss", "entropy_coef"):
+        assert sdpg._metrics["train"][key] == pytest.approx(grpo._metrics["train"][key], rel=1e-5), key
+    assert grpo._metrics["train"]["entropy_coef"] == pytest.approx([0.4, 0.5, 0.6])  # below the target: it grows
+    assert losses[0] > losses[1] > losses[2]  # the first window has no bonus, then a growing one
 
 
 def test_grpo_preset_builds_no_teacher_prompts(tmp_path, tokenizer, tiny_model_dir):

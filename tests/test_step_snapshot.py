@@ -30,7 +30,8 @@ METHOD_SETTINGS = {
     "sdpg_ufkl": dict(beta=0.1, **DISTILL),
     "sdpg_no_distill": dict(beta=0.1),
     "sdpg_no_anchor": dict(**DISTILL),
-    "grpo": dict(beta=0.1, use_bias_correction_kl=False),
+    # The value REINFORCE form the recording was made with; the preset now fills GRPO's ratio form (same gradient).
+    "grpo": dict(beta=0.1, use_bias_correction_kl=False, on_policy_surrogate="reinforce"),
     "rlsd": dict(),
     "opcd": dict(distill_coef=0.5),
 }

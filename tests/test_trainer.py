@@ -402,8 +402,7 @@ def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_
         ({"loss_type": "sapo"}, "dual_clip"),  # the dual clip floors PPO's clipped ratio, which sapo does not have
         ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
         ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),  # with anchor_ratio_weighted: weighed twice
-        ({"entropy_coef": 0.01}, "entropy_coef"),
-        ({"use_adaptive_entropy": True}, "use_adaptive_entropy"),
+        ({"on_policy_surrogate": "clipped"}, "on_policy_surrogate"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, overrides, field):

@@ -63,10 +63,6 @@ def trl_recipe(tmp_path_factory, tiny_model_dir) -> Path:
         # `trl grpo` writes no trainer_state.json of its own: the last checkpoint's holds the log history.
         "save_strategy": "steps", "save_steps": 2,
         "report_to": "none", "use_cpu": True, "bf16": False,
-        # GRPOConfig's default, explicit because SDPGConfig(method="grpo") still has 1e-3; drop it once the grpo
-        # preset takes GRPOConfig's defaults (issue 16, point 1). With no anchor, use_bias_correction_kl (also
-        # different there) has nothing to correct, so the recipe leaves it out.
-        "beta": 0.0,
     }  # fmt: skip
     path = root / "grpo.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -107,13 +103,9 @@ def test_a_trl_grpo_recipe_logs_the_same_numbers_under_both_clis(both_clis):
             assert sdpg_entry[key] == pytest.approx(trl_entry[key], rel=1e-6, abs=1e-9), (trl_entry["step"], key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on-policy, SDPGTrainer logs the REINFORCE surrogate -A log pi (SPEC 2.1), GRPOTrainer the ratio form "
-    "-A pi / SG[pi]: the gradients (grad_norm, compared above) are equal, the logged values are not. Remove this "
-    "mark when the trainer logs GRPO's value under method: grpo (issue 16, point 1).",
-)
 def test_a_trl_grpo_recipe_logs_the_same_loss_under_both_clis(both_clis):
+    """`method: grpo` takes GRPO's on-policy surrogate value (`on_policy_surrogate="ratio"`), so the logged losses are
+    GRPOTrainer's, not only the gradients."""
     trl_log, sdpg_log = both_clis
     for trl_entry, sdpg_entry in zip(trl_log, sdpg_log, strict=True):
         for key in ("loss", "eval_loss"):

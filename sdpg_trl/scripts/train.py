@@ -30,7 +30,6 @@ from ..data import DataArguments, held_out_dataset, train_dataset
 from ..distributed import end_training
 from ..evaluation import MeanAtKArguments, MeanAtKCallback
 from ..parser import SDPGParser
-from ..preflight import check_model_source
 from ..rewards import get_reward_funcs
 from ..trainer import SDPGTrainer
 
@@ -91,10 +90,9 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
     """Build the data, rewards and `SDPGTrainer` from parsed arguments, train, save, and return the trainer."""
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub id or a local directory).")
-    # Everything that can be wrong with the inputs is checked before the model is loaded, and what needs no data
-    # before the data is.
+    # Everything that can be wrong with the inputs is checked before the model is loaded (the model source by
+    # SDPGTrainer, before GRPOTrainer loads it), and a missing package before the data is.
     training_args.check_installed()
-    check_model_source(model_args.model_name_or_path, training_args, get_peft_config(model_args))
     # As `trl grpo`: the reward model (a path or Hub id, loaded by GRPOTrainer) first, then the reward functions.
     reward_funcs = get_reward_funcs(script_args.reward_funcs) if script_args.reward_funcs else []
     if script_args.reward_model_name_or_path:

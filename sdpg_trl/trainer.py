@@ -188,33 +188,20 @@ class SDPGTrainer(GRPOTrainer):
         args.check_installed()
         check_model_source(model, args, peft_config)
         why = DEFAULT_ARGS_NEED_CONTEXT if default_args else None
-        check_dataset(train_dataset, "train_dataset", args.teacher_context_column, args.teacher_template, why)
-        check_dataset(eval_dataset, "eval_dataset", args.teacher_context_column, args.teacher_template, why)
+        for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            check_dataset(dataset, name, args.teacher_context_column, args.teacher_template, why)
         check_train_size(train_dataset, args)
         super().__init__(
             model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, reward_processing_classes=reward_processing_classes,
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )  # fmt: skip
-        vision = vision_language_signs(self.processing_class, self._causal_lm(self.model).config)
-        if vision:
-            teacher = ", and the teacher prompts would be tokenised without their images" if args.needs_teacher else ""
-            raise NotImplementedError(
-                f"SDPGTrainer is text-only, and this is a vision-language model ({'; '.join(vision)}). Image inputs "
-                "are not supported: SDPGTrainer's loss runs the student forward on token ids alone, so GRPO's image "
-                f"inputs (pixel_values, image_grid_thw, ...) would be dropped{teacher}. Train vision-language models "
-                "with trl.GRPOTrainer."
-            )
+        text_config = self._check_model()
         self.teacher_model = self._setup_teacher_model()
         # Non-finite steps are skipped (guards.py); under DeepSpeed by DeepSpeed's own check, which the guard feeds.
         self._reward_fault: str | None = None  # why the current generation batch's rewards are unusable
         self._step_guard = StepGuard(self.args.max_consecutive_skipped_steps, deepspeed=self.is_deepspeed_enabled)
         self.add_callback(self._step_guard)
-
-        text_config = self._causal_lm(self.model).config.get_text_config()
-        for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
-            if getattr(text_config, name, None) is not None:
-                raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
         self._max_teacher_prompt_length = self._teacher_prompt_cap(text_config)
         self._warned_teacher_prompt_too_long = False
         # How the LM head's logits are transformed, for the head kernels (TRL's fused head reads the same fields).
@@ -223,12 +210,33 @@ class SDPGTrainer(GRPOTrainer):
             final_logit_softcapping=getattr(text_config, "final_logit_softcapping", None),
         )  # fmt: skip
         self._forward_redirection = ForwardRedirection()
+
+    def _check_model(self) -> Any:
+        """Refuse what SDPG's loss cannot train (a vision-language model, an LM-head output transform the kernels do
+        not apply), warn about emulated bf16, and return the model's text config."""
+        config = self._causal_lm(self.model).config
+        vision = vision_language_signs(self.processing_class, config)
+        if vision:
+            teacher = (
+                ", and the teacher prompts would be tokenised without their images" if self.args.needs_teacher else ""
+            )
+            raise NotImplementedError(
+                f"SDPGTrainer is text-only, and this is a vision-language model ({'; '.join(vision)}). Image inputs "
+                "are not supported: SDPGTrainer's loss runs the student forward on token ids alone, so GRPO's image "
+                f"inputs (pixel_values, image_grid_thw, ...) would be dropped{teacher}. Train vision-language models "
+                "with trl.GRPOTrainer."
+            )
+        text_config = config.get_text_config()
+        for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
+            if getattr(text_config, name, None) is not None:
+                raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
         if self.args.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_native_bf16():
             # GRPOConfig turns bf16 on by default; emulated bf16 made a SmolLM2-135M step 11x slower (283 s vs 25 s).
             logger.warning(
                 "SDPGConfig.bf16 is on, but this CPU has no native bf16: autocast matmuls are emulated and training "
                 "runs about 10x slower. Set bf16=False (`--bf16 false`) to train in float32."
             )
+        return text_config
 
     # ----------------------------------------------------------------------------------------------------------------
     # Data: the teacher prompt of each rollout, built next to GRPO's student prompt

@@ -26,6 +26,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from trl import DatasetMixtureConfig, get_dataset
 
 from .rewards import GOLD_COLUMNS
+from .teacher import missing_column
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 FEATURES = Features(
@@ -315,7 +316,7 @@ def check_columns(dataset: Dataset, where: str, context_column: str | None = Non
     required = [("prompt", "prompt")] + ([("privileged-context", context_column)] if context_column else [])
     for role, column in required:
         if column not in columns:
-            raise ValueError(f"{where} has no {role} column {column!r}; its columns are {columns}.{hint}")
+            raise missing_column(where, role, column, columns, hint)
     if not any(column in columns for column in GOLD_COLUMNS):
         raise ValueError(
             f"{where} has no gold-answer column ({' or '.join(map(repr, GOLD_COLUMNS))}); its columns are "

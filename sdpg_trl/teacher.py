@@ -67,9 +67,15 @@ def describe_row(index: int, row: dict[str, Any], where: str) -> str:
     return f"Row {index} of {where} (prompt {_preview(row.get('prompt'), 80)})"
 
 
+def missing_column(where: str, role: str, column: str, columns: Any, hint: str = "") -> ValueError:
+    """The one wording of a missing column, for datasets, splits and rows alike: the place, the column's role and
+    name, and the columns there are."""
+    return ValueError(f"{where} has no {role} column {column!r}; its columns are {list(columns)}.{hint}")
+
+
 def check_prompt_column(row: dict[str, Any], row_name: str) -> None:
     if "prompt" not in row:
-        raise ValueError(f"{row_name} has no 'prompt' column; its columns are {sorted(row)}.")
+        raise missing_column(row_name, "prompt", "prompt", sorted(row))
 
 
 def fit_teacher_prompts(
@@ -160,14 +166,12 @@ def check_dataset(
     if columns is None and isinstance(dataset, Sized) and len(dataset) > 0:
         columns = list(dataset[0])
     if columns is not None and "prompt" not in columns:
-        raise ValueError(f"{name} has no 'prompt' column; its columns are {list(columns)}.")
+        raise missing_column(name, "prompt", "prompt", columns)
     if context_column is None:
         return
     if columns is not None and context_column not in columns:
         why = why or "The column is named by SDPGConfig.context_column (sdpg-evaluate: --context_column)"
-        raise ValueError(
-            f"{name} has no privileged-context column {context_column!r}; its columns are {list(columns)}. {why}."
-        )
+        raise missing_column(name, "privileged-context", context_column, columns, f" {why}.")
     if isinstance(dataset, Dataset):  # map-style: cheap to check every row now rather than mid-training
         for index, (prompt, context) in enumerate(zip(dataset["prompt"], dataset[context_column])):
             build_teacher_prompt(prompt, context, template, context_column, row=f"{name} row {index}")

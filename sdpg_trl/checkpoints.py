@@ -4,7 +4,7 @@ resume refuses.
 Each checkpoint folder gets, before transformers writes the model and, last, `trainer_state.json`:
 - `sdpg_settings.json`: the settings that define the objective (`loss_settings`). A resume with other values is
   refused, naming each field that changed, since it would train on silently with another loss.
-- with `teacher_model_kind: ema` and a full copy of the weights, `sdpg_ema_teacher.safetensors`: the EMA teacher's
+- with `teacher_model_kind: ema` and a full copy of the weights, `sdpg_ema_teacher.pt`: the EMA teacher's
   weights (with LoRA the EMA teacher is the `sdpg_ema_teacher` adapter, which PEFT saves with the policy's).
 
 A folder without a readable `trainer_state.json` was not completely written (the run stopped while saving it);
@@ -28,7 +28,7 @@ from .config import SDPGConfig
 logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "sdpg_settings.json"
-EMA_TEACHER_NAME = "sdpg_ema_teacher.safetensors"
+EMA_TEACHER_NAME = "sdpg_ema_teacher.pt"
 EMA_ADAPTER_NAME = "sdpg_ema_teacher"
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers writes it last into a checkpoint folder
 

@@ -20,9 +20,8 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig, PeftModel, get_peft_model_state_dict
-from safetensors.torch import load_model, save_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl import GRPOTrainer
 
 from . import _trl_compat
@@ -38,7 +37,6 @@ from ._trl_compat import (
     tokenize_prompts,
     use_adapter,
 )
-from .config import SDPGConfig
 from .checkpoints import (
     EMA_ADAPTER_NAME,
     EMA_TEACHER_NAME,
@@ -46,6 +44,7 @@ from .checkpoints import (
     last_complete_checkpoint,
     write_settings,
 )
+from .config import SDPGConfig
 from .guards import StepGuard, reward_fault
 from .head_kernels import HeadScores, LMHead, lm_head_parameters, score_tokens
 from .losses import (
@@ -367,7 +366,7 @@ class SDPGTrainer(GRPOTrainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
         **kwargs: Any,
-    ):
+    ) -> TrainOutput:
         """`Trainer.train`, with a resume that continues the same run or says why it cannot.
 
         `resume_from_checkpoint=True` takes the last *complete* checkpoint in `output_dir`, skipping (with a warning)
@@ -397,7 +396,8 @@ class SDPGTrainer(GRPOTrainer):
                 folder,
             )
             return
-        save_model(self.accelerator.unwrap_model(self.teacher_model), os.path.join(folder, EMA_TEACHER_NAME))
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        torch.save(teacher.state_dict(), os.path.join(folder, EMA_TEACHER_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         # Called on resume (every backend) after the weights and adapters are loaded and before `on_train_begin`.
@@ -433,9 +433,12 @@ class SDPGTrainer(GRPOTrainer):
                 checkpoint, EMA_TEACHER_NAME,
             )  # fmt: skip
             return
-        load_model(self.accelerator.unwrap_model(self.teacher_model), path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.accelerator.unwrap_model(self.teacher_model).load_state_dict(state)
 
-    def _get_grad_norm(self, model, grad_norm=None):
+    def _get_grad_norm(
+        self, model: torch.nn.Module, grad_norm: torch.Tensor | float | None = None
+    ) -> torch.Tensor | float | None:
         # transformers' total gradient norm before clipping: the step guard skips a step whose norm is not finite.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if self._step_guard is not None:

@@ -79,4 +79,3 @@ def method_card(method: str) -> MethodCard:
         return METHOD_CARDS[method]
     except KeyError:
         raise ValueError(f"No model card for SDPGConfig.method={method!r}; known: {sorted(METHOD_CARDS)}.") from None
-

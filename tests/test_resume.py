@@ -112,9 +112,7 @@ def test_resume_true_without_a_complete_checkpoint_names_the_output_dir(tmp_path
         (dict(loss_type="grpo"), r"loss_type: 'dapo' -> 'grpo'"),
     ],
 )
-def test_resume_with_other_loss_settings_is_refused_naming_them(
-    tmp_path, tokenizer, tiny_model_dir, changed, message
-):
+def test_resume_with_other_loss_settings_is_refused_naming_them(tmp_path, tokenizer, tiny_model_dir, changed, message):
     full = make_trainer(tmp_path, tiny_model_dir, tokenizer, **{**RUN, "max_steps": 1})
     full.train()
     checkpoint = tmp_path / "checkpoint-1"

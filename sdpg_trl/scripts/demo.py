@@ -24,12 +24,13 @@ from ..config import SDPGConfig
 from ..data import train_dataset
 from ..evaluation import evaluate_mean_at_k, evaluate_prompt_views, format_headroom
 from ..models import load_model_and_tokenizer, smollm2_checkpoint
-from ..plotting import CURVES, plot_curves  # noqa: F401 (CURVES: the PNGs the demo writes)
+from ..plotting import plot_curves
 from .recipes import recipe_path
 from .train import SDPGScriptArguments, make_parser, train
 
 # Shipped as package data, so an installed wheel finds it too.
 DEFAULT_RECIPE = recipe_path("demo_cpu")
+
 
 def write_metrics(log_history: list[dict], output_dir: Path) -> None:
     """`trainer.state.log_history` as `metrics.json` and as a step-indexed `metrics.csv` (one column per key)."""

@@ -34,10 +34,11 @@ def distill_peak(args: SDPGConfig, max_steps: int) -> tuple[float, int]:
 
 
 class DistillScheduleReport(TrainerCallback):
-    """Warn at the start of training when `beta(k)` never reaches `distill_coef` within `max_steps`."""
+    """Warn at the start of training (once, on the main process) when `beta(k)` never reaches `distill_coef` within
+    `max_steps`."""
 
     def on_train_begin(self, args: SDPGConfig, state, control, **kwargs):
-        if args.distill_coef <= 0 or state.max_steps <= 0:
+        if args.distill_coef <= 0 or state.max_steps <= 0 or not state.is_world_process_zero:
             return
         peak, step = distill_peak(args, state.max_steps)
         if peak >= args.distill_coef * (1 - 1e-9):

@@ -13,7 +13,7 @@ import logging
 from transformers import TrainerCallback
 
 from .config import SDPGConfig
-from .losses import beta_schedule
+from .losses import distill_coef_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def distill_peak(args: SDPGConfig, max_steps: int) -> tuple[float, int]:
     last = max(max_steps - 1, 0)
     candidates = {0, warmup, max_steps - decay, max_steps // 2, (max_steps + 1) // 2, last}
     steps = sorted(min(max(k, 0), last) for k in candidates)
-    values = [beta_schedule(k, max_steps, args.distill_coef, warmup, decay) for k in steps]
+    values = [distill_coef_schedule(k, max_steps, args.distill_coef, warmup, decay) for k in steps]
     peak = max(values)
     return peak, steps[values.index(peak)]
 

@@ -441,8 +441,7 @@ class SDPGTrainer(GRPOTrainer):
     ) -> torch.Tensor | float | None:
         # transformers' total gradient norm before clipping: the step guard skips a step whose norm is not finite.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if self._step_guard is not None:
-            self._step_guard.observe_grad_norm(grad_norm)
+        self._step_guard.observe_grad_norm(grad_norm)
         return grad_norm
 
     # ----------------------------------------------------------------------------------------------------------------

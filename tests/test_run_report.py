@@ -12,7 +12,7 @@ import pytest
 from test_trainer import make_trainer
 
 from sdpg_trl import SDPGConfig
-from sdpg_trl.losses import beta_schedule
+from sdpg_trl.losses import distill_coef_schedule
 from sdpg_trl.plotting import CURVES, plot_curves
 from sdpg_trl.run_report import distill_peak
 
@@ -28,7 +28,7 @@ def test_distill_peak_is_the_schedules_maximum(tmp_path, max_steps, warmup, deca
     args = SDPGConfig(
         output_dir=str(tmp_path), distill_warmup_steps=warmup, distill_decay_steps=decay, bf16=False, use_cpu=True
     )
-    values = [beta_schedule(k, max_steps, args.distill_coef, warmup, decay) for k in range(max_steps)]
+    values = [distill_coef_schedule(k, max_steps, args.distill_coef, warmup, decay) for k in range(max_steps)]
     peak, step = distill_peak(args, max_steps)
     assert peak == max(values) and step == values.index(max(values))
 

@@ -1,5 +1,8 @@
-# Every target builds its own virtual environment first. torch is pinned so pip takes the CPU wheel
-# instead of resolving a multi-GB CUDA build; install a CUDA torch yourself for GPU runs.
+# Every target builds its own virtual environment first. torch is pinned, and pip takes the CPU wheel only where
+# its index serves one (as on the machines this was written on); from PyPI, Linux gets the multi-GB CUDA build.
+# For the CPU build there, put it in the environment before `make`, which then keeps it:
+#   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# Install a CUDA torch yourself for GPU runs.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH := torch==2.13.0

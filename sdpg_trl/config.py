@@ -294,6 +294,8 @@ class SDPGConfig(GRPOConfig):
             teacher. `0.0` turns the distillation off (and skips the teacher pass), leaving GRPO with an anchor.
         distill_warmup_steps (`int`, *optional*, defaults to `50`):
             `T_warm`: optimiser steps over which `beta(k)` ramps linearly from 0 to `distill_coef`. `0` = no warmup.
+            `beta(k)` reaches `distill_coef` only in a run of at least `distill_warmup_steps + distill_decay_steps`
+            optimiser steps (400 by default); a shorter run warns when training starts, with the peak it reaches.
         distill_decay_steps (`int`, *optional*, defaults to `350`):
             `T_decay`: `beta(k)` falls linearly to 0 over the last `T_decay` optimiser steps of the run. `0` = no
             decay. When warmup and decay overlap, the peak stays below `distill_coef`.

@@ -1,10 +1,12 @@
 """Non-finite values never reach the weights: a step whose loss, gradient or rewards are not finite is skipped.
 
 `StepGuard` is a `TrainerCallback`. The trainer hands it each micro-batch's loss (and whether the generation batch
-behind it had a broken reward); just before the optimizer step it checks the gradients too, agrees across processes,
-and on a bad step makes that one call of the (accelerate-wrapped) optimizer a no-op marked as skipped, so that the
-Trainer does not step the learning-rate scheduler either. `transformers.Trainer` then zeroes the gradients as usual,
-so nothing of the bad step survives. After `max_consecutive_skipped_steps` skips in a row training stops with an error.
+behind it had a broken reward) and each step's total gradient norm before clipping (which overflows to inf while every
+gradient entry is finite, e.g. at `distill_coef` 1e30). Just before the optimizer step it checks the gradients too,
+agrees across processes, and on a bad step makes that one call of the (accelerate-wrapped) optimizer a no-op marked as
+skipped, so that the Trainer does not step the learning-rate scheduler either. `transformers.Trainer` then zeroes
+the gradients as usual, so nothing of the bad step survives. After `max_consecutive_skipped_steps` skips in a row
+training stops with an error.
 
 What is logged: `skipped_steps` (skipped optimizer steps so far in the run) next to every training `loss`, and
 `loss` itself is the mean over the steps of the logging window that were optimised, or `None` when every step of the
@@ -21,6 +23,7 @@ the step as above.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -78,6 +81,7 @@ class StepGuard(TrainerCallback):
     def _reset_step(self) -> None:
         self._loss: torch.Tensor | None = None  # sum of this step's micro-batch losses, as the Trainer sums them
         self._fault: str | None = None
+        self._grad_norm: float | None = None  # this step's total gradient norm before clipping, when handed over
         self._skip: str | None = None
         self._step_loss = 0.0
 
@@ -92,6 +96,13 @@ class StepGuard(TrainerCallback):
         """The micro-batch loss to back-propagate under DeepSpeed: NaN for a generation batch with a broken reward,
         so that DeepSpeed's non-finite-gradient check discards the step (finite gradients would be applied)."""
         return loss * float("nan") if fault is not None else loss
+
+    def observe_grad_norm(self, grad_norm: torch.Tensor | float | None) -> None:
+        """The step's total gradient norm before clipping, as the Trainer computes it (None when it computes none).
+
+        Every gradient entry can be finite while their norm overflows (inf); clipping then scales the gradients to 0,
+        and without this check the optimizer and the scheduler would still step."""
+        self._grad_norm = None if grad_norm is None else float(grad_norm)
 
     def rewrite_logs(self, logs: dict) -> None:
         """Replace the Trainer's `loss` and `train_loss` by means over optimised steps; add `skipped_steps`."""
@@ -118,8 +129,10 @@ class StepGuard(TrainerCallback):
         loss = self._loss if self._loss is not None else torch.zeros((), device=args.device)
         # Under DeepSpeed the step has already run: a non-finite gradient shows as DeepSpeed's skip.
         deepspeed_skipped = self.deepspeed and optimizer.step_was_skipped
+        bad_norm = self._grad_norm is not None and not math.isfinite(self._grad_norm)
         flags = torch.stack([
             torch.tensor(float(_nonfinite_grad(model) or deepspeed_skipped), device=loss.device),
+            torch.tensor(float(bad_norm), device=loss.device),
             (~torch.isfinite(loss)).float(),
             torch.tensor(float(self._fault is not None), device=loss.device),
             loss,
@@ -128,7 +141,7 @@ class StepGuard(TrainerCallback):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags)  # every process must take the same decision
             world = dist.get_world_size()
-        bad_grad, bad_loss, bad_batch, loss_sum = flags.tolist()
+        bad_grad, bad_norm, bad_loss, bad_batch, loss_sum = flags.tolist()
         self._step_loss = loss_sum / world
         if bad_batch:
             self._skip = self._fault or "the generation batch of another process has a broken reward"
@@ -136,6 +149,8 @@ class StepGuard(TrainerCallback):
             self._skip = f"the loss is not finite ({loss_sum})"
         elif bad_grad:
             self._skip = "a gradient is not finite"
+        elif bad_norm:
+            self._skip = f"the gradient norm is not finite ({self._grad_norm}), although every gradient entry is"
         if self._skip is not None and not self.deepspeed:
             self._skip_optimizer_step(optimizer)
         elif self._skip is not None and not deepspeed_skipped:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import textwrap
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl import GRPOTrainer
 
 from . import _trl_compat
@@ -35,6 +36,13 @@ from ._trl_compat import (
     prepare_fsdp,
     tokenize_prompts,
     use_adapter,
+)
+from .checkpoints import (
+    EMA_ADAPTER_NAME,
+    EMA_TEACHER_NAME,
+    check_resumable,
+    last_complete_checkpoint,
+    write_settings,
 )
 from .config import SDPGConfig
 from .guards import StepGuard, reward_fault
@@ -59,7 +67,10 @@ from .losses import (
     sdpg_objective,
     token_selection,
 )
+from .model_card import method_card
+from .plotting import CurvesCallback
 from .preflight import DEFAULT_ARGS_NEED_CONTEXT, check_model_source, check_train_size
+from .run_report import DistillScheduleReport
 from .teacher import (
     build_teacher_prompt,
     check_dataset,
@@ -146,20 +157,19 @@ class SDPGTrainer(GRPOTrainer):
     a `prompt` column and the privileged-context column named by `args.context_column`.
     """
 
-    _tag_names = ["trl", "sdpg"]
-    _name = "SDPG"
-    # The model card's citation: SDPG's paper, not GRPO's (DeepSeekMath), which GRPOTrainer would otherwise supply.
-    _paper = {
-        "title": "Self-Distilled Policy Gradient",
-        "id": "2606.04036",
-        "citation": textwrap.dedent("""\
-            @article{liu2026self,
-                title        = {{Self-Distilled Policy Gradient}},
-                author       = {Yifeng Liu and Shiyuan Zhang and Yifan Zhang and Quanquan Gu},
-                year         = 2026,
-                eprint       = {arXiv:2606.04036},
-            }"""),
-    }
+    # TRL's model card and model tags name the method that runs (`args.method`) and cite its paper (model_card.py):
+    # GRPOTrainer would otherwise supply GRPO's for every method.
+    @property
+    def _name(self) -> str:
+        return method_card(self.args.method).name
+
+    @property
+    def _paper(self) -> dict[str, str]:
+        return method_card(self.args.method).paper
+
+    @property
+    def _tag_names(self) -> list[str]:
+        return method_card(self.args.method).tags
 
     def __init__(
         self,
@@ -198,6 +208,8 @@ class SDPGTrainer(GRPOTrainer):
         )  # fmt: skip
         text_config = self._check_model()
         self.teacher_model = self._setup_teacher_model()
+        self.add_callback(DistillScheduleReport())  # warns when beta(k) never reaches distill_coef in the run
+        self.add_callback(CurvesCallback())  # the run's curves as PNGs in output_dir (with the plots extra)
         # Non-finite steps are skipped (guards.py); under DeepSpeed by DeepSpeed's own check, which the guard feeds.
         self._reward_fault: str | None = None  # why the current generation batch's rewards are unusable
         self._step_guard = StepGuard(self.args.max_consecutive_skipped_steps, deepspeed=self.is_deepspeed_enabled)
@@ -340,7 +352,97 @@ class SDPGTrainer(GRPOTrainer):
                 self.state.global_step, cycle, cycle,
             )  # fmt: skip
             return
+        # SDPG's files first: transformers writes trainer_state.json last, so a folder that has it is complete.
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+            write_settings(folder, self.args)
+            self._save_ema_teacher(folder)
         super()._save_checkpoint(model, trial)
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
+        """`Trainer.train`, with a resume that continues the same run or says why it cannot.
+
+        `resume_from_checkpoint=True` takes the last *complete* checkpoint in `output_dir`, skipping (with a warning)
+        any newer folder a stopped run left half-written; a checkpoint that is incomplete, or was trained with other
+        loss settings than `args` (`checkpoints.loss_settings`), is refused with an error naming what differs.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but output_dir ({self.args.output_dir}) has no completely written "
+                    "checkpoint folder."
+                )
+        if isinstance(resume_from_checkpoint, str | os.PathLike):
+            check_resumable(os.fspath(resume_from_checkpoint), self.args)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _save_ema_teacher(self, folder: str) -> None:
+        """The EMA teacher's weights into a checkpoint folder, when it is a full copy (a LoRA EMA teacher is the
+        `sdpg_ema_teacher` adapter, which PEFT saves with the policy's)."""
+        if self.args.teacher_model_kind != "ema" or self.teacher_model is None:
+            return
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            logger.warning(
+                "The EMA teacher (teacher_model_kind='ema') is not saved in %s under DeepSpeed or FSDP, whose sharded "
+                "weights it does not gather: a run resumed from it restarts the EMA teacher from the initial weights.",
+                folder,
+            )
+            return
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        torch.save(teacher.state_dict(), os.path.join(folder, EMA_TEACHER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # Called on resume (every backend) after the weights and adapters are loaded and before `on_train_begin`.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.args.needs_teacher and self.args.teacher_model_kind == "ema":
+            self._load_ema_teacher(checkpoint)
+
+    def _load_ema_teacher(self, checkpoint: str) -> None:
+        """Restore the EMA teacher a checkpoint holds, so that the resumed run continues the uninterrupted one."""
+        callback = self._ema_adapter_callback
+        if callback is not None:
+            # transformers loaded the checkpoint's `sdpg_ema_teacher` adapter: TRL's callback adopts it as its EMA
+            # state instead of adding a zero adapter of that name at `on_train_begin` (which PEFT would refuse).
+            model = self.accelerator.unwrap_model(self.model)
+            if EMA_ADAPTER_NAME not in model.peft_config:
+                logger.warning(
+                    "%s has no %r adapter: the resumed run restarts the LoRA EMA teacher from zero.",
+                    checkpoint, EMA_ADAPTER_NAME,
+                )  # fmt: skip
+                return
+            weights = get_peft_model_state_dict(model, adapter_name=EMA_ADAPTER_NAME)
+            callback.shadow_weights = {name: value.detach().clone() for name, value in weights.items()}
+            callback.teacher_adapter_config = model.peft_config[EMA_ADAPTER_NAME]
+            callback._initialized = True
+            return
+        if self.teacher_model is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return
+        path = os.path.join(checkpoint, EMA_TEACHER_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                "%s has no %s (it was written by an older sdpg-trl): the resumed run restarts the EMA teacher from "
+                "the initial weights.",
+                checkpoint, EMA_TEACHER_NAME,
+            )  # fmt: skip
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.accelerator.unwrap_model(self.teacher_model).load_state_dict(state)
+
+    def _get_grad_norm(
+        self, model: torch.nn.Module, grad_norm: torch.Tensor | float | None = None
+    ) -> torch.Tensor | float | None:
+        # transformers' total gradient norm before clipping: the step guard skips a step whose norm is not finite.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._step_guard.observe_grad_norm(grad_norm)
+        return grad_norm
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss: one batch from `inputs` to the loss, one named step at a time
@@ -674,16 +776,18 @@ class SDPGTrainer(GRPOTrainer):
         """
         # TRL keeps its EMA teacher callbacks in its experimental package; `_trl_compat` loads them on first use.
         kind = self.args.teacher_model_kind
+        self._ema_adapter_callback = None  # with LoRA and `ema`: TRL's callback, whose state a resume restores
         if not self.args.needs_teacher or kind == "live":
             return None
         if is_peft_model(self.model):
             if kind == "ema":
                 if not _trl_compat.is_pure_lora_training(self.model):
                     raise ValueError("SDPGConfig.teacher_model_kind='ema' with PEFT needs pure LoRA training.")
-                self.add_callback(_trl_compat.PEFTAdapterEMACallback(
-                    self.model, teacher_adapter_name="sdpg_ema_teacher", update_rate=self.args.teacher_update_rate,
+                self._ema_adapter_callback = _trl_compat.PEFTAdapterEMACallback(
+                    self.model, teacher_adapter_name=EMA_ADAPTER_NAME, update_rate=self.args.teacher_update_rate,
                     sync_steps=self.args.teacher_sync_steps, accelerator=self.accelerator,
-                ))  # fmt: skip
+                )  # fmt: skip
+                self.add_callback(self._ema_adapter_callback)
             return None
         if kind == "base" and self.ref_model is not None and not self.args.sync_ref_model:
             return self.ref_model
@@ -712,7 +816,7 @@ class SDPGTrainer(GRPOTrainer):
         kind = self.args.teacher_model_kind
         if self.teacher_model is not None or kind == "live" or not is_peft_model(self.accelerator.unwrap_model(model)):
             return nullcontext()
-        return use_adapter(self.accelerator.unwrap_model(model), None if kind == "base" else "sdpg_ema_teacher")
+        return use_adapter(self.accelerator.unwrap_model(model), None if kind == "base" else EMA_ADAPTER_NAME)
 
     def _teacher_hidden(self, model: torch.nn.Module, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
         """`(R, C, H)` teacher hidden states predicting the completion tokens of `rows`.

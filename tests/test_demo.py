@@ -12,8 +12,9 @@ import pytest
 from sdpg_trl.data import arithmetic_dataset
 from sdpg_trl.evaluation import evaluate_prompt_views
 from sdpg_trl.models import CACHE_ENV
+from sdpg_trl.plotting import CURVES
 from sdpg_trl.scripts import demo
-from sdpg_trl.scripts.demo import CURVES, main
+from sdpg_trl.scripts.demo import main
 from sdpg_trl.teacher import build_teacher_prompt
 
 

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from conftest import make_dataset
 from test_trainer import make_args, parity_reward
+from transformers import AutoModelForCausalLM
 
 from sdpg_trl import SDPGTrainer
 from sdpg_trl.guards import StepGuard, reward_fault
@@ -188,3 +189,18 @@ def test_reward_fault_keeps_grpo_none_semantics():
     fault = reward_fault(torch.tensor([[1.0, -inf], [0.0, inf]]), names)
     assert fault == "reward function 'b' returned inf for 2 of 2 completions"
     assert "'a', 'b'" in reward_fault(torch.full((3, 2), nan), names)
+
+
+def test_step_whose_gradient_norm_overflows_is_skipped(tmp_path, tokenizer, tiny_model_dir, caplog):
+    """distill_coef 1e30: the loss and every gradient entry are finite, but their total norm overflows to inf, and
+    clipping would scale the step to 0 while the optimizer and the scheduler still stepped. Both steps are skipped."""
+    initial = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    with caplog.at_level(logging.WARNING, logger="sdpg_trl.guards"):
+        trainer = run(tmp_path, tokenizer, tiny_model_dir, distill_coef=1e30, max_consecutive_skipped_steps=3)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["grad_norm"] for h in logs] == [math.inf, math.inf]
+    assert [h["skipped_steps"] for h in logs] == [1, 2] and all(h["loss"] is None for h in logs)
+    assert trainer.lr_scheduler.last_epoch == 0 and not trainer.optimizer.state  # neither stepped
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, initial[name]), name
+    assert "SDPG skipped optimizer step 1 because the gradient norm is not finite (inf)" in caplog.text

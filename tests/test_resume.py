@@ -1,0 +1,127 @@
+"""Resume is exact for every teacher kind, picks a complete checkpoint, and refuses other loss settings (issue 16,
+section 5)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import make_model
+from peft import get_peft_model
+from test_trainer import LORA, make_trainer
+
+from sdpg_trl import _trl_compat
+from sdpg_trl.checkpoints import EMA_ADAPTER_NAME, EMA_TEACHER_NAME, SETTINGS_NAME, loss_settings
+
+# Every rollout is distilled (no gate), so the teacher's weights reach the loss at every step; a checkpoint at step 1
+# of 2 (a generation cycle is 1 step here).
+RUN = dict(max_steps=2, save_strategy="steps", save_steps=1, distill_positive_only=False)
+TEACHERS = {
+    "live": dict(teacher_model_kind="live"),
+    "base-reference": dict(teacher_model_kind="base"),  # beta > 0: the reference model
+    "base-copy": dict(teacher_model_kind="base", beta=0.0),  # a frozen copy of the initial weights
+    "ema": dict(teacher_model_kind="ema", teacher_update_rate=0.5),
+}
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def interrupted_and_resumed(tmp_path, tokenizer, model, peft_config=None, **settings):
+    """The uninterrupted 2-step run, and a new trainer resumed from its step-1 checkpoint."""
+    full = make_trainer(tmp_path / "full", model, tokenizer, peft_config=peft_config, **RUN, **settings)
+    full.train()
+    resumed = make_trainer(tmp_path / "resumed", model, tokenizer, peft_config=peft_config, **RUN, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    return full, resumed
+
+
+@pytest.mark.parametrize("teacher", list(TEACHERS))
+def test_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tokenizer, tiny_model_dir, teacher):
+    full, resumed = interrupted_and_resumed(tmp_path, tokenizer, tiny_model_dir, **TEACHERS[teacher])
+    assert resumed.state.global_step == full.state.global_step == 2
+    expected = weights(full)
+    for name, value in weights(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-7, msg=name)
+    if teacher == "ema":
+        assert (tmp_path / "full" / "checkpoint-1" / EMA_TEACHER_NAME).is_file()
+        teachers = [dict(t.teacher_model.named_parameters()) for t in (full, resumed)]
+        for name, value in teachers[1].items():
+            torch.testing.assert_close(value, teachers[0][name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_lora_ema_teacher_resumes_from_its_saved_adapter(tmp_path, tokenizer, tiny_model_dir):
+    """PEFT saves the `sdpg_ema_teacher` adapter with the policy's; transformers loads it back on resume, and the EMA
+    callback continues from it instead of adding a second adapter of that name (which PEFT refuses)."""
+    full, resumed = interrupted_and_resumed(
+        tmp_path, tokenizer, tiny_model_dir, peft_config=LORA, **TEACHERS["ema"], learning_rate=0.1
+    )
+    assert (tmp_path / "full" / "checkpoint-1" / EMA_ADAPTER_NAME / "adapter_model.safetensors").is_file()
+    expected = weights(full)
+    assert any(EMA_ADAPTER_NAME in name for name in expected)
+    for name, value in weights(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-7, msg=name)
+    shadows = [t._ema_adapter_callback.shadow_weights for t in (full, resumed)]
+    assert shadows[0].keys() == shadows[1].keys() and any(v.abs().sum() > 0 for v in shadows[0].values())
+    for name, value in shadows[1].items():
+        torch.testing.assert_close(value, shadows[0][name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_trl_ema_adapter_callback_keeps_the_state_resume_restores(tokenizer):
+    # The resume writes these attributes of TRL's callback (trl.experimental.sdpo); fail here if TRL renames them.
+    model = get_peft_model(make_model(tokenizer), LORA)
+    callback = _trl_compat.PEFTAdapterEMACallback(model, teacher_adapter_name=EMA_ADAPTER_NAME)
+    assert {"shadow_weights", "teacher_adapter_config", "_initialized"} <= set(vars(callback))
+    callback._initialize_teacher_adapter()
+    assert callback._initialized and EMA_ADAPTER_NAME in model.peft_config
+
+
+def test_resume_true_skips_a_partially_written_checkpoint(tmp_path, tokenizer, tiny_model_dir, caplog):
+    full = make_trainer(tmp_path, tiny_model_dir, tokenizer, **RUN)
+    full.train()
+    # A run killed while writing checkpoint-3: the folder exists, its last file (trainer_state.json) does not.
+    partial = tmp_path / "checkpoint-3"
+    shutil.copytree(tmp_path / "checkpoint-2", partial)
+    (partial / "trainer_state.json").unlink()
+    resumed = make_trainer(tmp_path, tiny_model_dir, tokenizer, **{**RUN, "max_steps": 3})
+    with pytest.raises(ValueError, match=rf"Cannot resume from {partial}: it has no readable trainer_state.json"):
+        resumed.train(resume_from_checkpoint=str(partial))  # named explicitly: refused, naming it
+    with caplog.at_level(logging.WARNING, logger="sdpg_trl.checkpoints"):
+        resumed.train(resume_from_checkpoint=True)
+    assert f"Not resuming from {partial}: it has no readable trainer_state.json" in caplog.text
+    assert resumed.state.global_step == 3
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3]  # continued from step 2
+
+
+def test_resume_true_without_a_complete_checkpoint_names_the_output_dir(tmp_path, tokenizer, tiny_model_dir):
+    (tmp_path / "checkpoint-1").mkdir()
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, **RUN)
+    with pytest.raises(ValueError, match=rf"output_dir \({tmp_path}\) has no completely written checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        (dict(method="grpo"), r"kl_estimator: 'urkl' -> 'k3'; (.*; )?method: 'sdpg_urkl' -> 'grpo'"),
+        (dict(distill_coef=0.25), r"distill_coef: 0.5 -> 0.25"),
+        (dict(loss_type="grpo"), r"loss_type: 'dapo' -> 'grpo'"),
+    ],
+)
+def test_resume_with_other_loss_settings_is_refused_naming_them(tmp_path, tokenizer, tiny_model_dir, changed, message):
+    full = make_trainer(tmp_path, tiny_model_dir, tokenizer, **{**RUN, "max_steps": 1})
+    full.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
+    assert saved == loss_settings(full.args) and saved["method"] == "sdpg_urkl"
+    other = make_trainer(tmp_path, tiny_model_dir, tokenizer, **{**RUN, "max_steps": 2, **changed})
+    with pytest.raises(ValueError, match=rf"Cannot resume from {checkpoint} with other settings.*{message}"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    # Settings that do not change the objective may differ (here: the KL chunk size and the logging of term norms).
+    same = make_trainer(tmp_path, tiny_model_dir, tokenizer, **RUN, distill_chunk_size=7, log_term_grad_norms=True)
+    same.train(resume_from_checkpoint=str(checkpoint))
+    assert same.state.global_step == 2

@@ -49,7 +49,7 @@ def test_full_vocab_kl_matches_explicit_sum_and_kl_div():
     torch.testing.assert_close(full_vocab_reverse_kl(s, t).double(), kl_div)
 
 
-def test_opd_gradient_is_pathwise_through_student_only():
+def test_distill_kl_gradient_is_pathwise_through_student_only():
     s = torch.randn(4, 9, requires_grad=True)
     t = torch.randn(4, 9, requires_grad=True)
     full_vocab_reverse_kl(s, t).sum().backward()

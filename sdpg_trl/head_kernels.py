@@ -135,21 +135,25 @@ class _FusedPolicyDistillation(torch.autograd.Function):
                 for v_start in range(0, weight.shape[0], ctx.vocab_chunk):
                     v_end = min(v_start + ctx.vocab_chunk, weight.shape[0])
                     s, dz_draw = _logit_tile(h_s, weight, bias, v_start, v_end, ctx.transform, dtype)
-                    log_p = s - s_lse[rows].unsqueeze(1)
+                    # Each step in place in a tile that is not read again (see `_fused_forward_chunk`).
+                    log_p = s.sub_(s_lse[rows].unsqueeze(1))
                     p = log_p.exp()
                     g_logps = grad_logps[rows]
                     scale = -g_logps.unsqueeze(1)  # the softmax part of each term's gradient is p * scale
                     if with_kl:
                         h_t = teacher_hidden[rows].to(dtype)
                         t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, v_start, v_end, ctx.transform, dtype)
-                        log_q = t - t_lse[rows].unsqueeze(1)
-                        scale = grad_kl[rows].float().unsqueeze(1) * (log_p - log_q - kl[rows].unsqueeze(1)) + scale
-                    if with_entropy:
-                        scale = scale - grad_entropy[rows].float().unsqueeze(1) * (log_p + entropy[rows].unsqueeze(1))
-                    grad_z = p * scale
+                        log_q = t.sub_(t_lse[rows].unsqueeze(1))
+                        # grad_kl * (log_p - log_q - kl) + scale, in log_q's tile
+                        gap = torch.sub(log_p, log_q, out=log_q).sub_(kl[rows].unsqueeze(1))
+                        scale = gap.mul_(grad_kl[rows].float().unsqueeze(1)).add_(scale)
+                    if with_entropy:  # scale - grad_entropy * (log_p + entropy), in log_p's tile
+                        term = log_p.add_(entropy[rows].unsqueeze(1)).mul_(grad_entropy[rows].float().unsqueeze(1))
+                        scale = torch.sub(scale, term, out=term)
+                    grad_z = p.mul_(scale)
                     hit, cols = _labels_in_tile(labels[rows], v_start, v_end)
                     grad_z[hit, cols] += g_logps[hit]
-                    grad_raw = grad_z * dz_draw
+                    grad_raw = _times(grad_z, dz_draw)
                     grad_tile = grad_raw.to(dtype)
                     _addmm_fp32(grad_hidden[rows], grad_tile, weight[v_start:v_end].to(dtype))
                     if need_weight:
@@ -177,12 +181,14 @@ def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, l
         s_label[rows], t_label[rows] = s[rows, cols], t[rows, cols]
         new_s_max, new_t_max = torch.maximum(s_max, s.amax(-1)), torch.maximum(t_max, t.amax(-1))
         s_rescale, t_rescale = torch.exp(s_max - new_s_max), torch.exp(t_max - new_t_max)
-        e_s, e_t = torch.exp(s - new_s_max.unsqueeze(1)), torch.exp(t - new_t_max.unsqueeze(1))
+        # In place wherever a tile is not read again: the values of out-of-place arithmetic, without allocating (and
+        # on CPU page-faulting) a fresh `(N, vocab_chunk)` tile per operation.
+        e_s, e_t = (s - new_s_max.unsqueeze(1)).exp_(), (t - new_t_max.unsqueeze(1)).exp_()
         s_sum = s_sum * s_rescale + e_s.sum(-1)
-        s_x_sum = s_x_sum * s_rescale + (e_s * s).sum(-1)
-        s_gap = s_gap * s_rescale + (e_s * (s - t)).sum(-1)
         t_sum = t_sum * t_rescale + e_t.sum(-1)
-        t_x_sum = t_x_sum * t_rescale + (e_t * t).sum(-1)
+        s_gap = s_gap * s_rescale + (s - t).mul_(e_s).sum(-1)
+        s_x_sum = s_x_sum * s_rescale + e_s.mul_(s).sum(-1)
+        t_x_sum = t_x_sum * t_rescale + e_t.mul_(t).sum(-1)
         s_max, t_max = new_s_max, new_t_max
     s_lse, t_lse = s_max + s_sum.log(), t_max + t_sum.log()
     kl = s_gap / s_sum - s_lse + t_lse
@@ -209,11 +215,17 @@ def _logit_tile(hidden, weight, bias, start, end, transform, dtype):
     scale, softcap, inv_temperature = transform
     z = torch.empty((hidden.shape[0], end - start), device=hidden.device, dtype=torch.float32)
     _project(z, hidden, weight, bias, start, end, dtype)  # TRL's: fp32 output even from bf16 inputs
-    z = z * scale
+    z = _times(z, scale)
     if softcap is None:
-        return z * inv_temperature, scale * inv_temperature
+        return _times(z, inv_temperature), scale * inv_temperature
     capped = torch.tanh(z / softcap)
     return softcap * capped * inv_temperature, (1 - capped.square()) * scale * inv_temperature
+
+
+def _times(tile, factor):
+    """`tile * factor`, without a pass over the tile when `factor` is the number 1 (the usual scale and temperature):
+    multiplying by 1 changes no value."""
+    return tile if isinstance(factor, int | float) and factor == 1 else tile * factor
 
 
 def _labels_in_tile(labels, start, end):

@@ -117,7 +117,13 @@ def __getattr__(name: str) -> Any:  # PEP 562: `from sdpg_trl._trl_compat import
 
 # --- GRPOTrainer internals -----------------------------------------------------------------------------------------
 # Private methods SDPGTrainer overrides, with the parameters it expects them to have.
-GRPO_OVERRIDES = {"_generate_and_score_completions": ("self", "inputs")}
+GRPO_OVERRIDES = {
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_load_optimizer_and_scheduler": ("self", "checkpoint"),
+    "_get_grad_norm": ("self", "model", "grad_norm"),  # transformers.Trainer's: the norm before clipping
+}
 # Methods SDPGTrainer calls on itself, with their parameters. `get_high_entropy_mask(entropies, mask, threshold)`:
 # the tokens whose entropy is at or above the `threshold` quantile of every process's tokens (top_entropy_quantile).
 GRPO_METHODS = {"get_high_entropy_mask": ("self", "entropies", "mask", "threshold")}

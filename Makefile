@@ -46,7 +46,7 @@ demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m sdpg_trl.scripts.demo --output_dir outputs/demo
 
 bench: install
-	$(PY) bench/run.py
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) outputs *.egg-info

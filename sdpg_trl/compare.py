@@ -464,11 +464,9 @@ def render_table(results: dict[str, Any]) -> str:
 
 def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
     """One PNG per curve: every method in its own colour, each seed a thin line, the seeds' mean bold."""
-    from .plotting import pyplot
+    from .plotting import pyplot, save_curve
 
     plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     written = []
     colours = plt.get_cmap("tab10")
     legacy = {new: old for old, new in LEGACY_KEYS.items()}  # a results.json written before the `eval_` names
@@ -485,16 +483,9 @@ def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
                 mean = [statistics.mean(c[s] for c in curves) for s in steps]
                 ax.plot(steps, mean, color=colour, linewidth=2.2, marker="o" if key == ACCURACY else None,
                         markersize=4, label=f"{method} (n={len(curves)})")  # fmt: skip
-        if ax.lines:
-            ax.set(title=title, xlabel="optimiser step")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = Path(output_dir) / f"{name}.png"
-            fig.savefig(path, dpi=110)
+        path = Path(output_dir) / f"{name}.png"
+        if save_curve(fig, ax, title, path, legend_size=8, dpi=110):
             written.append(path)
-        plt.close(fig)
     return written
 
 

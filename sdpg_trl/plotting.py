@@ -10,6 +10,7 @@ import fnmatch
 import logging
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -65,27 +66,35 @@ def _series(log_history: list[dict], pattern: str, label: str | None) -> list[tu
     return found
 
 
+def save_curve(fig: Any, ax: Any, title: str, path: Path, *, legend_size: float | None = None, dpi: int = 100) -> bool:
+    """Finish one curve figure (title, integer optimiser steps, grid, legend) and write it as a PNG at `path`, unless
+    nothing was drawn; close it either way. Returns whether the file was written."""
+    from matplotlib.ticker import MaxNLocator
+
+    drawn = bool(ax.lines)
+    if drawn:
+        ax.set(title=title, xlabel="optimiser step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return drawn
+
+
 def plot_curves(log_history: list[dict], output_dir: str | Path) -> list[Path]:
     """One PNG per entry of `CURVES` that the log has, value against optimiser step; returns the files written."""
     plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     written = []
     for name, (title, series) in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for pattern, label in series:
             for line_label, steps, values in _series(log_history, pattern, label):
                 ax.plot(steps, values, marker="o", label=line_label)
-        if ax.lines:
-            ax.set(title=title, xlabel="optimiser step")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            path = Path(output_dir) / f"{name}.png"
-            fig.savefig(path, dpi=100)
+        path = Path(output_dir) / f"{name}.png"
+        if save_curve(fig, ax, title, path):
             written.append(path)
-        plt.close(fig)
     return written
 
 

@@ -168,7 +168,7 @@ class _FusedPolicyDistillation(torch.autograd.Function):
 def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, labels, transform, vocab_chunk, dtype):
     """The forward of `_FusedPolicyDistillation` for one chunk of tokens: online softmax statistics of both views,
     rescaled whenever a tile raises the running max. Returns the five outputs and both log-normalisers; without a
-    teacher (`h_t` None) its view is the student's, so that the KL is 0, and only the student's outputs are kept."""
+    teacher (`h_t` None) only the student's statistics are computed, and the KL and the teacher's outputs are 0."""
     n, vocab = h_s.shape[0], weight.shape[0]
     f32 = {"device": h_s.device, "dtype": torch.float32}
     s_max, t_max = torch.full((n,), -math.inf, **f32), torch.full((n,), -math.inf, **f32)
@@ -176,26 +176,34 @@ def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, l
     for start in range(0, vocab, vocab_chunk):
         end = min(start + vocab_chunk, vocab)
         s, _ = _logit_tile(h_s, weight, bias, start, end, transform, dtype)
-        t = s if h_t is None else _logit_tile(h_t, teacher_weight, teacher_bias, start, end, transform, dtype)[0]
         rows, cols = _labels_in_tile(labels, start, end)
-        s_label[rows], t_label[rows] = s[rows, cols], t[rows, cols]
-        new_s_max, new_t_max = torch.maximum(s_max, s.amax(-1)), torch.maximum(t_max, t.amax(-1))
-        s_rescale, t_rescale = torch.exp(s_max - new_s_max), torch.exp(t_max - new_t_max)
+        s_label[rows] = s[rows, cols]
+        new_s_max = torch.maximum(s_max, s.amax(-1))
+        s_rescale = torch.exp(s_max - new_s_max)
         # In place wherever a tile is not read again: the values of out-of-place arithmetic, without allocating (and
         # on CPU page-faulting) a fresh `(N, vocab_chunk)` tile per operation.
-        e_s, e_t = (s - new_s_max.unsqueeze(1)).exp_(), (t - new_t_max.unsqueeze(1)).exp_()
+        e_s = (s - new_s_max.unsqueeze(1)).exp_()
         s_sum = s_sum * s_rescale + e_s.sum(-1)
-        t_sum = t_sum * t_rescale + e_t.sum(-1)
-        s_gap = s_gap * s_rescale + (s - t).mul_(e_s).sum(-1)
+        if h_t is not None:  # the teacher's statistics and the KL's sum, which reads `e_s` before it is reused
+            t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, start, end, transform, dtype)
+            t_label[rows] = t[rows, cols]
+            new_t_max = torch.maximum(t_max, t.amax(-1))
+            t_rescale = torch.exp(t_max - new_t_max)
+            e_t = (t - new_t_max.unsqueeze(1)).exp_()
+            t_sum = t_sum * t_rescale + e_t.sum(-1)
+            s_gap = s_gap * s_rescale + (s - t).mul_(e_s).sum(-1)
+            t_x_sum = t_x_sum * t_rescale + e_t.mul_(t).sum(-1)
+            t_max = new_t_max
         s_x_sum = s_x_sum * s_rescale + e_s.mul_(s).sum(-1)
-        t_x_sum = t_x_sum * t_rescale + e_t.mul_(t).sum(-1)
-        s_max, t_max = new_s_max, new_t_max
-    s_lse, t_lse = s_max + s_sum.log(), t_max + t_sum.log()
-    kl = s_gap / s_sum - s_lse + t_lse
-    entropy, teacher_logps, teacher_entropy = s_lse - s_x_sum / s_sum, t_label - t_lse, t_lse - t_x_sum / t_sum
+        s_max = new_s_max
+    s_lse = s_max + s_sum.log()
+    logps, entropy = s_label - s_lse, s_lse - s_x_sum / s_sum
     if h_t is None:
-        kl, teacher_logps, teacher_entropy = (torch.zeros_like(kl) for _ in range(3))
-    return s_label - s_lse, entropy, kl, teacher_logps, teacher_entropy, s_lse, t_lse
+        zeros = torch.zeros_like(s_lse)  # copied into the caller's buffers, so one tensor serves every output
+        return logps, entropy, zeros, zeros, zeros, s_lse, zeros
+    t_lse = t_max + t_sum.log()
+    kl = s_gap / s_sum - s_lse + t_lse
+    return logps, entropy, kl, t_label - t_lse, t_lse - t_x_sum / t_sum, s_lse, t_lse
 
 
 @contextmanager

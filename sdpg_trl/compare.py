@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .preflight import looks_like_local_path
+
 if TYPE_CHECKING:
     from trl import TrlParser
 
@@ -145,7 +147,7 @@ def model_problem(model: str | None) -> str | None:
     path = Path(model).expanduser()
     if path.exists():
         return None if path.is_dir() else f"model_name_or_path {model} is a file, not a model folder."
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+    if looks_like_local_path(model):
         return f"model_name_or_path {model} does not exist (a local folder)."
     try:
         validate_repo_id(model)

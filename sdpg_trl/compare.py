@@ -833,8 +833,8 @@ def describe_comparison(method: str, baseline: str, c: dict[str, Any], min_effec
         f"- **{method}: {c['verdict']}.** Paired on seeds {_seed_list(c['seeds'])}{left_out}: differences "
         f"{', '.join(_signed(d) for d in c['differences'])}; mean {_signed(c['mean'])}, SD {c['sd']:.3f}, 95% CI "
         f"{_interval(c['ci95'])}, Holm-adjusted p {c['p_holm']:.3f} (its {c['holm_level']:.1%} interval "
-        f"{_interval(c['ci_holm'])}); 90% CI {_interval(c['ci90'])} against ±{min_effect:g}. {c['wins']} wins, "
-        f"{c['losses']} losses, {c['ties']} ties"
+        f"{_interval(c['ci_holm'])}); 90% CI {_interval(c['ci90'])} against ±{min_effect:g}. Wins/losses/ties "
+        f"{c['wins']}/{c['losses']}/{c['ties']}"
     )
     if c["correlation"] is not None:
         text += f"; correlation with {baseline} over seeds {c['correlation']:.2f}"

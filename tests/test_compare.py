@@ -109,6 +109,15 @@ def test_recipe_shape_is_checked(tmp_path):
     path.write_text(yaml.safe_dump({"train": {}, "methods": {"a": {}}}))
     with pytest.raises(ValueError, match="train, methods and seeds"):
         load_recipe(path)
+    recipe = {"train": {}, "methods": {"a": {}, "b": {}}, "seeds": [0], "baseline": "b", "min_effect": 0.02}
+    path.write_text(yaml.safe_dump(recipe))
+    assert load_recipe(path)["baseline"] == "b"
+    path.write_text(yaml.safe_dump({**recipe, "baseline": "c"}))
+    with pytest.raises(ValueError, match="baseline 'c' is not one of the methods \\['a', 'b'\\]"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({**recipe, "min_effect": -0.1}))
+    with pytest.raises(ValueError, match="min_effect must be a positive number"):
+        load_recipe(path)
 
 
 def test_plan_is_seed_major_and_resume_skips_finished_runs(tmp_path):
@@ -402,3 +411,6 @@ def test_render_only_merges_the_runs_of_other_comparison_folders(tmp_path, monke
     assert json.loads((first / "results.json").read_text()) == results
     main(["--output_dir", str(first), "--render_only", "--merge", str(first / "old_results.json")])
     assert json.loads((first / "results.json").read_text())["runs"] == results["runs"]
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(first), "--render_only", "--baseline", "nope"])
+    assert "The baseline 'nope' has no finished run; the runs are of ['grpo', 'x']" in capsys.readouterr().err

@@ -118,8 +118,8 @@ def test_the_same_input_renders_the_same_report_twice(tmp_path):
     for name in ("a", "b"):
         results = analyse(json.loads(json.dumps({"runs": runs_of(table), "eval_samples_per_run": 256})))
         write_report(results, tmp_path / name)
-        reports.append({f: (tmp_path / name / f).read_bytes() for f in ("results.md", "results.json")})
-    assert reports[0] == reports[1]
+        reports.append({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()})
+    assert reports[0] == reports[1] and {"results.md", "differences.png", "paired_accuracy.png"} <= set(reports[0])
     assert "| x | 3 | -0.020 |" in reports[0]["results.md"].decode()
 
 
@@ -133,3 +133,10 @@ def test_merging_runs_refuses_the_same_run_with_other_numbers():
         merge_runs([("a", first), ("c", {"runs": runs_of({"grpo": {0: 0.31}})})])
     other_base = merge_runs([("a", first), ("d", {"runs": {}, "base_accuracy": 0.2})])
     assert other_base["warnings"] == ["d: base_accuracy is 0.2, not 0.1 as in a."]
+
+
+def test_without_a_baseline_there_is_no_comparison_and_the_report_says_so():
+    results = analyse({"runs": runs_of({"a": {0: 0.2, 1: 0.3}, "b": {0: 0.25, 1: 0.3}})})
+    assert results["comparisons"] is None
+    assert "No paired comparison: no baseline" in render_report(results)
+    assert analyse({"runs": runs_of({"a": {0: 0.2}, "b": {0: 0.25}})}, baseline="b")["comparisons"]["baseline"] == "b"

@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
 
     output_dir = Path(args.output_dir)
     if args.render_only:
-        results = render_only(output_dir, args.merge, args.baseline, args.min_effect)
+        try:
+            results = render_only(output_dir, args.merge, args.baseline, args.min_effect)
+        except ValueError as err:  # a baseline without runs, the same run with other numbers in two sources
+            parser.error(str(err))
         for path in write_report(results, output_dir):
             print(path)
         print(render_report(results))

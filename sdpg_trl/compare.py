@@ -631,7 +631,8 @@ def paired_comparison(
     two methods over seeds, the share of the differences' variance that is evaluation sampling noise (binomial: each
     accuracy p over N samples has variance p (1 - p) / N, estimated without bias as p̂ (1 - p̂) / (N - 1)), and the
     power analysis: the smallest difference detected with `POWER`, and the seeds `min_effect` needs at the observed
-    SD, at its `SD_UPPER_LEVEL` upper confidence limit, and at the SD the seeds alone would give (no eval noise)."""
+    SD, at its `SD_UPPER_LEVEL` upper confidence limit, at the SD the seeds alone would give (no eval noise), and
+    at the SD with 4x the evaluation samples per run."""
     seeds = sorted(set(baseline) & set(method))
     base = np.array([baseline[s] for s in seeds], dtype=float)
     other = np.array([method[s] for s in seeds], dtype=float)
@@ -650,7 +651,8 @@ def paired_comparison(
     }
     for key in ("sd", "p", "ci95", "ci90", "correlation", "eval_variance", "eval_noise_share", "detectable",
                 "seeds_needed", "sd_upper", "seeds_needed_pessimistic", "sd_without_eval_noise",
-                "seeds_needed_without_eval_noise"):  # fmt: skip
+                "seeds_needed_without_eval_noise", "sd_with_4x_eval_samples",
+                "seeds_needed_with_4x_eval_samples"):  # fmt: skip
         out[key] = None
     if n < 2:
         return out
@@ -665,6 +667,8 @@ def paired_comparison(
         out["eval_noise_share"] = variance / sd**2 if sd > 0 else None
         out["sd_without_eval_noise"] = math.sqrt(max(sd**2 - variance, 0.0))
         out["seeds_needed_without_eval_noise"] = seeds_needed(min_effect, out["sd_without_eval_noise"])
+        out["sd_with_4x_eval_samples"] = math.sqrt(max(sd**2 - 0.75 * variance, 0.0))  # its variance falls as 1/N
+        out["seeds_needed_with_4x_eval_samples"] = seeds_needed(min_effect, out["sd_with_4x_eval_samples"])
     out["detectable"] = detectable_difference(sd, n)
     out["seeds_needed"] = seeds_needed(min_effect, sd)
     out["sd_upper"] = sd * math.sqrt((n - 1) / stats.chi2.ppf(1 - SD_UPPER_LEVEL, n - 1))
@@ -819,7 +823,9 @@ def _seed_list(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
-def describe_comparison(method: str, baseline: str, c: dict[str, Any], min_effect: float) -> str:
+def describe_comparison(
+    method: str, baseline: str, c: dict[str, Any], min_effect: float, eval_samples: int | None
+) -> str:
     """One method's comparison with the baseline in words: verdict, interval, power and what would resolve it."""
     left = [f"{baseline}'s seed(s) {_seed_list(c['baseline_only'])}"] if c["baseline_only"] else []
     left += [f"{method}'s seed(s) {_seed_list(c['method_only'])}"] if c["method_only"] else []
@@ -855,8 +861,10 @@ def describe_comparison(method: str, baseline: str, c: dict[str, Any], min_effec
         if share is not None and share >= 0.5:
             text += (
                 f" Evaluation noise is most of the variance: more evaluation samples per run (cheap) help more than "
-                f"more seeds; without it the SD would be {c['sd_without_eval_noise']:.3f} and {min_effect:g} would "
-                f"need {_seeds(c['seeds_needed_without_eval_noise'])} seeds."
+                f"more seeds. With 4x the evaluation samples ({4 * eval_samples} per run) the SD would be "
+                f"{c['sd_with_4x_eval_samples']:.3f} and {min_effect:g} would need "
+                f"{_seeds(c['seeds_needed_with_4x_eval_samples'])} seeds; without evaluation noise, SD "
+                f"{c['sd_without_eval_noise']:.3f} and {_seeds(c['seeds_needed_without_eval_noise'])} seeds."
             )
         elif share is not None:
             text += (
@@ -895,7 +903,13 @@ def render_comparisons(results: dict[str, Any]) -> str:
             f"{c['wins']}/{c['losses']}/{c['ties']} | {c['verdict']} | {c['detectable']:.3f} | "
             f"{_seeds(c['seeds_needed'])} / {_seeds(c['seeds_needed_pessimistic'])} |"
         )
-    lines += ["", *(describe_comparison(m, baseline, c, delta) for m, c in comparisons["methods"].items())]
+    lines += [
+        "",
+        *(
+            describe_comparison(m, baseline, c, delta, comparisons["eval_samples_per_run"])
+            for m, c in comparisons["methods"].items()
+        ),
+    ]
     lines += [
         "",
         f"How to read it: the differences are paired by seed (methods on one seed share data order and base "

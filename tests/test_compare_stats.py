@@ -50,6 +50,7 @@ def test_a_small_table_matches_an_independent_computation():
     assert c["seeds_needed"] == 12
     assert c["sd_upper"] == pytest.approx(0.0950173, abs=1e-6)  # sd · sqrt(3 / 1.005174)
     assert c["seeds_needed_pessimistic"] == 31
+    assert c["sd_with_4x_eval_samples"] == pytest.approx(0.0442778, abs=1e-6)  # sqrt(sd² - 3/4 of the eval variance)
     assert (seeds_needed(0.5, 1.0), seeds_needed(1.0, 1.0)) == (34, 10)
     assert detectable_difference(1.0, 3) == pytest.approx(3.264044, abs=1e-5)
     result = compare_with_baseline(runs_of({"base": baseline, "m": method}), "base", 0.05, 256)["methods"]["m"]
@@ -140,3 +141,15 @@ def test_without_a_baseline_there_is_no_comparison_and_the_report_says_so():
     assert results["comparisons"] is None
     assert "No paired comparison: no baseline" in render_report(results)
     assert analyse({"runs": runs_of({"a": {0: 0.2}, "b": {0: 0.25}})}, baseline="b")["comparisons"]["baseline"] == "b"
+
+
+def test_when_evaluation_noise_dominates_the_report_says_more_samples_help_more():
+    table = {"grpo": {0: 0.20, 1: 0.30, 2: 0.25, 3: 0.10}, "x": {0: 0.26, 1: 0.33, 2: 0.27, 3: 0.18}}
+    results = analyse({"runs": runs_of(table), "eval_samples_per_run": 64})
+    c = results["comparisons"]["methods"]["x"]
+    assert c["eval_noise_share"] > 1 and c["sd_without_eval_noise"] == 0  # binomial noise alone explains the spread
+    text = render_report(results)
+    assert (
+        "more evaluation samples per run (cheap) help more than more seeds. With 4x the evaluation samples (256"
+        in text
+    )

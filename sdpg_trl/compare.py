@@ -1,10 +1,12 @@
 """Methods x seeds on one task, everything else equal: the plan, the runs, the aggregate table and the figures.
 
-A comparison recipe (YAML) has three keys:
+A comparison recipe (YAML) has three keys, and two optional ones for the report:
 
     train:   {...}              # sdpg-train flags every run shares (no method field)
     methods: {name: {...}, ...} # per method, the flags that make it, e.g. {method: rlsd} or {distill_coef: 0.0}
     seeds:   [0, 1, 2]
+    baseline: grpo              # optional: what every method is compared with (default: grpo when there is one)
+    min_effect: 0.05            # optional: the smallest held-out difference that matters (default 0.05)
 
 Each run is `sdpg-train` in a fresh process on `train + methods[name] + {seed, output_dir}`, in
 `<output_dir>/<name>/seed<seed>/`, where its merged recipe (`config.yaml`), its log (`train.log`), the trainer's
@@ -13,6 +15,10 @@ other folder is cleared and rerun. A run that fails is reported and the comparis
 seed by seed (every method of seed 0 first), so a comparison cut short still has whole seeds. The base model is
 evaluated once (`base_eval.json`): it is the same model with the same seeded sampling for every run, so the runs
 themselves skip their step-0 evaluation.
+
+The report covers every finished run in the output folder (and in any other comparison folder given), whatever
+seeds and methods the invocation named: each method is compared with the baseline on the seeds both finished,
+paired by seed (`compare_with_baseline`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from scipy import optimize, stats
 
 from .preflight import looks_like_local_path
 
@@ -66,6 +74,8 @@ DIAGNOSTICS = {
 # Per-step training values reported as "final": the mean of the last FINAL_WINDOW logged steps (one step is noisy).
 FINAL_WINDOW = 3
 FINISHED = "run.json"
+RECIPE_KEYS = {"train", "methods", "seeds"}
+REPORT_KEYS = {"baseline": "grpo", "min_effect": 0.05}  # optional recipe keys and their defaults
 
 
 @dataclass(frozen=True)
@@ -76,15 +86,38 @@ class Run:
     seed: int
     folder: Path
     config: dict[str, Any]
+    output_dir: Path  # the comparison's folder: nothing outside it is ever deleted
+
+
+def check_method_name(name: Any) -> None:
+    """A method name becomes a folder name under the output folder: refuse anything that is not one plain path part
+    (a separator, `.`/`..`, an absolute path, a NUL), so that no run folder can lie outside the output folder."""
+    bad = not isinstance(name, str) or not name.strip() or name in (".", "..") or "\0" in name
+    if bad or "/" in name or "\\" in name or Path(name).is_absolute() or Path(name).name != name:
+        raise ValueError(
+            f"Method name {name!r} is not a plain folder name: a method's runs go to <output_dir>/<method>/, so the "
+            "name may not contain '/' or '\\', be '.' or '..', or be an absolute path."
+        )
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a comparison recipe and check its shape (not yet its flags: `check_runs` does that)."""
+    """Read a comparison recipe and check its shape and method names (not yet its flags: `check_runs` does that)."""
     recipe = yaml.safe_load(Path(path).read_text())
-    if not isinstance(recipe, dict) or set(recipe) != {"train", "methods", "seeds"}:
-        raise ValueError(f"{path}: a comparison recipe has exactly the keys train, methods and seeds.")
+    if not isinstance(recipe, dict) or not RECIPE_KEYS <= set(recipe) <= RECIPE_KEYS | set(REPORT_KEYS):
+        raise ValueError(
+            f"{path}: a comparison recipe has the keys train, methods and seeds, and optionally baseline and "
+            f"min_effect; it has {sorted(recipe) if isinstance(recipe, dict) else type(recipe).__name__}."
+        )
     if not recipe["methods"] or not recipe["seeds"]:
         raise ValueError(f"{path}: methods and seeds must not be empty.")
+    for name in recipe["methods"]:
+        check_method_name(name)
+    if "baseline" in recipe and recipe["baseline"] not in recipe["methods"]:
+        raise ValueError(
+            f"{path}: baseline {recipe['baseline']!r} is not one of the methods {list(recipe['methods'])}."
+        )
+    if "min_effect" in recipe:
+        check_min_effect(recipe["min_effect"], f"{path}: min_effect")
     for name, flags in recipe["methods"].items():
         shared = set(flags or {}) & set(recipe["train"])
         if shared:
@@ -111,19 +144,21 @@ def plan_runs(
         for name, flags in recipe["methods"].items():
             if methods and name not in methods:
                 continue
+            check_method_name(name)
             folder = Path(output_dir) / name / f"seed{seed}"
             config = {**recipe["train"], **(flags or {}), "seed": seed, "output_dir": str(folder),
                       "eval_before_training": False}  # fmt: skip
             if model_name_or_path:
                 config["model_name_or_path"] = model_name_or_path
-            runs.append(Run(name, seed, folder, config))
+            runs.append(Run(name, seed, folder, config, Path(output_dir)))
     return runs
 
 
 def check_runs(runs: list[Run], make_parser: Callable[[], TrlParser]) -> None:
     """Check every run before the first one starts: its model (`model_problem`) and its configuration, which must
     parse with `make_parser()`, `sdpg-train`'s parser (`sdpg_trl.scripts.train.make_parser`, handed down by the
-    script). Raises `ValueError` naming the run and what is wrong."""
+    script), and what it needs installed (`SDPGConfig.missing_packages`, e.g. a `report_to` tracker). Raises
+    `ValueError` naming the run and what is wrong."""
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
             problem = model_problem(run.config.get("model_name_or_path"))
@@ -132,11 +167,18 @@ def check_runs(runs: list[Run], make_parser: Callable[[], TrlParser]) -> None:
             path = Path(tmp) / "config.yaml"
             path.write_text(yaml.safe_dump(run.config))
             try:
-                make_parser().parse_args_and_config(args=["--config", str(path)], fail_with_unknown_args=True)
-            except (ValueError, SystemExit) as err:
+                parsed = make_parser().parse_args_and_config(args=["--config", str(path)], fail_with_unknown_args=True)
+            except (ValueError, TypeError, SystemExit) as err:  # the type checks raise TypeError
                 raise ValueError(
                     f"Method {run.method!r}, seed {run.seed}: its configuration does not parse: {err}"
                 ) from err
+            missing = [
+                line for args in parsed if hasattr(args, "missing_packages") for line in args.missing_packages()
+            ]
+            if missing:
+                raise ValueError(
+                    f"Method {run.method!r}, seed {run.seed} needs what is not installed: " + "; ".join(missing)
+                )
 
 
 def model_problem(model: str | None) -> str | None:
@@ -145,6 +187,8 @@ def model_problem(model: str | None) -> str | None:
     if not model:
         return "no model_name_or_path: set it under train:, or pass --model_name_or_path."
     path = Path(model).expanduser()
+    if path.is_dir() and not any(path.iterdir()):
+        return f"model_name_or_path {model} is an empty folder, not a model."
     if path.exists():
         return None if path.is_dir() else f"model_name_or_path {model} is a file, not a model folder."
     if looks_like_local_path(model):
@@ -275,7 +319,7 @@ def execute(
         label = f"[{index}/{len(todo)}] {run.method} seed {run.seed}"
         if run.folder.exists():
             echo(f"{label}: unfinished folder from an earlier attempt, starting it again")
-            shutil.rmtree(run.folder)
+            clear_run_folder(run)
         echo(f"{label} ... (log: {run.folder / 'train.log'})")
         started, start = _now(), time.time()
         try:
@@ -294,6 +338,19 @@ def execute(
         last = f"held-out last {evals[-1]:.3f}" if evals else "no evaluation"
         echo(f"{label} done in {durations[-1] / 60:.1f} min ({last}); about {eta:.0f} min to go")
     return failed
+
+
+def clear_run_folder(run: Run) -> None:
+    """Delete an unfinished run's folder, only if it really is `<output_dir>/<method>/seed<seed>` inside the output
+    folder (resolved, so no `..` or link leads out of it); otherwise raise and delete nothing."""
+    root, folder = run.output_dir.resolve(), run.folder.resolve()
+    expected = root / run.method / f"seed{run.seed}"
+    if folder != expected:  # a `..` in the name, or a link on the way, resolves elsewhere
+        raise ValueError(
+            f"Refusing to delete {run.folder} (resolves to {folder}): it is not the run folder {expected} inside the "
+            f"output folder {root}."
+        )
+    shutil.rmtree(folder)
 
 
 def read_history(folder: Path) -> list[dict]:
@@ -371,29 +428,304 @@ def aggregate(runs: dict[str, dict[int, dict]], num_eval_samples: int | None) ->
     return table
 
 
-def collect(output_dir: str | Path, recipe: dict[str, Any]) -> dict[str, Any]:
-    """Every finished run's summary, the aggregate per method, and the base evaluation, as one JSON-able dict."""
+def finished_run_folders(output_dir: str | Path) -> list[tuple[str, int, Path]]:
+    """Every finished run under `output_dir` (`<method>/seed<N>/` holding `run.json` and `trainer_state.json`),
+    whatever recipe or invocation made it, as `(method, seed, folder)` sorted by method and seed."""
+    found = []
+    for folder in Path(output_dir).glob("*/seed*"):
+        seed = folder.name.removeprefix("seed")
+        if seed.lstrip("-").isdigit() and (folder / FINISHED).is_file() and (folder / "trainer_state.json").is_file():
+            found.append((folder.parent.name, int(seed), folder))
+    return sorted(found)
+
+
+def collect_folder(
+    output_dir: str | Path, recipe: dict[str, Any] | None = None, model_name_or_path: str | None = None
+) -> dict[str, Any]:
+    """Every finished run in one comparison folder: `runs` (method -> seed -> `summarise_run`), `base_accuracy`,
+    `eval_samples_per_run` and `warnings` (a run of a method the recipe lacks, or trained with other settings than
+    the recipe plans for it; without a recipe, other settings than the method's first run)."""
     output_dir = Path(output_dir)
     base_file = output_dir / "base_eval.json"
     base = json.loads(base_file.read_text()) if base_file.is_file() else None
     base_accuracy = base["accuracy"] if base else None
     # Samples per evaluation, for the binomial SE: as the base evaluation counted them (any data set), else from the
     # recipe's arithmetic settings.
-    train = recipe["train"]
+    train = (recipe or {}).get("train", {})
     if base and base.get("num_problems") and base.get("k"):
         num_eval_samples = base["num_problems"] * base["k"]
     else:
         num_eval_samples = train.get("arithmetic_num_eval", 0) * train.get("eval_k", 0) or None
     runs: dict[str, dict[int, dict]] = {}
-    for run in plan_runs(recipe, output_dir):
-        if is_finished(run):
-            runs.setdefault(run.method, {})[run.seed] = summarise_run(read_history(run.folder), base_accuracy)
+    warnings, first_config = [], {}
+    for method, seed, folder in finished_run_folders(output_dir):
+        recorded = json.loads((folder / FINISHED).read_text()).get("config")
+        if recipe is not None and method not in recipe["methods"]:
+            warnings.append(f"{folder}: method {method!r} is not in the recipe; reported as it is.")
+        elif recipe is not None:
+            (planned,) = plan_runs(
+                recipe, output_dir, methods=[method], seeds=[seed], model_name_or_path=model_name_or_path
+            )
+            changed = changed_settings(planned)
+            if changed:
+                listing = ", ".join(f"{k}: {was!r} (recipe: {now!r})" for k, (was, now) in changed.items())
+                warnings.append(f"{folder}: trained with other settings than the recipe's: {listing}.")
+        elif recorded is not None:
+            settings = {k: v for k, v in recorded.items() if k not in ("seed", "output_dir")}
+            reference = first_config.setdefault(method, (seed, settings))
+            changed = sorted(k for k in set(settings) | set(reference[1]) if settings.get(k) != reference[1].get(k))
+            if changed:
+                warnings.append(f"{folder}: trained with other settings than {method} seed {reference[0]}: {changed}.")
+        runs.setdefault(method, {})[seed] = summarise_run(read_history(folder), base_accuracy)
+    if recipe is not None:  # the recipe's order, then the methods it does not have
+        order = [m for m in recipe["methods"] if m in runs] + [m for m in runs if m not in recipe["methods"]]
+        runs = {m: runs[m] for m in order}
     return {
         "base_accuracy": base_accuracy,
         "eval_samples_per_run": num_eval_samples,
         "runs": runs,
-        "methods": aggregate(runs, num_eval_samples),
+        "warnings": warnings,
     }
+
+
+def _json_round_trip(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def merge_runs(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Merge several sources of runs (`(label, {runs, base_accuracy, eval_samples_per_run, warnings})`, e.g. a
+    `results.json` and `collect_folder`s) into one. The same run in two sources must hold the same numbers, else
+    `ValueError`; a differing base evaluation or evaluation size is a warning (the first source's is kept)."""
+    runs: dict[str, dict[int, dict]] = {}
+    source: dict[tuple[str, int], str] = {}
+    merged: dict[str, Any] = {"base_accuracy": None, "eval_samples_per_run": None, "warnings": []}
+    for label, part in parts:
+        merged["warnings"] += part.get("warnings", [])
+        for key in ("base_accuracy", "eval_samples_per_run"):
+            if merged[key] is None:
+                merged[key] = part.get(key)
+            elif part.get(key) is not None and part[key] != merged[key]:
+                merged["warnings"].append(f"{label}: {key} is {part[key]}, not {merged[key]} as in {parts[0][0]}.")
+        for method, by_seed in part["runs"].items():
+            for seed, summary in by_seed.items():
+                seed, summary = int(seed), _json_round_trip(summary)
+                here = runs.setdefault(method, {})
+                if seed in here and here[seed] != summary:
+                    raise ValueError(
+                        f"{method} seed {seed} is in both {source[method, seed]} and {label}, with different "
+                        "numbers: remove it from one of them."
+                    )
+                here[seed] = summary
+                source.setdefault((method, seed), label)
+    return {**merged, "runs": {m: dict(sorted(by_seed.items())) for m, by_seed in runs.items()}}
+
+
+def collect(
+    output_dirs: str | Path | list[str | Path],
+    recipe: dict[str, Any] | None = None,
+    *,
+    model_name_or_path: str | None = None,
+    baseline: str | None = None,
+    min_effect: float | None = None,
+) -> dict[str, Any]:
+    """Every finished run in the comparison folder(s), the aggregate per method, the base evaluation and the paired
+    comparisons with the baseline (`analyse`), as one JSON-able dict."""
+    folders = output_dirs if isinstance(output_dirs, list) else [output_dirs]
+    merged = merge_runs([(str(f), collect_folder(f, recipe, model_name_or_path)) for f in folders])
+    return analyse(merged, baseline=baseline, min_effect=min_effect)
+
+
+def analyse(merged: dict[str, Any], *, baseline: str | None = None, min_effect: float | None = None) -> dict[str, Any]:
+    """From runs (`merge_runs`' shape), the results: the runs, the per-method aggregate (`methods`) and the paired
+    comparisons with `baseline` (default: grpo when it ran; None without one) at `min_effect` (default 0.05)."""
+    runs = merged["runs"]
+    min_effect = REPORT_KEYS["min_effect"] if min_effect is None else min_effect
+    if baseline is None and REPORT_KEYS["baseline"] in runs:
+        baseline = REPORT_KEYS["baseline"]
+    if baseline is not None and baseline not in runs:
+        raise ValueError(f"The baseline {baseline!r} has no finished run; the runs are of {list(runs)}.")
+    samples = merged.get("eval_samples_per_run")
+    return {
+        "base_accuracy": merged.get("base_accuracy"),
+        "eval_samples_per_run": samples,
+        "warnings": merged.get("warnings", []),
+        "runs": runs,
+        "methods": aggregate(runs, samples),
+        "comparisons": compare_with_baseline(runs, baseline, min_effect, samples) if baseline else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paired comparison with the baseline
+# ---------------------------------------------------------------------------------------------------------------------
+ALPHA = 0.05  # two-sided level of every test and interval (the equivalence test's 90% interval is its TOST form)
+POWER = 0.8  # for the smallest detectable difference and the seeds needed
+SD_UPPER_LEVEL = 0.8  # the pessimistic SD: its one-sided 80% upper confidence limit
+MAX_SEEDS = 10_000  # seeds needed beyond this are reported as "more than"
+MIN_EXACT_PAIRS = 6  # below this, the smallest two-sided p of a sign or permutation test, 2 / 2**n, is above 0.05
+
+
+def check_min_effect(value: Any, name: str = "min_effect") -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"{name} must be a positive number (a held-out accuracy difference, e.g. 0.05), got {value!r}."
+        )
+
+
+def t_power(difference: float, sd: float, n: int) -> float:
+    """Power of the two-sided paired t test at `ALPHA` with `n` pairs when the differences have mean `difference` and
+    SD `sd`: P(|T| > t_crit), T noncentral t with n - 1 degrees of freedom and noncentrality difference·√n / sd."""
+    df, nc = n - 1, difference * math.sqrt(n) / sd
+    crit = stats.t.ppf(1 - ALPHA / 2, df)
+    # P(T < -crit) as P(T > crit) at -nc: scipy's nct.cdf turns nan far in that tail, nct.sf underflows to 0.
+    return float(stats.nct.sf(crit, df, nc) + stats.nct.sf(crit, df, -nc))
+
+
+def detectable_difference(sd: float, n: int) -> float:
+    """The smallest true mean difference that `n` pairs with differences of SD `sd` detect with `POWER`."""
+    if sd == 0:
+        return 0.0
+    high = sd  # doubled until detected
+    while t_power(high, sd, n) < POWER:
+        high *= 2
+    return float(optimize.brentq(lambda d: t_power(d, sd, n) - POWER, 0.0, high, xtol=1e-10))
+
+
+def seeds_needed(difference: float, sd: float) -> int | None:
+    """The fewest pairs that detect `difference` with `POWER` when the differences have SD `sd`; None above
+    `MAX_SEEDS`. The power grows with the pairs: doubling, then a bisection, finds it (near the answer, where
+    scipy's noncentral t is accurate)."""
+    if sd == 0:
+        return 2
+    low, high = 1, 2  # t_power(low) < POWER <= t_power(high) once found; 1 pair has no test at all
+    while t_power(difference, sd, high) < POWER:
+        if high >= MAX_SEEDS:
+            return None
+        low, high = high, min(2 * high, MAX_SEEDS)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if t_power(difference, sd, mid) >= POWER else (mid, high)
+    return high
+
+
+def paired_t(base: np.ndarray, other: np.ndarray, levels: tuple[float, ...] = (1 - ALPHA, 1 - 2 * ALPHA)) -> dict:
+    """The paired t test of `other - base` (2 or more pairs): two-sided `p` and the intervals at `levels` (`ci95`,
+    `ci90` at the default ones; `ci` for one other level). Equal differences on every seed have no spread to test
+    against: p is 1 when they are 0, else 0, and every interval is that difference."""
+    diffs = other - base
+    names = ("ci95", "ci90") if levels == (1 - ALPHA, 1 - 2 * ALPHA) else ("ci",)
+    if np.all(diffs == diffs[0]):
+        mean = float(diffs[0])
+        return {"p": 1.0 if mean == 0 else 0.0, **{name: [mean, mean] for name in names}}
+    test = stats.ttest_rel(other, base)
+    intervals = {name: [float(x) for x in test.confidence_interval(level)] for name, level in zip(names, levels)}
+    return {"p": float(test.pvalue), **intervals}
+
+
+def paired_comparison(
+    baseline: dict[int, float], method: dict[int, float], min_effect: float, eval_samples: int | None
+) -> dict[str, Any]:
+    """One method's held-out accuracy against the baseline's on the seeds both finished (`seeds`; the others are
+    named in `baseline_only` and `method_only`): the per-seed differences (method - baseline), their mean and SD, the
+    paired t test (p, 95% and 90% intervals, df n - 1; none below 2 pairs), wins/losses/ties, the correlation of the
+    two methods over seeds, the share of the differences' variance that is evaluation sampling noise (binomial: each
+    accuracy p over N samples has variance p (1 - p) / N, estimated without bias as p̂ (1 - p̂) / (N - 1)), and the
+    power analysis: the smallest difference detected with `POWER`, and the seeds `min_effect` needs at the observed
+    SD, at its `SD_UPPER_LEVEL` upper confidence limit, at the SD the seeds alone would give (no eval noise), and
+    at the SD with 4x the evaluation samples per run."""
+    seeds = sorted(set(baseline) & set(method))
+    base = np.array([baseline[s] for s in seeds], dtype=float)
+    other = np.array([method[s] for s in seeds], dtype=float)
+    diffs = other - base
+    n = len(seeds)
+    out: dict[str, Any] = {
+        "seeds": seeds,
+        "baseline_only": sorted(set(baseline) - set(method)),
+        "method_only": sorted(set(method) - set(baseline)),
+        "n": n,
+        "differences": diffs.tolist(),
+        "wins": int((diffs > 0).sum()),
+        "losses": int((diffs < 0).sum()),
+        "ties": int((diffs == 0).sum()),
+        "mean": float(diffs.mean()) if n else None,
+    }
+    for key in ("sd", "p", "ci95", "ci90", "correlation", "eval_variance", "eval_noise_share", "detectable",
+                "seeds_needed", "sd_upper", "seeds_needed_pessimistic", "sd_without_eval_noise",
+                "seeds_needed_without_eval_noise", "sd_with_4x_eval_samples",
+                "seeds_needed_with_4x_eval_samples"):  # fmt: skip
+        out[key] = None
+    if n < 2:
+        return out
+    sd = float(diffs.std(ddof=1))
+    out["sd"] = sd
+    out.update(paired_t(base, other))
+    if n >= 3 and base.std() > 0 and other.std() > 0:
+        out["correlation"] = float(stats.pearsonr(base, other).statistic)
+    if eval_samples and eval_samples > 1:
+        variance = float(np.mean((base * (1 - base) + other * (1 - other)) / (eval_samples - 1)))
+        out["eval_variance"] = variance
+        out["eval_noise_share"] = variance / sd**2 if sd > 0 else None
+        out["sd_without_eval_noise"] = math.sqrt(max(sd**2 - variance, 0.0))
+        out["seeds_needed_without_eval_noise"] = seeds_needed(min_effect, out["sd_without_eval_noise"])
+        out["sd_with_4x_eval_samples"] = math.sqrt(max(sd**2 - 0.75 * variance, 0.0))  # its variance falls as 1/N
+        out["seeds_needed_with_4x_eval_samples"] = seeds_needed(min_effect, out["sd_with_4x_eval_samples"])
+    out["detectable"] = detectable_difference(sd, n)
+    out["seeds_needed"] = seeds_needed(min_effect, sd)
+    out["sd_upper"] = sd * math.sqrt((n - 1) / stats.chi2.ppf(1 - SD_UPPER_LEVEL, n - 1))
+    out["seeds_needed_pessimistic"] = seeds_needed(min_effect, out["sd_upper"])
+    return out
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values (scipy.stats has only the false-discovery-rate adjustments)."""
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(sorted(pvalues, key=pvalues.get)):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def compare_with_baseline(
+    runs: dict[str, dict[Any, dict]], baseline: str, min_effect: float, eval_samples: int | None
+) -> dict[str, Any]:
+    """Every other method against `baseline` on held-out Last, paired by seed (`paired_comparison`), with Holm's
+    correction across the methods compared and a verdict each:
+
+    - BETTER / WORSE: Holm-adjusted p < `ALPHA`. Then the interval at Holm's level for that comparison
+      (1 - ALPHA / (m - k + 1) for the k-th smallest of m p-values, `ci_holm`) excludes 0 too.
+    - EQUIVALENT: otherwise, when the 90% interval lies inside ±min_effect (two one-sided tests at `ALPHA`).
+    - UNRESOLVED: otherwise, or with fewer than 2 pairs.
+    """
+
+    last = {
+        name: {int(s): r["last"] for s, r in by_seed.items() if r["last"] is not None}
+        for name, by_seed in runs.items()
+    }
+    methods = {
+        name: paired_comparison(last[baseline], last[name], min_effect, eval_samples)
+        for name in runs
+        if name != baseline
+    }
+    tested = {name: c["p"] for name, c in methods.items() if c["p"] is not None}
+    adjusted = holm(tested)
+    for rank, name in enumerate(sorted(tested, key=tested.get)):
+        c = methods[name]
+        c["p_holm"], c["holm_level"] = adjusted[name], 1 - ALPHA / (len(tested) - rank)
+        pairs = np.array([[last[baseline][s], last[name][s]] for s in c["seeds"]])
+        c["ci_holm"] = paired_t(pairs[:, 0], pairs[:, 1], (c["holm_level"],))["ci"]
+    for c in methods.values():
+        c.setdefault("p_holm", None)
+        c.setdefault("holm_level", None)
+        c.setdefault("ci_holm", None)
+        if c["p_holm"] is not None and c["p_holm"] < ALPHA:
+            c["verdict"] = "BETTER" if c["mean"] > 0 else "WORSE"
+        elif c["ci90"] is not None and -min_effect < c["ci90"][0] and c["ci90"][1] < min_effect:
+            c["verdict"] = "EQUIVALENT"
+        else:
+            c["verdict"] = "UNRESOLVED"
+        c["underpowered"] = c["detectable"] is not None and c["detectable"] > min_effect
+    return {"baseline": baseline, "min_effect": min_effect, "alpha": ALPHA, "power": POWER, "metric": "held-out Last",
+            "eval_samples_per_run": eval_samples, "methods": methods}  # fmt: skip
 
 
 def run_diagnostics(history: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
@@ -445,23 +777,157 @@ def _cell(stat: tuple[float, float] | None, digits: int = 3) -> str:
 
 
 def render_table(results: dict[str, Any]) -> str:
-    """The paper's table: held-out accuracy Last / Best per method, mean ± SE over seeds, plus the final training
-    entropy, response length, reward and KL."""
+    """The per-method table: held-out accuracy Last (mean ± SE over seeds, and each seed's) and Best, plus the final
+    training entropy, response length, reward and KL."""
     lines = [
-        "| method | seeds | held-out Last | held-out Best | sampling SE of one run | entropy | response length | "
-        "training reward | KL to ref |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | held-out Last | Last per seed | held-out Best | sampling SE of one run | entropy | "
+        "response length | training reward | KL to ref |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, row in results["methods"].items():
         sampling = f"{row['sampling_se']:.3f}" if row.get("sampling_se") is not None else "—"
+        by_seed = results["runs"][method]
+        per_seed = ", ".join(f"s{s}: {by_seed[s]['last']:.3f}" for s in row["seeds"])
         lines.append(
-            f"| {method} | {len(row['seeds'])} | {_cell(row['last'])} | {_cell(row['best'])} | {sampling} | "
-            f"{_cell(row['entropy'], 2)} | {_cell(row['completions/mean_length'], 1)} | {_cell(row['reward'])} | "
-            f"{_cell(row['kl'], 4)} |"
+            f"| {method} | {len(row['seeds'])} | {_cell(row['last'])} | {per_seed} | {_cell(row['best'])} | "
+            f"{sampling} | {_cell(row['entropy'], 2)} | {_cell(row['completions/mean_length'], 1)} | "
+            f"{_cell(row['reward'])} | {_cell(row['kl'], 4)} |"
         )
+    lines.append(
+        "\n± is the standard error of the mean over seeds (SD / √n): a spread, not an interval, and not for comparing "
+        "methods (see the paired comparison). Last is the final held-out evaluation; Best is the highest one, chosen "
+        "on the held-out set itself, so it is optimistic."
+    )
     if results.get("base_accuracy") is not None:
         lines.append(f"\nBase model before training: {results['base_accuracy']:.3f}.")
     return "\n".join(lines)
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return "—" if bounds is None else f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
+
+
+def _seeds(count: int | None) -> str:
+    return f"> {MAX_SEEDS}" if count is None else str(count)
+
+
+def _share(share: float | None) -> str:
+    return "—" if share is None else ("> 100%" if share > 1 else f"{share:.0%}")
+
+
+def _seed_list(seeds: list[int]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def describe_comparison(
+    method: str, baseline: str, c: dict[str, Any], min_effect: float, eval_samples: int | None
+) -> str:
+    """One method's comparison with the baseline in words: verdict, interval, power and what would resolve it."""
+    left = [f"{baseline}'s seed(s) {_seed_list(c['baseline_only'])}"] if c["baseline_only"] else []
+    left += [f"{method}'s seed(s) {_seed_list(c['method_only'])}"] if c["method_only"] else []
+    left_out = f" (left out, not finished by both: {'; '.join(left)})" if left else ""
+    if c["n"] == 0:
+        return f"- **{method}**: no seed finished by both it and {baseline}{left_out}; not compared."
+    if c["n"] == 1:
+        return (f"- **{method}: UNRESOLVED.** One shared seed ({c['seeds'][0]}){left_out}: difference "
+                f"{_signed(c['mean'])}; one pair gives no interval.")  # fmt: skip
+    text = (
+        f"- **{method}: {c['verdict']}.** Paired on seeds {_seed_list(c['seeds'])}{left_out}: differences "
+        f"{', '.join(_signed(d) for d in c['differences'])}; mean {_signed(c['mean'])}, SD {c['sd']:.3f}, 95% CI "
+        f"{_interval(c['ci95'])}, Holm-adjusted p {c['p_holm']:.3f} (its {c['holm_level']:.1%} interval "
+        f"{_interval(c['ci_holm'])}); 90% CI {_interval(c['ci90'])} against ±{min_effect:g}. Wins/losses/ties "
+        f"{c['wins']}/{c['losses']}/{c['ties']}"
+    )
+    if c["correlation"] is not None:
+        text += f"; correlation with {baseline} over seeds {c['correlation']:.2f}"
+    if c["eval_noise_share"] is not None:
+        text += f"; evaluation sampling noise is {_share(c['eval_noise_share'])} of the differences' variance"
+    text += (
+        f". Power: {c['n']} pairs detect {c['detectable']:.3f} with {POWER:.0%} power; a difference of "
+        f"{min_effect:g} needs {_seeds(c['seeds_needed'])} paired seeds at the observed SD, "
+        f"{_seeds(c['seeds_needed_pessimistic'])} at its {SD_UPPER_LEVEL:.0%} upper confidence limit "
+        f"({c['sd_upper']:.3f})."
+    )
+    if c["underpowered"]:
+        text += (
+            f" UNDERPOWERED: the smallest difference these seeds detect, {c['detectable']:.3f}, is above "
+            f"{min_effect:g}, so a true difference of {min_effect:g} would most likely go unseen."
+        )
+        share = c["eval_noise_share"]
+        if share is not None and share >= 0.5:
+            text += (
+                f" Evaluation noise is most of the variance: more evaluation samples per run (cheap) help more than "
+                f"more seeds. With 4x the evaluation samples ({4 * eval_samples} per run) the SD would be "
+                f"{c['sd_with_4x_eval_samples']:.3f} and {min_effect:g} would need "
+                f"{_seeds(c['seeds_needed_with_4x_eval_samples'])} seeds; without evaluation noise, SD "
+                f"{c['sd_without_eval_noise']:.3f} and {_seeds(c['seeds_needed_without_eval_noise'])} seeds."
+            )
+        elif share is not None:
+            text += (
+                f" Evaluation noise is {_share(share)} of the variance: more seeds help more than more evaluation "
+                f"samples (even without evaluation noise, {min_effect:g} would need "
+                f"{_seeds(c['seeds_needed_without_eval_noise'])} seeds)."
+            )
+    if c["n"] < MIN_EXACT_PAIRS:
+        text += (
+            f" With {c['n']} pairs no exact test (sign or permutation) can reach p < {ALPHA:g}: its smallest "
+            f"two-sided p is 2 / 2^{c['n']} = {2 / 2 ** c['n']:.3f}."
+        )
+    return text
+
+
+def render_comparisons(results: dict[str, Any]) -> str:
+    """The paired comparison with the baseline: a table, then each method in words, then what the verdicts mean."""
+    comparisons = results.get("comparisons")
+    if not comparisons:
+        return "No paired comparison: no baseline (the recipe has no `grpo`; set `baseline:` or pass --baseline)."
+    baseline, delta = comparisons["baseline"], comparisons["min_effect"]
+    lines = [
+        f"Paired with {baseline} on the same seed (held-out Last, method - {baseline}), min_effect ±{delta:g}:",
+        "",
+        "| method | pairs | mean difference | 95% CI | Holm p | wins/losses/ties | verdict | detectable (80% power) | "
+        f"seeds for {delta:g} (observed SD / pessimistic) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, c in comparisons["methods"].items():
+        if c["n"] < 2:
+            lines.append(f"| {method} | {c['n']} | {'—' if c['mean'] is None else _signed(c['mean'])} | — | — | "
+                         f"{c['wins']}/{c['losses']}/{c['ties']} | UNRESOLVED | — | — |")  # fmt: skip
+            continue
+        lines.append(
+            f"| {method} | {c['n']} | {_signed(c['mean'])} | {_interval(c['ci95'])} | {c['p_holm']:.3f} | "
+            f"{c['wins']}/{c['losses']}/{c['ties']} | {c['verdict']} | {c['detectable']:.3f} | "
+            f"{_seeds(c['seeds_needed'])} / {_seeds(c['seeds_needed_pessimistic'])} |"
+        )
+    lines += [
+        "",
+        *(
+            describe_comparison(m, baseline, c, delta, comparisons["eval_samples_per_run"])
+            for m, c in comparisons["methods"].items()
+        ),
+    ]
+    lines += [
+        "",
+        f"How to read it: the differences are paired by seed (methods on one seed share data order and base "
+        f"sampling). The 95% CI is the paired t interval (df = pairs - 1); Holm p is corrected across the "
+        f"{len(comparisons['methods'])} methods compared. BETTER / WORSE: Holm p < {ALPHA:g}. EQUIVALENT: the 90% CI "
+        f"lies inside ±{delta:g} (two one-sided tests at {ALPHA:g}). UNRESOLVED: neither; the data cannot tell. "
+        f'"Detectable" is the smallest true difference these pairs find with {POWER:.0%} power (noncentral t, '
+        f"observed SD); the pessimistic seed count uses the {SD_UPPER_LEVEL:.0%} upper confidence limit of the SD.",
+    ]
+    return "\n".join(lines)
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """results.md: warnings, the per-method table, the paired comparison and the diagnosis table."""
+    parts = ["Warnings:\n" + "\n".join(f"- {w}" for w in results["warnings"])] if results.get("warnings") else []
+    parts += [render_table(results), render_comparisons(results)]
+    diagnosis = render_diagnostics(results)
+    return "\n\n".join(parts + ([diagnosis] if diagnosis else [])) + "\n"
 
 
 def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
@@ -491,11 +957,72 @@ def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
     return written
 
 
-def write_report(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
-    """`results.json` (every number), `results.md` (the table and the diagnosis table) and the PNG figures, in
-    `output_dir`."""
+def plot_comparison(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
+    """Two PNGs: `differences.png`, each method's per-seed differences from the baseline with their mean, 95% interval,
+    the zero line and the ±min_effect band; `paired_accuracy.png`, each method's held-out Last per seed, each seed's
+    results joined across the methods."""
+    from .plotting import pyplot
+
+    plt = pyplot()
     output_dir = Path(output_dir)
+    written = []
+    comparisons = results.get("comparisons")
+    if comparisons and comparisons["methods"]:
+        baseline, delta, methods = comparisons["baseline"], comparisons["min_effect"], comparisons["methods"]
+        fig, ax = plt.subplots(figsize=(7, 0.6 * len(methods) + 1.5))
+        ax.axvspan(-delta, delta, color="tab:green", alpha=0.12, label=f"±{delta:g} (min_effect)")
+        ax.axvline(0, color="black", linewidth=0.8)
+        for row, c in enumerate(reversed(list(methods.values()))):
+            ax.scatter(c["differences"], [row] * c["n"], color="tab:blue", alpha=0.6, s=18, zorder=3)
+            if c["ci95"] is not None:
+                ax.errorbar(c["mean"], row, xerr=[[c["mean"] - c["ci95"][0]], [c["ci95"][1] - c["mean"]]], fmt="D",
+                            color="black", capsize=4, zorder=4)  # fmt: skip
+            elif c["mean"] is not None:
+                ax.plot(c["mean"], row, "D", color="black")
+        ax.set_yticks(range(len(methods)), [f"{m} (n={c['n']})" for m, c in reversed(list(methods.items()))])
+        ax.set(
+            xlabel=f"held-out Last, method - {baseline}",
+            title=f"Paired with {baseline}: seeds (dots), mean and 95% CI",
+        )
+        ax.legend(fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        written.append(output_dir / "differences.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    runs = results["runs"]
+    if runs:
+        names = list(runs)
+        seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+        for seed in seeds:
+            values = [runs[m][seed]["last"] if seed in runs[m] else None for m in names]
+            ax.plot(range(len(names)), [math.nan if v is None else v for v in values], marker="o", alpha=0.6,
+                    label=f"seed {seed}")  # fmt: skip
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set(ylabel="held-out Last", title="Held-out accuracy per method, each seed joined across methods")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        written.append(output_dir / "paired_accuracy.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_report(results: dict[str, Any], output_dir: str | Path, echo: Callable[[str], Any] = print) -> list[Path]:
+    """`results.json` (every number), `results.md` (`render_report`) and the PNG figures, in `output_dir`; without
+    matplotlib, the tables only, and `echo` says why there are no figures."""
+    from .plotting import pyplot
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    diagnosis = render_diagnostics(results)
-    (output_dir / "results.md").write_text(render_table(results) + ("\n\n" + diagnosis if diagnosis else "") + "\n")
-    return [output_dir / "results.json", output_dir / "results.md", *plot_curves(results, output_dir)]
+    (output_dir / "results.md").write_text(render_report(results))
+    written = [output_dir / "results.json", output_dir / "results.md"]
+    try:
+        pyplot()
+    except ImportError as err:
+        echo(f"Warning: no figures written: {err}")
+        return written
+    return [*written, *plot_curves(results, output_dir), *plot_comparison(results, output_dir)]

@@ -84,8 +84,10 @@ def save_curve(fig: Any, ax: Any, title: str, path: Path, *, legend_size: float 
 
 
 def plot_curves(log_history: list[dict], output_dir: str | Path) -> list[Path]:
-    """One PNG per entry of `CURVES` that the log has, value against optimiser step; returns the files written."""
+    """One PNG per entry of `CURVES` that the log has, value against optimiser step, in `output_dir` (made if
+    missing); returns the files written."""
     plt = pyplot()
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for name, (title, series) in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))

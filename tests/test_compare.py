@@ -109,6 +109,15 @@ def test_recipe_shape_is_checked(tmp_path):
     path.write_text(yaml.safe_dump({"train": {}, "methods": {"a": {}}}))
     with pytest.raises(ValueError, match="train, methods and seeds"):
         load_recipe(path)
+    recipe = {"train": {}, "methods": {"a": {}, "b": {}}, "seeds": [0], "baseline": "b", "min_effect": 0.02}
+    path.write_text(yaml.safe_dump(recipe))
+    assert load_recipe(path)["baseline"] == "b"
+    path.write_text(yaml.safe_dump({**recipe, "baseline": "c"}))
+    with pytest.raises(ValueError, match="baseline 'c' is not one of the methods \\['a', 'b'\\]"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({**recipe, "min_effect": -0.1}))
+    with pytest.raises(ValueError, match="min_effect must be a positive number"):
+        load_recipe(path)
 
 
 def test_plan_is_seed_major_and_resume_skips_finished_runs(tmp_path):
@@ -346,3 +355,62 @@ def test_methods_may_differ_in_the_teacher_view(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"train": {"max_steps": 1}, "methods": methods, "seeds": [0]}))
     main(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--dry_run"])
     assert "b" in capsys.readouterr().out
+
+
+def test_the_report_covers_every_finished_run_including_seeds_added_on_the_command_line(tmp_path, monkeypatch):
+    import sdpg_trl.scripts.compare as script
+
+    config = tmp_path / "compare.yaml"
+    recipe = {"train": {"max_steps": 1, "use_cpu": True}, "methods": {"grpo": {"method": "grpo"}, "x": {}},
+              "seeds": [0]}  # fmt: skip
+    config.write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(script, "train_in_subprocess", fake_trainer(set(), []))
+    out = tmp_path / "out"
+    argv = ["--config", str(config), "--output_dir", str(out), "--model_name_or_path", "unused"]
+    main(argv)
+    main([*argv, "--methods", "x", "--seeds", "7", "8"])  # seeds the recipe does not list, one method only
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["runs"]["x"]) == ["0", "7", "8"] and sorted(results["runs"]["grpo"]) == ["0"]
+    assert "s0: 0.500, s7: 0.500, s8: 0.500" in (out / "results.md").read_text()
+    assert results["comparisons"]["methods"]["x"]["method_only"] == [7, 8]
+    # A run whose recorded settings are not the recipe's is reported, with a warning naming it.
+    marker = json.loads((out / "x" / "seed7" / "run.json").read_text())
+    marker["config"]["max_steps"] = 2
+    (out / "x" / "seed7" / "run.json").write_text(json.dumps(marker))
+    results = collect(out, recipe, model_name_or_path="unused")
+    assert results["warnings"] == [
+        f"{out / 'x' / 'seed7'}: trained with other settings than the recipe's: max_steps: 2 (recipe: 1)."
+    ]
+
+
+def test_render_only_merges_the_runs_of_other_comparison_folders(tmp_path, monkeypatch, capsys):
+    import sdpg_trl.scripts.compare as script
+
+    config = tmp_path / "compare.yaml"
+    recipe = {"train": {"max_steps": 1, "use_cpu": True}, "methods": {"grpo": {"method": "grpo"}, "x": {}},
+              "seeds": [0, 1]}  # fmt: skip
+    config.write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(script, "train_in_subprocess", fake_trainer(set(), []))
+    first, more = tmp_path / "first", tmp_path / "more"
+    main(
+        ["--config", str(config), "--output_dir", str(first), "--model_name_or_path", "unused", "--min_effect", "0.1"]
+    )
+    main(["--config", str(config), "--output_dir", str(more), "--model_name_or_path", "unused", "--seeds", "3", "4"])
+    (first / "old_results.json").write_text((first / "results.json").read_text())
+    capsys.readouterr()
+    main(["--output_dir", str(first), "--render_only", "--merge", str(more)])
+    results = json.loads((first / "results.json").read_text())
+    assert {m: sorted(r) for m, r in results["runs"].items()} == {
+        "grpo": ["0", "1", "3", "4"],
+        "x": ["0", "1", "3", "4"],
+    }
+    assert results["comparisons"]["methods"]["x"]["seeds"] == [0, 1, 3, 4]
+    assert results["comparisons"]["min_effect"] == 0.1  # as the results.json it started from
+    assert "| x | 4 |" in capsys.readouterr().out
+    main(["--output_dir", str(first), "--render_only", "--merge", str(more)])  # merging again changes nothing
+    assert json.loads((first / "results.json").read_text()) == results
+    main(["--output_dir", str(first), "--render_only", "--merge", str(first / "old_results.json")])
+    assert json.loads((first / "results.json").read_text())["runs"] == results["runs"]
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(first), "--render_only", "--baseline", "nope"])
+    assert "The baseline 'nope' has no finished run; the runs are of ['grpo', 'x']" in capsys.readouterr().err

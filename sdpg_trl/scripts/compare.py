@@ -2,13 +2,14 @@
 
     sdpg-compare --config recipes/compare_demo_cpu.yaml                    # the CPU comparison in docs/RESULTS.md
     sdpg-compare --config recipes/compare_demo_cpu.yaml --methods grpo sdpg_urkl --seeds 0
-    sdpg-compare --config recipes/compare_demo_cpu.yaml --render_only       # redraw from results.json
+    sdpg-compare --output_dir outputs/compare --render_only                 # recompute the report from results.json
+    sdpg-compare --output_dir outputs/compare --render_only --merge outputs/more_seeds  # add another folder's runs
     python -m sdpg_trl.scripts.compare --config my_compare.yaml --output_dir outputs/my-compare --dry_run
 
 Resumable: a finished run is never rerun, an interrupted or failed one starts again; a failed run does not stop the
 others (the command exits non-zero at the end). Writes into the output folder one folder per run (its recipe, log,
-trainer state and `run.json`), `base_eval.json`, `results.json` (every number), `results.md` (the table: held-out
-Last and Best per method, mean ± standard error over seeds) and one PNG per curve.
+trainer state and `run.json`), `base_eval.json`, `results.json` (every number), `results.md` (the per-method table,
+each method paired by seed with the baseline: interval, verdict and power) and the PNG figures.
 """
 
 from __future__ import annotations
@@ -24,19 +25,26 @@ from pathlib import Path
 import yaml
 
 from ..compare import (
+    REPORT_KEYS,
     adopt_completed_runs,
+    analyse,
     check_finished_runs,
+    check_min_effect,
     check_runs,
     collect,
+    collect_folder,
     completed_without_marker,
     execute,
     is_finished,
     last_evaluation_warnings,
     load_recipe,
+    merge_runs,
     plan_runs,
+    render_report,
     train_in_subprocess,
     write_report,
 )
+from ..plotting import pyplot
 
 # sdpg-evaluate's own switches, not settings of the evaluation. `use_vllm` and the vLLM settings are: runs that roll
 # out with vLLM evaluate with their vLLM engine, so the base model is evaluated with vLLM too.
@@ -81,6 +89,30 @@ def evaluate_base(train: dict, model_name_or_path: str, output_dir: Path) -> Non
     print(f"  base held-out accuracy {report['accuracy']:.3f}", flush=True)
 
 
+def render_only(output_dir: Path, merge: list[str], baseline: str | None, min_effect: float | None) -> dict:
+    """The report recomputed without training: from `output_dir/results.json`, with the runs of each `merge` source
+    added (a `results.json` file, or a comparison folder whose finished run folders are read). The baseline and
+    min_effect default to the ones results.json was made with."""
+    source = output_dir / "results.json"
+    if not source.is_file():
+        raise SystemExit(f"--render_only: {source} does not exist (run the comparison first).")
+    earlier = json.loads(source.read_text())
+    parts = [(str(source), earlier)]
+    for path in map(Path, merge):
+        if path.is_file():
+            parts.append((str(path), json.loads(path.read_text())))
+        elif path.is_dir():
+            parts.append((str(path), collect_folder(path)))
+        else:
+            raise SystemExit(f"--merge {path}: neither a results.json nor a comparison folder.")
+    made_with = earlier.get("comparisons") or {}
+    return analyse(
+        merge_runs(parts),
+        baseline=baseline or made_with.get("baseline"),
+        min_effect=min_effect if min_effect is not None else made_with.get("min_effect"),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point `sdpg-compare`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -89,21 +121,58 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output_dir", default="outputs/compare", help="Folder for the runs and the report.")
     parser.add_argument("--methods", nargs="+", help="Run only these methods of the recipe.")
-    parser.add_argument("--seeds", nargs="+", type=int, help="Run only these seeds.")
+    parser.add_argument("--seeds", nargs="+", type=int, help="Run these seeds (the recipe's or others).")
     parser.add_argument("--model_name_or_path", help="Model to train (default: the recipe's, else the demo model).")
-    parser.add_argument("--render_only", action="store_true", help="Redraw table and figures from results.json.")
+    parser.add_argument(
+        "--baseline", help="Method every other is compared with (default: the recipe's baseline:, else grpo)."
+    )
+    parser.add_argument(
+        "--min_effect",
+        type=float,
+        help="Smallest held-out difference that matters (default: the recipe's, else 0.05).",
+    )
+    parser.add_argument(
+        "--render_only", action="store_true", help="Recompute the report from results.json, without training."
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="With --render_only: add the runs of these results.json files or comparison folders to the report.",
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print the runs and exit.")
     args = parser.parse_args(argv)
+    if args.min_effect is not None:
+        try:
+            check_min_effect(args.min_effect, "--min_effect")
+        except ValueError as err:
+            parser.error(str(err))
+    if args.merge and not args.render_only:
+        parser.error("--merge works with --render_only (a comparison collects its own output folder)")
+    try:  # checked before any run: without matplotlib the report is the tables only
+        pyplot()
+    except ImportError as err:
+        print(f"Warning: the report will have no figures: {err}", flush=True)
 
     output_dir = Path(args.output_dir)
     if args.render_only:
-        results = json.loads((output_dir / "results.json").read_text())
+        try:
+            results = render_only(output_dir, args.merge, args.baseline, args.min_effect)
+        except ValueError as err:  # a baseline without runs, the same run with other numbers in two sources
+            parser.error(str(err))
         for path in write_report(results, output_dir):
             print(path)
+        print(render_report(results))
         return
     if not args.config:
         parser.error("--config is required (only --render_only works without it)")
     recipe = load_recipe(args.config)
+    baseline = args.baseline or recipe.get("baseline")
+    if baseline is not None and baseline not in recipe["methods"]:
+        parser.error(f"--baseline {baseline!r} is not one of the recipe's methods {list(recipe['methods'])}")
+    baseline = baseline or (REPORT_KEYS["baseline"] if REPORT_KEYS["baseline"] in recipe["methods"] else None)
+    min_effect = args.min_effect if args.min_effect is not None else recipe.get("min_effect")
     for name, flags in recipe["methods"].items():  # the base model is evaluated once, so every run must evaluate alike
         if set(flags or {}) & evaluation_keys():
             parser.error(
@@ -129,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 state = "unfinished, restarts"
             else:
                 state = "to run"
-            print(f"{run.method:>28} seed {run.seed}: {run.folder} ({state})")
+            print(f"{run.method:>28} seed {run.seed}: {run.folder.resolve()} ({state})")
         return
     from .train import make_parser  # the training stack, needed from here on only
 
@@ -143,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     if recipe["train"].get("eval_every_steps"):
         evaluate_base(recipe["train"], model, output_dir)
     failed = execute(runs, train=train_in_subprocess, echo=lambda line: print(line, flush=True))
-    results = collect(output_dir, recipe)
+    # Every finished run in the folder, not only this invocation's (e.g. seeds added with --seeds).
+    results = collect(output_dir, recipe, model_name_or_path=model, baseline=baseline, min_effect=min_effect)
     written = write_report(results, output_dir)
-    print((output_dir / "results.md").read_text())
+    print(render_report(results))
     print("Wrote " + ", ".join(str(p) for p in written))
     if failed:  # the report above holds the finished runs; a rerun restarts only the failed ones
         listing = "; ".join(f"{run.method} seed {run.seed} ({error})" for run, error in failed)

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig
 
 from .config import SDPGConfig
+from .losses import ANCHOR_ESTIMATORS, LOSS_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,29 @@ TRAINER_STATE_NAME = "trainer_state.json"  # transformers writes it last into a 
 
 # SDPG's own fields that do not change what is optimised (logging, memory, the skip guard's patience).
 _OPERATIONAL_FIELDS = frozenset({"max_consecutive_skipped_steps", "log_term_grad_norms", "distill_chunk_size"})
-# GRPOConfig's fields that shape the outcome term, the anchor, the advantages or the generation cycle.
+# GRPOConfig's fields that shape every outcome term, the anchor, the advantages or the generation cycle; the fields
+# each registered loss type and anchor estimator reads are added from the registries (`loss_shaping_fields`).
 _GRPO_LOSS_FIELDS = (
-    "beta", "loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level", "temperature",
-    "num_generations", "scale_rewards", "reward_weights", "top_entropy_quantile", "off_policy_mask_threshold",
-    "use_bias_correction_kl", "num_iterations", "steps_per_generation",
-)  # fmt: skip
+    "beta",
+    "loss_type",
+    "importance_sampling_level",
+    "temperature",
+    "num_generations",
+    "scale_rewards",
+    "reward_weights",
+    "top_entropy_quantile",
+    "off_policy_mask_threshold",
+    "use_bias_correction_kl",
+    "num_iterations",
+    "steps_per_generation",
+)
+
+
+def loss_shaping_fields() -> tuple[str, ...]:
+    """GRPO's fields that shape the loss: `_GRPO_LOSS_FIELDS` and every field a registered loss type or anchor
+    estimator declares it reads (`losses.LOSS_TYPES`, `losses.ANCHOR_ESTIMATORS`)."""
+    registered = [name for entry in (*LOSS_TYPES.values(), *ANCHOR_ESTIMATORS.values()) for name in entry.reads]
+    return tuple(dict.fromkeys([*_GRPO_LOSS_FIELDS, *registered]))
 
 
 def loss_settings(args: SDPGConfig) -> dict[str, Any]:
@@ -48,7 +66,7 @@ def loss_settings(args: SDPGConfig) -> dict[str, Any]:
     grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     names = [f.name for f in dataclasses.fields(SDPGConfig) if f.name not in grpo_fields | _OPERATIONAL_FIELDS]
     # Through JSON, so that the values compare as they are read back (tuples become lists).
-    return json.loads(json.dumps({name: getattr(args, name) for name in [*names, *_GRPO_LOSS_FIELDS]}))
+    return json.loads(json.dumps({name: getattr(args, name) for name in [*names, *loss_shaping_fields()]}))
 
 
 def write_settings(folder: str, args: SDPGConfig) -> None:

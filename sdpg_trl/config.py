@@ -23,9 +23,10 @@ import torch
 from transformers.integrations import integration_utils
 from trl import GRPOConfig
 
-from .losses import CLIPPED_LOSS_TYPES, LOSS_TYPES
+from .losses import ANCHOR_ESTIMATORS, LOSS_TYPES, clipped_loss_types
 
-KL_ESTIMATORS = ("k3", "urkl", "ufkl", "rkl", "fkl")
+# The registries themselves (`losses.py`), so that an estimator or loss type registered later is allowed too.
+KL_ESTIMATORS = ANCHOR_ESTIMATORS
 TEACHER_MODEL_KINDS = ("live", "base", "ema")  # TRL SDPOTrainer's names
 
 DEFAULT_TEACHER_TEMPLATE = (
@@ -385,9 +386,9 @@ class SDPGConfig(GRPOConfig):
 
         kl_estimator (`str`, *optional*, defaults to `"urkl"`):
             Per-token surrogate for the anchor to the frozen reference policy, with `w = pi_theta / pi_ref` on
-            sampled tokens: `"urkl"` `0.5 * log(w)^2` (the reference code's default), `"ufkl"` `1/w + log w`,
-            `"rkl"` `0.5 * (log w + 1)^2`, `"fkl"` `1/w`, or `"k3"` TRL's `1/w + log w - 1` (same gradient as
-            `"ufkl"`).
+            sampled tokens: an estimator registered in `sdpg_trl.losses.ANCHOR_ESTIMATORS` (the choices `--help`
+            lists; docs/ALGORITHM.md gives each one's formula). `"urkl"` is the reference code's default, `"k3"`
+            TRL's.
         beta (`float`, *optional*, defaults to `1e-3`; GRPOConfig: `0.0`):
             The anchor coefficient `alpha` (TRL's name, kept so GRPO recipes keep their meaning). `0.0` skips the
             reference model entirely. The `"grpo"` method fills GRPOConfig's `0.0`.
@@ -409,10 +410,11 @@ class SDPGConfig(GRPOConfig):
         preset, or `distill_coef=0` with the same settings) SDPGTrainer's loss and gradient are GRPOTrainer's.
 
         loss_type (`str`, *optional*, defaults to `"dapo"`, as GRPOConfig):
-            `"grpo"`, `"bnpo"`, `"dr_grpo"`, `"dapo"`, `"cispo"`, `"sapo"`, `"luspo"` or `"vespo"`: GRPO's surrogate
-            and aggregation of the outcome term and the anchor (GRPO's per-token loss is its policy term plus its KL
-            term). The distillation term is always summed over tokens and divided by the number of completion tokens
-            `N` (SPEC 2, DAPO-style), whatever the loss type; with `"dapo"` every term is over `N`, as in SPEC 2.
+            A loss type registered in `sdpg_trl.losses.LOSS_TYPES` (GRPO's, the choices `--help` lists;
+            docs/ALGORITHM.md gives each one's surrogate and aggregation): GRPO's surrogate and aggregation of the
+            outcome term and the anchor (GRPO's per-token loss is its policy term plus its KL term). The
+            distillation term is always summed over tokens and divided by the number of completion tokens `N` (SPEC
+            2, DAPO-style), whatever the loss type; with `"dapo"` every term is over `N`, as in SPEC 2.
             On-policy the outcome is the REINFORCE surrogate `-A log pi` (SPEC 2.1), which has the gradient of the
             clipped and soft surrogates at ratio 1 (cispo and vespo keep their form with ratio 1); see
             `on_policy_surrogate`.
@@ -484,7 +486,7 @@ class SDPGConfig(GRPOConfig):
     use_bias_correction_kl: bool = False
 
     # The outcome term (SPEC 2.1); `loss_type` is GRPOConfig's, with its default
-    loss_type: str = "dapo"
+    loss_type: str = field(default="dapo", metadata={"choices": LOSS_TYPES})
     on_policy_surrogate: str = field(default="reinforce", metadata={"choices": ["reinforce", "ratio"]})
     dual_clip: float | None = 3.0
 
@@ -608,7 +610,7 @@ class SDPGConfig(GRPOConfig):
     def _check_outcome_options(self) -> None:
         """GRPO's options for the outcome term: each is supported, unless it conflicts with SDPG's own terms."""
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"SDPGConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+            raise ValueError(f"SDPGConfig.loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}.")
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(
                 "SDPGConfig.importance_sampling_level must be 'token' or 'sequence', "
@@ -618,10 +620,11 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(f"SDPGConfig.top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}.")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
-        if self.dual_clip is not None and self.loss_type not in CLIPPED_LOSS_TYPES:
+        if self.dual_clip is not None and self.loss_type not in clipped_loss_types():
             raise ValueError(
                 f"SDPGConfig.dual_clip must be None with loss_type={self.loss_type!r}: the dual clip floors PPO's "
-                f"clipped ratio (loss types {CLIPPED_LOSS_TYPES}), which {self.loss_type} replaces with its own bound."
+                f"clipped ratio (loss types {clipped_loss_types()}), which {self.loss_type} replaces with its own "
+                "bound."
             )
         if self.use_bias_correction_kl and self.anchor_ratio_weighted:
             raise ValueError(
@@ -673,7 +676,9 @@ class SDPGConfig(GRPOConfig):
         if self.distill_chunk_size < 1:
             raise ValueError(f"SDPGConfig.distill_chunk_size must be >= 1, got {self.distill_chunk_size}.")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"SDPGConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
+            raise ValueError(
+                f"SDPGConfig.kl_estimator must be one of {tuple(KL_ESTIMATORS)}, got {self.kl_estimator!r}."
+            )
         self._check_outcome_options()
         if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
             raise ValueError(

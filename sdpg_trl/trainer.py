@@ -48,7 +48,6 @@ from .config import SDPGConfig
 from .guards import StepGuard, reward_fault
 from .head_kernels import HeadScores, LMHead, lm_head_parameters, score_tokens
 from .losses import (
-    CLIPPED_LOSS_TYPES,
     Aggregation,
     LossTerms,
     Outcome,
@@ -57,6 +56,7 @@ from .losses import (
     anchor_per_token,
     distill_coef_schedule,
     distill_token_weight,
+    get_loss_type,
     k3_kl,
     loss_aggregation,
     loss_terms,
@@ -639,7 +639,8 @@ class SDPGTrainer(GRPOTrainer):
         args, metrics = self.args, self._metrics[mode]
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         # GRPO's `policy_loss`: the loss before the bonus, per accumulation window for the per-sequence loss types
-        policy_loss = loss.detach() * (1.0 if args.loss_type in ("dapo", "cispo", "vespo") else accumulation)
+        spans_accumulation = get_loss_type(args.loss_type).aggregation.spans_accumulation
+        policy_loss = loss.detach() * (1.0 if spans_accumulation else accumulation)
         entropy_loss = (entropy * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
         # The coefficient and gate of the previous optimizer step, so that a window's micro-batches apply the same.
         coef = self.entropy_coef
@@ -733,18 +734,16 @@ class SDPGTrainer(GRPOTrainer):
         self, metrics: dict, policy: Outcome, options: OutcomeOptions, advantages: torch.Tensor, mask: torch.Tensor
     ) -> None:
         """GRPOTrainer's importance-ratio metrics for the loss type, under its names, so SDPG runs read like GRPO
-        runs: `clip_ratio/*` (PPO's clip), `cispo_clip_ratio`, `vespo/phi_seq_mean` (sapo logs none)."""
+        runs: `clip_ratio/*` (PPO's clipped types) and the loss type's own (`LossType.metrics`)."""
         adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        ratio, loss_type = policy.ratio.detach(), options.loss_type
+        ratio, loss_type = policy.ratio.detach(), get_loss_type(options.loss_type)
 
         def mean(values: torch.Tensor) -> float:  # `(B, 1)`: one value per sequence, averaged over sequences (TRL)
             return self._global_masked_mean(values, torch.ones_like(values) if values.size(1) == 1 else mask)
 
-        if loss_type == "cispo":
-            metrics["cispo_clip_ratio"].append(mean(((ratio > options.epsilon_high) & (adv > 0)).float()))
-        if loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"].append(mean(policy.vespo_weight))
-        if loss_type not in CLIPPED_LOSS_TYPES:
+        for name, values in (loss_type.metrics(policy, options, adv) if loss_type.metrics else {}).items():
+            metrics[name].append(mean(values))
+        if not loss_type.clipped:
             return
         if options.delta is not None:  # GRPOTrainer measures the ratio after its two-sided cap
             ratio = ratio.clamp(max=options.delta)

@@ -11,10 +11,18 @@ import pytest
 import torch
 from conftest import make_model
 from peft import get_peft_model
-from test_trainer import LORA, make_trainer
+from test_trainer import LORA, make_args, make_trainer
 
 from sdpg_trl import _trl_compat
-from sdpg_trl.checkpoints import EMA_ADAPTER_NAME, EMA_TEACHER_NAME, SETTINGS_NAME, loss_settings
+from sdpg_trl.checkpoints import (
+    EMA_ADAPTER_NAME,
+    EMA_TEACHER_NAME,
+    SETTINGS_NAME,
+    TRAINER_STATE_NAME,
+    check_resumable,
+    loss_settings,
+    write_settings,
+)
 
 # Every rollout is distilled (no gate), so the teacher's weights reach the loss at every step; a checkpoint at step 1
 # of 2 (a generation cycle is 1 step here).
@@ -125,3 +133,24 @@ def test_resume_with_other_loss_settings_is_refused_naming_them(tmp_path, tokeni
     same = make_trainer(tmp_path, tiny_model_dir, tokenizer, **RUN, distill_chunk_size=7, log_term_grad_norms=True)
     same.train(resume_from_checkpoint=str(checkpoint))
     assert same.state.global_step == 2
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        (dict(loss_type="sapo", dual_clip=None, sapo_temperature_pos=2.0), r"sapo_temperature_pos: 1.0 -> 2.0"),
+        (dict(loss_type="sapo", dual_clip=None, sapo_temperature_neg=2.0), r"sapo_temperature_neg: 1.05 -> 2.0"),
+        (dict(loss_type="vespo", dual_clip=None, vespo_k_pos=1.0), r"vespo_k_pos: 2.0 -> 1.0"),
+        (dict(loss_type="vespo", dual_clip=None, vespo_lambda_neg=1.0), r"vespo_lambda_neg: 2.0 -> 1.0"),
+        (dict(loss_type="dr_grpo", max_completion_length=5), r"max_completion_length: 6 -> 5"),
+    ],
+)
+def test_resume_refuses_a_change_of_a_field_a_registered_loss_type_reads(tmp_path, changed, message):
+    """The resume check's loss fields come from the registries: the fields SAPO, VESPO and Dr. GRPO read (which the
+    hand-kept list left out) are compared too."""
+    loss_type = {"loss_type": changed["loss_type"], "dual_clip": changed.get("dual_clip", 3.0)}
+    (tmp_path / TRAINER_STATE_NAME).write_text("{}")
+    write_settings(str(tmp_path), make_args(tmp_path, **loss_type))
+    check_resumable(str(tmp_path), make_args(tmp_path, **loss_type))  # the same settings resume
+    with pytest.raises(ValueError, match=rf"with other settings than it was trained with.*{message}"):
+        check_resumable(str(tmp_path), make_args(tmp_path, **changed))

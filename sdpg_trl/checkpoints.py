@@ -4,8 +4,9 @@ resume refuses.
 Each checkpoint folder gets, before transformers writes the model and, last, `trainer_state.json`:
 - `sdpg_settings.json`: the settings that define the objective (`loss_settings`). A resume with other values is
   refused, naming each field that changed, since it would train on silently with another loss.
-- with `teacher_model_kind: ema` and a full copy of the weights, `sdpg_ema_teacher.pt`: the EMA teacher's
-  weights (with LoRA the EMA teacher is the `sdpg_ema_teacher` adapter, which PEFT saves with the policy's).
+- whatever the teacher kind keeps (`teachers.Teacher.save`): with `teacher_model_kind: ema` and a full copy of the
+  weights, `sdpg_ema_teacher.pt`, the EMA teacher's weights (with LoRA the EMA teacher is the `sdpg_ema_teacher`
+  adapter, which PEFT saves with the policy's).
 
 A folder without a readable `trainer_state.json` was not completely written (the run stopped while saving it);
 `last_complete_checkpoint` skips it with a warning instead of resuming from it.
@@ -29,8 +30,6 @@ from .losses import ANCHOR_ESTIMATORS, LOSS_TYPES
 logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "sdpg_settings.json"
-EMA_TEACHER_NAME = "sdpg_ema_teacher.pt"
-EMA_ADAPTER_NAME = "sdpg_ema_teacher"
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers writes it last into a checkpoint folder
 
 # SDPG's own fields that do not change what is optimised (logging, memory, the skip guard's patience).
@@ -133,3 +132,34 @@ def check_resumable(folder: str, args: SDPGConfig) -> None:
             f"{'; '.join(changed)}. Resume with the checkpoint's settings ({path}), or start a new run from its "
             f"weights (model_name_or_path={folder}) to train with these."
         )
+
+
+def resolve_resume(resume_from_checkpoint: str | os.PathLike | bool | None, args: SDPGConfig) -> Any:
+    """`Trainer.train`'s `resume_from_checkpoint`, checked: `True` becomes the last *complete* checkpoint in
+    `output_dir` (an error when there is none), and a folder that is incomplete, or was trained with other loss
+    settings than `args` (`loss_settings`), is refused with an error naming what differs."""
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = last_complete_checkpoint(args.output_dir)
+        if resume_from_checkpoint is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True, but output_dir ({args.output_dir}) has no completely written "
+                "checkpoint folder."
+            )
+    if isinstance(resume_from_checkpoint, str | os.PathLike):
+        check_resumable(os.fspath(resume_from_checkpoint), args)
+    return resume_from_checkpoint
+
+
+def at_cycle_end(global_step: int, args: SDPGConfig) -> bool:
+    """Whether a checkpoint at `global_step` resumes exactly; warns when not. A resume restarts GRPOTrainer's
+    generation cycle, so only a checkpoint at a cycle's end resumes exactly."""
+    cycle = args.generation_cycle_steps
+    if global_step % cycle == 0:
+        return True
+    logger.warning(
+        "SDPG did not save a checkpoint at step %d: it falls inside a generation cycle of %d optimizer steps "
+        "(steps_per_generation x num_iterations), and resuming from it would generate again mid-cycle and "
+        "replay prompts. Checkpoints are written at multiples of %d steps.",
+        global_step, cycle, cycle,
+    )  # fmt: skip
+    return False

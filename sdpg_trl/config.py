@@ -23,11 +23,12 @@ import torch
 from transformers.integrations import integration_utils
 from trl import GRPOConfig
 
-from .losses import ANCHOR_ESTIMATORS, LOSS_TYPES, clipped_loss_types
+from .losses import ANCHOR_ESTIMATORS, LOSS_TYPES, LossTerms, clipped_loss_types, loss_terms
+from .teachers import TEACHER_KINDS
 
 # The registries themselves (`losses.py`), so that an estimator or loss type registered later is allowed too.
 KL_ESTIMATORS = ANCHOR_ESTIMATORS
-TEACHER_MODEL_KINDS = ("live", "base", "ema")  # TRL SDPOTrainer's names
+TEACHER_MODEL_KINDS = TEACHER_KINDS  # `teachers.py`'s registry: TRL SDPOTrainer's names, and any registered later
 
 DEFAULT_TEACHER_TEMPLATE = (
     "\n\n---\nPrivileged hint (for you only): {context}\n\n"
@@ -517,9 +518,17 @@ class SDPGConfig(GRPOConfig):
         return micro_batches // math.gcd(micro_batches, self.gradient_accumulation_steps)
 
     @property
+    def method_terms(self) -> LossTerms:
+        """The terms the method has at all, from its unscheduled coefficients (a step has those its schedules leave
+        on: `step_terms.step_coefficients`)."""
+        return loss_terms(
+            outcome_coef=self.outcome_coef, distill_coef=self.distill_coef, rlsd_lam=self.rlsd_coef, kl_coef=self.beta
+        )
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether the method scores the teacher view at all (and so needs the privileged context)."""
-        return self.distill_coef > 0 or self.rlsd_coef > 0
+        return self.method_terms.teacher
 
     @property
     def teacher_context_column(self) -> str | None:
@@ -661,7 +670,8 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(f"SDPGConfig.rlsd_clip (eps_w) must be in [0, 1), got {self.rlsd_clip}.")
         if self.teacher_model_kind not in TEACHER_MODEL_KINDS:
             raise ValueError(
-                f"SDPGConfig.teacher_model_kind must be one of {TEACHER_MODEL_KINDS}, got {self.teacher_model_kind!r}."
+                f"SDPGConfig.teacher_model_kind must be one of {tuple(TEACHER_MODEL_KINDS)}, got "
+                f"{self.teacher_model_kind!r}."
             )
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(f"SDPGConfig.teacher_update_rate must be in (0, 1], got {self.teacher_update_rate}.")

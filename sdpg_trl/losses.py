@@ -311,6 +311,12 @@ def vespo_surrogate(x: SurrogateInputs, options: OutcomeOptions) -> tuple[torch.
     return -weight * x.advantages * x.logps, weight
 
 
+def sampler_log_probs(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor | None) -> torch.Tensor:
+    """`(B, T)` log-probs of the policy that sampled: the old ones off-policy, else the detached current ones (the
+    one place this fallback is written; GRPOTrainer passes no old log-probs on-policy)."""
+    return per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+
+
 def outcome_per_token(
     per_token_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -343,7 +349,7 @@ def outcome_per_token(
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     mask = torch.ones_like(per_token_logps) if mask is None else mask.to(per_token_logps.dtype)
     on_policy = old_per_token_logps is None
-    log_ratio = per_token_logps - (per_token_logps.detach() if on_policy else old_per_token_logps)
+    log_ratio = per_token_logps - sampler_log_probs(per_token_logps, old_per_token_logps)
     if options.importance_sampling_level == "sequence":
         ratio = torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
     else:
@@ -598,11 +604,13 @@ def token_selection(
 
 
 class Aggregation(NamedTuple):
-    """How per-token terms are summed into the loss: SPEC 2's `N` for the distillation term and GRPO's `(B, T)`
-    weights for the outcome and the anchor (`policy_token_weights`)."""
+    """How per-token terms are summed into the loss: SPEC 2's `N` for the distillation term, GRPO's `(B, T)`
+    weights for the outcome and the anchor (`policy_token_weights`), and the gradient accumulation steps they span
+    (1 in evaluation), which GRPO's entropy bonus and MoE auxiliary loss are divided by too."""
 
     normalizer: torch.Tensor
     policy_weights: torch.Tensor
+    accumulation_steps: int = 1
 
 
 def loss_aggregation(
@@ -631,7 +639,7 @@ def loss_aggregation(
         mask, loss_type, token_normalizer=normalizer, max_completion_length=max_completion_length,
         accumulation_steps=accumulation_steps,
     )  # fmt: skip
-    return Aggregation(normalizer, weights)
+    return Aggregation(normalizer, weights, accumulation_steps)
 
 
 def sdpg_objective(
@@ -657,7 +665,8 @@ def sdpg_objective(
     is over `N` as SPEC 2 says.
 
     Args:
-        outcome, distill_kl, anchor: `(B, T)` per-token terms, or None when the step does not use the term.
+        outcome, distill_kl, anchor: `(B, T)` per-token terms, or None when the step does not use the term (whether
+            it does is `LossTerms`' decision; a term given here is added, whatever its coefficient).
         mask: `(B, T)` completion mask. rho: `(B, T)` detached importance ratio (1 on-policy).
         distill_weight: `(B,)` gate m_i, or `(B, T)` the gate times per-token filters (EOS, teacher confidence).
         distill_coef: the scheduled beta(k). kl_coef: alpha. outcome_coef: 1 for every method but pure distillation.
@@ -666,12 +675,12 @@ def sdpg_objective(
     Returns: scalar loss.
     """
     policy = torch.zeros_like(rho)
-    if outcome is not None and outcome_coef != 0.0:
+    if outcome is not None:
         policy = policy + outcome_coef * outcome
-    if anchor is not None and kl_coef != 0.0:
+    if anchor is not None:
         policy = policy + kl_coef * (rho if anchor_ratio_weighted else 1.0) * anchor
     distill = torch.zeros_like(rho)
-    if distill_kl is not None and distill_coef != 0.0:
+    if distill_kl is not None:
         weight = distill_weight.unsqueeze(1) if distill_weight.dim() == 1 else distill_weight
         distill = distill_coef * weight * rho * distill_kl
     return (policy * aggregation.policy_weights).sum() + (distill * mask).sum() / aggregation.normalizer
@@ -770,8 +779,9 @@ def sdpg_loss_reference(
     per_token_logps = log_p.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     teacher_logps = F.log_softmax(_upcast(teacher_logits), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     m = positive_advantage_gate(advantages, gate)
-    if rlsd_lam > 0:
-        old = per_token_logps if old_per_token_logps is None else old_per_token_logps
+    terms = loss_terms(outcome_coef=outcome_coef, distill_coef=distill_coef, rlsd_lam=rlsd_lam, kl_coef=kl_coef)
+    if terms.rlsd:
+        old = sampler_log_probs(per_token_logps, old_per_token_logps)
         advantages = rlsd_advantages(advantages, teacher_logps, old, lam=rlsd_lam, clip=rlsd_clip)
     policy = outcome_per_token(per_token_logps, advantages, old_per_token_logps, mask=mask, options=outcome)
     distill_kl = full_vocab_reverse_kl(student_logits, teacher_logits)
@@ -781,13 +791,14 @@ def sdpg_loss_reference(
         student_entropy=student_entropy.detach() if teacher_confident_only else None,
         teacher_entropy=teacher_entropy if teacher_confident_only else None,
     )  # fmt: skip
-    use_anchor = ref_per_token_logps is not None and kl_coef != 0.0
+    use_anchor = ref_per_token_logps is not None and terms.anchor
     anchor = anchor_per_token(per_token_logps, ref_per_token_logps, kl_estimator) if use_anchor else None
     if use_anchor and bias_correction_kl:
         anchor = anchor * policy.ratio
     tokens = loss_aggregation(mask, outcome.loss_type, mask.sum(), max_completion_length=max_completion_length)
     loss = sdpg_objective(
-        policy.loss, distill_kl, anchor, mask, weight, policy.rho, outcome_coef=outcome_coef,
+        policy.loss if terms.outcome else None, distill_kl if terms.distill else None, anchor, mask, weight,
+        policy.rho, outcome_coef=outcome_coef,
         distill_coef=distill_coef,
         kl_coef=kl_coef, aggregation=tokens, anchor_ratio_weighted=anchor_ratio_weighted,
     )  # fmt: skip

@@ -15,14 +15,13 @@ from test_trainer import LORA, make_args, make_trainer
 
 from sdpg_trl import _trl_compat
 from sdpg_trl.checkpoints import (
-    EMA_ADAPTER_NAME,
-    EMA_TEACHER_NAME,
     SETTINGS_NAME,
     TRAINER_STATE_NAME,
     check_resumable,
     loss_settings,
     write_settings,
 )
+from sdpg_trl.teachers import EMA_ADAPTER_NAME, EMA_TEACHER_NAME
 
 # Every rollout is distilled (no gate), so the teacher's weights reach the loss at every step; a checkpoint at step 1
 # of 2 (a generation cycle is 1 step here).
@@ -57,7 +56,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tokenize
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-7, msg=name)
     if teacher == "ema":
         assert (tmp_path / "full" / "checkpoint-1" / EMA_TEACHER_NAME).is_file()
-        teachers = [dict(t.teacher_model.named_parameters()) for t in (full, resumed)]
+        teachers = [dict(t.teacher.model.named_parameters()) for t in (full, resumed)]
         for name, value in teachers[1].items():
             torch.testing.assert_close(value, teachers[0][name], rtol=0, atol=1e-7, msg=name)
 
@@ -73,7 +72,7 @@ def test_lora_ema_teacher_resumes_from_its_saved_adapter(tmp_path, tokenizer, ti
     assert any(EMA_ADAPTER_NAME in name for name in expected)
     for name, value in weights(resumed).items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-7, msg=name)
-    shadows = [t._ema_adapter_callback.shadow_weights for t in (full, resumed)]
+    shadows = [t.teacher.callback.shadow_weights for t in (full, resumed)]
     assert shadows[0].keys() == shadows[1].keys() and any(v.abs().sum() > 0 for v in shadows[0].values())
     for name, value in shadows[1].items():
         torch.testing.assert_close(value, shadows[0][name], rtol=0, atol=1e-7, msg=name)

@@ -100,8 +100,9 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         logger.warning(
             "Not resuming from %s: it has no readable %s, so it was not completely written (the run probably "
             "stopped while saving it). Resuming from the last complete checkpoint instead.",
-            folder, TRAINER_STATE_NAME,
-        )  # fmt: skip
+            folder,
+            TRAINER_STATE_NAME,
+        )
     return None
 
 
@@ -118,14 +119,18 @@ def check_resumable(folder: str, args: SDPGConfig) -> None:
         logger.warning(
             "%s has no %s (it was written by an older sdpg-trl): whether this run has the checkpoint's method and "
             "loss settings cannot be checked.",
-            folder, SETTINGS_NAME,
-        )  # fmt: skip
+            folder,
+            SETTINGS_NAME,
+        )
         return
     with open(path) as f:
         saved = json.load(f)
     current = loss_settings(args)
-    changed = [f"{name}: {value!r} -> {current.get(name)!r}" for name, value in sorted(saved.items())
-               if value != current.get(name)]  # fmt: skip
+    changed = [
+        f"{name}: {value!r} -> {current.get(name)!r}"
+        for name, value in sorted(saved.items())
+        if value != current.get(name)
+    ]
     if changed:
         raise ValueError(
             f"Cannot resume from {folder} with other settings than it was trained with (checkpoint -> this run): "
@@ -160,6 +165,8 @@ def at_cycle_end(global_step: int, args: SDPGConfig) -> bool:
         "SDPG did not save a checkpoint at step %d: it falls inside a generation cycle of %d optimizer steps "
         "(steps_per_generation x num_iterations), and resuming from it would generate again mid-cycle and "
         "replay prompts. Checkpoints are written at multiples of %d steps.",
-        global_step, cycle, cycle,
-    )  # fmt: skip
+        global_step,
+        cycle,
+        cycle,
+    )
     return False

@@ -446,7 +446,7 @@ class SDPGConfig(GRPOConfig):
     # Every field's `help` (what `--help` prints) is its entry in the docstring above (`_help_from_docstring`).
 
     # Method (SPEC 3)
-    method: str = field(default="sdpg_urkl", metadata={"choices": list(METHODS)})
+    method: str = field(default="sdpg_urkl", metadata={"choices": METHODS})  # the registry: a preset added later too
     outcome_coef: float = 1.0
 
     # SDPG: dense self-distillation (SPEC 2.2, 2.3)

@@ -210,9 +210,16 @@ def register_loss_type(
         if name in LOSS_TYPES:
             raise ValueError(f"loss_type {name!r} is already registered.")
         LOSS_TYPES[name] = LossType(
-            name, surrogate, aggregation, tuple(reads), clipped, reinforce_on_policy, folds_sampler_ratio, metrics,
+            name,
+            surrogate,
+            aggregation,
+            tuple(reads),
+            clipped,
+            reinforce_on_policy,
+            folds_sampler_ratio,
+            metrics,
             formula,
-        )  # fmt: skip
+        )
         return surrogate
 
     return register
@@ -305,9 +312,15 @@ def vespo_surrogate(x: SurrogateInputs, options: OutcomeOptions) -> tuple[torch.
     """VESPO: the REINFORCE term weighted by TRL's detached gamma weight of the sequence ratio (which folds in vLLM's
     sampler correction)."""
     weight = vespo_gamma_weights(
-        x.advantages, x.log_ratio, x.mask, x.sampler_ratio, k_pos=options.vespo_k_pos,
-        lambda_pos=options.vespo_lambda_pos, k_neg=options.vespo_k_neg, lambda_neg=options.vespo_lambda_neg,
-    )  # fmt: skip
+        x.advantages,
+        x.log_ratio,
+        x.mask,
+        x.sampler_ratio,
+        k_pos=options.vespo_k_pos,
+        lambda_pos=options.vespo_lambda_pos,
+        k_neg=options.vespo_k_neg,
+        lambda_neg=options.vespo_lambda_neg,
+    )
     return -weight * x.advantages * x.logps, weight
 
 
@@ -598,9 +611,14 @@ def token_selection(
     valid = mask.bool()
     distilled = valid & distill_rows.unsqueeze(1)
     return TokenSelection(
-        gate=gate, distill_rows=distill_rows, teacher_rows=teacher_rows, teacher_index=teacher_index,
-        plain=valid & ~distilled, distilled=distilled, teacher_only=valid & teacher_rows.unsqueeze(1) & ~distilled,
-    )  # fmt: skip
+        gate=gate,
+        distill_rows=distill_rows,
+        teacher_rows=teacher_rows,
+        teacher_index=teacher_index,
+        plain=valid & ~distilled,
+        distilled=distilled,
+        teacher_only=valid & teacher_rows.unsqueeze(1) & ~distilled,
+    )
 
 
 class Aggregation(NamedTuple):
@@ -636,9 +654,12 @@ def loss_aggregation(
     """
     normalizer = num_items_in_batch.clamp(min=1.0) / num_processes * accumulation_steps / steps_per_generation
     weights = policy_token_weights(
-        mask, loss_type, token_normalizer=normalizer, max_completion_length=max_completion_length,
+        mask,
+        loss_type,
+        token_normalizer=normalizer,
+        max_completion_length=max_completion_length,
         accumulation_steps=accumulation_steps,
-    )  # fmt: skip
+    )
     return Aggregation(normalizer, weights, accumulation_steps)
 
 
@@ -739,6 +760,7 @@ def sdpg_loss_reference(
     distill_coef: float,
     kl_coef: float,
     kl_estimator: str = "urkl",
+    anchor_settings: Mapping[str, Any] | Any | None = None,
     gate: bool = True,
     ref_per_token_logps: torch.Tensor | None = None,
     old_per_token_logps: torch.Tensor | None = None,
@@ -761,6 +783,7 @@ def sdpg_loss_reference(
         completion_ids, completion_mask: `(B, T)`.
         advantages: `(B,)`.
         distill_coef: the already-scheduled beta(k). kl_coef: alpha. outcome_coef: weight of `L_out`.
+        kl_estimator: a registered anchor estimator; anchor_settings: the config fields it reads (an `SDPGConfig`).
         ref_per_token_logps, old_per_token_logps: `(B, T)` or None.
         rlsd_lam, rlsd_clip: RLSD's scheduled `lam(k)` and `eps_w`; `rlsd_lam > 0` reweights the advantages.
         eos_token_ids, teacher_confident_only: the optional distillation token filters (`distill_token_weight`).
@@ -787,21 +810,33 @@ def sdpg_loss_reference(
     distill_kl = full_vocab_reverse_kl(student_logits, teacher_logits)
     student_entropy, teacher_entropy = entropy_from_logits(student_logits), entropy_from_logits(teacher_logits)
     weight = distill_token_weight(
-        mask, m, completion_ids=completion_ids, eos_token_ids=eos_token_ids,
+        mask,
+        m,
+        completion_ids=completion_ids,
+        eos_token_ids=eos_token_ids,
         student_entropy=student_entropy.detach() if teacher_confident_only else None,
         teacher_entropy=teacher_entropy if teacher_confident_only else None,
-    )  # fmt: skip
+    )
     use_anchor = ref_per_token_logps is not None and terms.anchor
-    anchor = anchor_per_token(per_token_logps, ref_per_token_logps, kl_estimator) if use_anchor else None
+    anchor = None
+    if use_anchor:
+        anchor = anchor_per_token(per_token_logps, ref_per_token_logps, kl_estimator, anchor_settings)
     if use_anchor and bias_correction_kl:
         anchor = anchor * policy.ratio
     tokens = loss_aggregation(mask, outcome.loss_type, mask.sum(), max_completion_length=max_completion_length)
     loss = sdpg_objective(
-        policy.loss if terms.outcome else None, distill_kl if terms.distill else None, anchor, mask, weight,
-        policy.rho, outcome_coef=outcome_coef,
+        policy.loss if terms.outcome else None,
+        distill_kl if terms.distill else None,
+        anchor,
+        mask,
+        weight,
+        policy.rho,
+        outcome_coef=outcome_coef,
         distill_coef=distill_coef,
-        kl_coef=kl_coef, aggregation=tokens, anchor_ratio_weighted=anchor_ratio_weighted,
-    )  # fmt: skip
+        kl_coef=kl_coef,
+        aggregation=tokens,
+        anchor_ratio_weighted=anchor_ratio_weighted,
+    )
 
     with torch.no_grad():
         distilled = mask * m.unsqueeze(1)

@@ -89,15 +89,23 @@ def per_token_terms(
     token_advantages = advantages
     if terms.rlsd:
         token_advantages = rlsd_advantages(
-            advantages, scores.teacher_logps, sampler_logps, lam=step.rlsd_lam, clip=args.rlsd_clip,
+            advantages,
+            scores.teacher_logps,
+            sampler_logps,
+            lam=step.rlsd_lam,
+            clip=args.rlsd_clip,
             scored=selection.teacher_rows,
-        )  # fmt: skip
+        )
     # GRPO's policy loss for its loss_type; vLLM's `importance_sampling_ratio` corrects the sampler mismatch.
     options = OutcomeOptions.from_config(args)
     policy = outcome_per_token(
-        scores.logps, token_advantages, old_logps, mask=mask, options=options,
+        scores.logps,
+        token_advantages,
+        old_logps,
+        mask=mask,
+        options=options,
         sampler_ratio=inputs.get("importance_sampling_ratio"),
-    )  # fmt: skip
+    )
     outcome, trained_mask = _grpo_token_filters(
         args, inputs, mask, scores, policy.loss, sampler_logps, high_entropy_mask
     )
@@ -108,30 +116,46 @@ def per_token_terms(
             anchor = anchor * policy.ratio
     confident_only = args.distill_teacher_confident_only
     distill_weight = distill_token_weight(
-        mask, selection.gate * selection.distill_rows, completion_ids=inputs["completion_ids"],
+        mask,
+        selection.gate * selection.distill_rows,
+        completion_ids=inputs["completion_ids"],
         eos_token_ids=eos_token_ids if args.distill_exclude_eos else None,
         student_entropy=scores.entropy if confident_only else None,
         teacher_entropy=scores.teacher_entropy if confident_only else None,
-    )  # fmt: skip
+    )
     return PerTokenTerms(
-        outcome=outcome if terms.outcome else None, distill_kl=scores.distill_kl if terms.distill else None,
-        anchor=anchor, distill_weight=distill_weight, policy=policy, options=options,
-        token_advantages=token_advantages, trained_mask=trained_mask, sampler_logps=sampler_logps,
-    )  # fmt: skip
+        outcome=outcome if terms.outcome else None,
+        distill_kl=scores.distill_kl if terms.distill else None,
+        anchor=anchor,
+        distill_weight=distill_weight,
+        policy=policy,
+        options=options,
+        token_advantages=token_advantages,
+        trained_mask=trained_mask,
+        sampler_logps=sampler_logps,
+    )
 
 
 def _grpo_token_filters(
-    args: Any, inputs: dict[str, Any], mask: torch.Tensor, scores: HeadScores, outcome: torch.Tensor,
-    sampler_logps: torch.Tensor, high_entropy_mask: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    args: Any,
+    inputs: dict[str, Any],
+    mask: torch.Tensor,
+    scores: HeadScores,
+    outcome: torch.Tensor,
+    sampler_logps: torch.Tensor,
+    high_entropy_mask: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO's filters of its policy term (not of SDPG's terms): DeepSeek-V3.2's off-policy sequence mask, measured
     against the sampler's log-probs, and the top-entropy-quantile token mask ("Beyond the 80/20 Rule"). Returns the
     filtered outcome and the `(B, C)` tokens it trains."""
     if args.off_policy_mask_threshold is not None:
         outcome = outcome * off_policy_sequence_mask(
-            inputs["advantages"].unsqueeze(1), scores.logps, inputs.get("sampling_per_token_logps", sampler_logps),
-            mask, args.off_policy_mask_threshold,
-        )  # fmt: skip
+            inputs["advantages"].unsqueeze(1),
+            scores.logps,
+            inputs.get("sampling_per_token_logps", sampler_logps),
+            mask,
+            args.off_policy_mask_threshold,
+        )
     trained_mask = mask
     if args.top_entropy_quantile < 1.0:
         entropy_mask = high_entropy_mask(scores.entropy.detach(), mask, 1 - args.top_entropy_quantile)

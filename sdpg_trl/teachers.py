@@ -197,9 +197,12 @@ class EmaTeacher(Teacher):
             if not _trl_compat.is_pure_lora_training(trainer.model):
                 raise ValueError("SDPGConfig.teacher_model_kind='ema' with PEFT needs pure LoRA training.")
             self.callback = _trl_compat.PEFTAdapterEMACallback(
-                trainer.model, teacher_adapter_name=EMA_ADAPTER_NAME, update_rate=args.teacher_update_rate,
-                sync_steps=args.teacher_sync_steps, accelerator=trainer.accelerator,
-            )  # fmt: skip
+                trainer.model,
+                teacher_adapter_name=EMA_ADAPTER_NAME,
+                update_rate=args.teacher_update_rate,
+                sync_steps=args.teacher_sync_steps,
+                accelerator=trainer.accelerator,
+            )
             trainer.add_callback(self.callback)
             return
         self.model = self._frozen_copy()
@@ -241,8 +244,9 @@ class EmaTeacher(Teacher):
             logger.warning(
                 "%s has no %s (it was written by an older sdpg-trl): the resumed run restarts the EMA teacher from "
                 "the initial weights.",
-                checkpoint, EMA_TEACHER_NAME,
-            )  # fmt: skip
+                checkpoint,
+                EMA_TEACHER_NAME,
+            )
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
         trainer.accelerator.unwrap_model(self.model).load_state_dict(state)
@@ -254,8 +258,9 @@ class EmaTeacher(Teacher):
         if EMA_ADAPTER_NAME not in model.peft_config:
             logger.warning(
                 "%s has no %r adapter: the resumed run restarts the LoRA EMA teacher from zero.",
-                checkpoint, EMA_ADAPTER_NAME,
-            )  # fmt: skip
+                checkpoint,
+                EMA_ADAPTER_NAME,
+            )
             return
         weights = get_peft_model_state_dict(model, adapter_name=EMA_ADAPTER_NAME)
         self.callback.shadow_weights = {name: value.detach().clone() for name, value in weights.items()}

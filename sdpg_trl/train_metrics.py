@@ -26,9 +26,15 @@ class LossMetrics:
         return masked_mean(values, mask, reduce=reduce).item()
 
     def log(
-        self, metrics: dict, inputs: dict[str, Any], mask: torch.Tensor, scores: HeadScores,
-        selection: TokenSelection, terms: PerTokenTerms, step: StepCoefficients,
-    ) -> None:  # fmt: skip
+        self,
+        metrics: dict,
+        inputs: dict[str, Any],
+        mask: torch.Tensor,
+        scores: HeadScores,
+        selection: TokenSelection,
+        terms: PerTokenTerms,
+        step: StepCoefficients,
+    ) -> None:
         """The step's metrics; those of a term the method has (`step.method`) are logged from step 0, also while its
         schedule is at 0."""
         mean = self.global_masked_mean
@@ -55,9 +61,13 @@ class LossMetrics:
         self.ratios(metrics, terms.policy, terms.options, terms.token_advantages, mask)
 
     def distill(
-        self, metrics: dict, inputs: dict[str, Any], scores: HeadScores, distill_weight: torch.Tensor,
+        self,
+        metrics: dict,
+        inputs: dict[str, Any],
+        scores: HeadScores,
+        distill_weight: torch.Tensor,
         distilled: torch.Tensor,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """The distillation term's metrics over the distilled tokens, and the leakage signal: the share of the KL on
         completion tokens that also occur in the privileged context."""
         mean = self.global_masked_mean

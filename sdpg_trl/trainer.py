@@ -94,10 +94,18 @@ class SDPGTrainer(GRPOTrainer):
         privileged-context column `args.context_column`."""
         args = self._check_inputs(model, args, train_dataset, eval_dataset, peft_config)
         super().__init__(
-            model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
-        )  # fmt: skip
+            model,
+            reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+            **kwargs,
+        )
         config = causal_lm(self.accelerator, self.model).config
         text_config = check_loaded_model(config, self.processing_class, self.args, self.accelerator.device)
         self.teacher = build_teacher(self)  # the kind's name is looked up here, once
@@ -145,21 +153,29 @@ class SDPGTrainer(GRPOTrainer):
             teacher_prompts = [
                 build_teacher_prompt(x["prompt"], context, self.args.teacher_template, self.args.context_column, row)
                 for x, context, row in zip(inputs, contexts, rows)
-            ]  # fmt: skip
+            ]
         output = super()._generate_and_score_completions(inputs)
         if not self.args.needs_teacher:
             return output
         # At most max_teacher_prompt_length tokens: the context is cut, never the problem; a row that cannot fit gets
         # a one-pad placeholder, fully masked, and `teacher_prompt_fits` keeps it away from the teacher.
         teacher_ids, fits, cut = fit_teacher_prompts(
-            teacher_prompts, [x["prompt"] for x in inputs], contexts, self.args.teacher_template,
-            tokenize=lambda prompts: tokenize_prompts(self, prompts)[0], tokenizer=self._tokenizer,
-            max_length=self._max_teacher_prompt_length, side=self.args.teacher_context_truncation_side,
-        )  # fmt: skip
+            teacher_prompts,
+            [x["prompt"] for x in inputs],
+            contexts,
+            self.args.teacher_template,
+            tokenize=lambda prompts: tokenize_prompts(self, prompts)[0],
+            tokenizer=self._tokenizer,
+            max_length=self._max_teacher_prompt_length,
+            side=self.args.teacher_context_truncation_side,
+        )
         output |= teacher_prompt_inputs(
-            teacher_ids, fits, pad_id=self._tokenizer.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of,
+            teacher_ids,
+            fits,
+            pad_id=self._tokenizer.pad_token_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
             device=output["prompt_ids"].device,
-        )  # fmt: skip
+        )
         self._log_teacher_prompt_fit(cut, fits)
         # Completion tokens that also occur in the row's privileged context: where the KL could teach guessing.
         output["context_token_mask"] = context_token_mask(output["completion_ids"], contexts, self._tokenizer)
@@ -193,8 +209,9 @@ class SDPGTrainer(GRPOTrainer):
                 "%d teacher prompts are longer than max_teacher_prompt_length (%d tokens) even without their "
                 "privileged context: those rows are not scored by the teacher (counted in "
                 "sdpg/teacher_prompt_too_long).",
-                too_long, self._max_teacher_prompt_length,
-            )  # fmt: skip
+                too_long,
+                self._max_teacher_prompt_length,
+            )
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -270,22 +287,34 @@ class SDPGTrainer(GRPOTrainer):
         step = self.coefficients_at(self.state.global_step)
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)  # GRPO's: tool-call tokens are not trained
         selection = token_selection(
-            inputs["advantages"], mask, step.terms, gate_enabled=self.args.distill_positive_only,
+            inputs["advantages"],
+            mask,
+            step.terms,
+            gate_enabled=self.args.distill_positive_only,
             fits=inputs.get("teacher_prompt_fits", True),  # rows whose teacher prompt fits max_teacher_prompt_length
-        )  # fmt: skip
+        )
         teacher_hidden, teacher_head = self._teacher_pass(model, inputs, selection, step)
         scores, hidden, aux_loss = self._student_pass(model, inputs, selection, teacher_hidden, teacher_head, step)
         terms = per_token_terms(
-            self.args, inputs, mask, scores, selection, step, eos_token_ids=self.eos_token_ids,
+            self.args,
+            inputs,
+            mask,
+            scores,
+            selection,
+            step,
+            eos_token_ids=self.eos_token_ids,
             high_entropy_mask=self.get_high_entropy_mask,
-        )  # fmt: skip
+        )
         training = mode == "train"
         tokens = loss_aggregation(
-            mask, self.args.loss_type, inputs["num_items_in_batch"], num_processes=self.accelerator.num_processes,
+            mask,
+            self.args.loss_type,
+            inputs["num_items_in_batch"],
+            num_processes=self.accelerator.num_processes,
             accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
             steps_per_generation=self.args.steps_per_generation if training else 1,
             max_completion_length=self.args.max_completion_length,
-        )  # fmt: skip
+        )
         loss = self._objective(terms, mask, tokens, step)
         if self._entropy_bonus_enabled:
             loss = self._apply_entropy_bonus(loss, scores.entropy, terms.trained_mask, mode, tokens)
@@ -330,9 +359,14 @@ class SDPGTrainer(GRPOTrainer):
         return rows
 
     def _student_pass(
-        self, model: torch.nn.Module, inputs: dict[str, Any], selection: TokenSelection, teacher_hidden: torch.Tensor,
-        teacher_head: LMHead, step: StepCoefficients,
-    ) -> tuple[HeadScores, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        selection: TokenSelection,
+        teacher_hidden: torch.Tensor,
+        teacher_head: LMHead,
+        step: StepCoefficients,
+    ) -> tuple[HeadScores, torch.Tensor, torch.Tensor | None]:
         """The student forward and the LM head on its tokens: `(HeadScores, (B, C, H) hidden states, aux loss)`.
 
         The head kernels run inside the wrapped model's forward (TRL's forward redirection), as TRL's fused head does:
@@ -349,9 +383,14 @@ class SDPGTrainer(GRPOTrainer):
         return HeadScores(*scores), hidden, aux_loss
 
     def _score_student(
-        self, model: torch.nn.Module, inputs: dict[str, Any], selection: TokenSelection, teacher_hidden: torch.Tensor,
-        teacher_head: LMHead, step: StepCoefficients,
-    ) -> tuple:  # fmt: skip
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        selection: TokenSelection,
+        teacher_hidden: torch.Tensor,
+        teacher_head: LMHead,
+        step: StepCoefficients,
+    ) -> tuple:
         """`_student_pass` inside the forward: one forward for the hidden states (one logit row, like the teacher's),
         then the LM head once per token (`score_tokens`). A plain tuple, which DDP and ZeRO-3 walk for tensors."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -371,25 +410,43 @@ class SDPGTrainer(GRPOTrainer):
             head_hidden, head_teacher_hidden, autocast = hidden.float(), teacher_hidden.float(), nullcontext()
         with autocast:
             scores = score_tokens(
-                head_hidden, head_teacher_hidden, inputs["completion_ids"], selection,
-                lm_head(lm, self._logit_transform), teacher_head, distill=step.terms.distill, rlsd=step.terms.rlsd,
-                entropy_grad=self._entropy_bonus_enabled, chunk_size=self.args.distill_chunk_size,
-            )  # fmt: skip
+                head_hidden,
+                head_teacher_hidden,
+                inputs["completion_ids"],
+                selection,
+                lm_head(lm, self._logit_transform),
+                teacher_head,
+                distill=step.terms.distill,
+                rlsd=step.terms.rlsd,
+                entropy_grad=self._entropy_bonus_enabled,
+                chunk_size=self.args.distill_chunk_size,
+            )
         return (*scores, hidden, outputs.aux_loss if self.aux_loss_enabled else None)
 
     def _objective(
-        self, terms: PerTokenTerms, mask: torch.Tensor, tokens: Aggregation, step: StepCoefficients,
+        self,
+        terms: PerTokenTerms,
+        mask: torch.Tensor,
+        tokens: Aggregation,
+        step: StepCoefficients,
         only: str | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """SPEC 2's loss from the per-token terms (`sdpg_objective`); `only` keeps one term (`"outcome"`,
         `"distill"` or `"anchor"`), for the per-term gradient norms."""
         keep = lambda name, value: value if only in (None, name) else None  # noqa: E731
         return sdpg_objective(
-            keep("outcome", terms.outcome), keep("distill", terms.distill_kl), keep("anchor", terms.anchor), mask,
-            terms.distill_weight, terms.policy.rho, outcome_coef=self.args.outcome_coef,
-            distill_coef=step.distill_coef, kl_coef=self.beta, aggregation=tokens,
+            keep("outcome", terms.outcome),
+            keep("distill", terms.distill_kl),
+            keep("anchor", terms.anchor),
+            mask,
+            terms.distill_weight,
+            terms.policy.rho,
+            outcome_coef=self.args.outcome_coef,
+            distill_coef=step.distill_coef,
+            kl_coef=self.beta,
+            aggregation=tokens,
             anchor_ratio_weighted=self.args.anchor_ratio_weighted,
-        )  # fmt: skip
+        )
 
     def _apply_entropy_bonus(
         self, loss: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, mode: str, tokens: Aggregation

@@ -623,12 +623,14 @@ def token_selection(
 
 class Aggregation(NamedTuple):
     """How per-token terms are summed into the loss: SPEC 2's `N` for the distillation term, GRPO's `(B, T)`
-    weights for the outcome and the anchor (`policy_token_weights`), and the gradient accumulation steps they span
-    (1 in evaluation), which GRPO's entropy bonus and MoE auxiliary loss are divided by too."""
+    weights for the outcome and the anchor (`policy_token_weights`), the gradient accumulation steps of the step (1
+    in evaluation), which GRPO's entropy bonus and MoE auxiliary loss are divided by too, and whether the loss type's
+    weights already span them (`Aggregator.spans_accumulation`: DAPO's `N`)."""
 
     normalizer: torch.Tensor
     policy_weights: torch.Tensor
     accumulation_steps: int = 1
+    spans_accumulation: bool = True
 
 
 def loss_aggregation(
@@ -660,7 +662,8 @@ def loss_aggregation(
         max_completion_length=max_completion_length,
         accumulation_steps=accumulation_steps,
     )
-    return Aggregation(normalizer, weights, accumulation_steps)
+    spans_accumulation = get_loss_type(loss_type).aggregation.spans_accumulation
+    return Aggregation(normalizer, weights, accumulation_steps, spans_accumulation)
 
 
 def sdpg_objective(

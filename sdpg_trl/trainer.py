@@ -30,7 +30,7 @@ from .config import SDPGConfig
 from .guards import StepGuard, reward_fault
 from .head_kernels import HeadScores, LMHead, score_tokens
 from .hidden_states import LogitTransform, capture_hidden, causal_lm, completion_hidden, lm_head
-from .losses import Aggregation, TokenSelection, get_loss_type, loss_aggregation, sdpg_objective, token_selection
+from .losses import Aggregation, TokenSelection, loss_aggregation, sdpg_objective, token_selection
 from .model_card import method_card
 from .plotting import CurvesCallback
 from .preflight import DEFAULT_ARGS_NEED_CONTEXT, check_loaded_model, check_model_source, check_train_size
@@ -456,8 +456,7 @@ class SDPGTrainer(GRPOTrainer):
         `_last_world_entropy`, `_entropy_window_stats`) and its checkpointing are GRPOTrainer's."""
         args, metrics, accumulation = self.args, self._metrics[mode], tokens.accumulation_steps
         # GRPO's `policy_loss`: the loss before the bonus, per accumulation window for the per-sequence loss types
-        spans_accumulation = get_loss_type(args.loss_type).aggregation.spans_accumulation
-        policy_loss = loss.detach() * (1.0 if spans_accumulation else accumulation)
+        policy_loss = loss.detach() * (1.0 if tokens.spans_accumulation else accumulation)
         entropy_loss = (entropy * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
         # The coefficient and gate of the previous optimizer step, so that a window's micro-batches apply the same.
         coef = self.entropy_coef

@@ -23,10 +23,12 @@ import torch
 from transformers.integrations import integration_utils
 from trl import GRPOConfig
 
-from .losses import CLIPPED_LOSS_TYPES, LOSS_TYPES
+from .losses import ANCHOR_ESTIMATORS, LOSS_TYPES, LossTerms, clipped_loss_types, loss_terms
+from .teachers import TEACHER_KINDS
 
-KL_ESTIMATORS = ("k3", "urkl", "ufkl", "rkl", "fkl")
-TEACHER_MODEL_KINDS = ("live", "base", "ema")  # TRL SDPOTrainer's names
+# The registries themselves (`losses.py`), so that an estimator or loss type registered later is allowed too.
+KL_ESTIMATORS = ANCHOR_ESTIMATORS
+TEACHER_MODEL_KINDS = TEACHER_KINDS  # `teachers.py`'s registry: TRL SDPOTrainer's names, and any registered later
 
 DEFAULT_TEACHER_TEMPLATE = (
     "\n\n---\nPrivileged hint (for you only): {context}\n\n"
@@ -385,9 +387,9 @@ class SDPGConfig(GRPOConfig):
 
         kl_estimator (`str`, *optional*, defaults to `"urkl"`):
             Per-token surrogate for the anchor to the frozen reference policy, with `w = pi_theta / pi_ref` on
-            sampled tokens: `"urkl"` `0.5 * log(w)^2` (the reference code's default), `"ufkl"` `1/w + log w`,
-            `"rkl"` `0.5 * (log w + 1)^2`, `"fkl"` `1/w`, or `"k3"` TRL's `1/w + log w - 1` (same gradient as
-            `"ufkl"`).
+            sampled tokens: an estimator registered in `sdpg_trl.losses.ANCHOR_ESTIMATORS` (the choices `--help`
+            lists; docs/ALGORITHM.md gives each one's formula). `"urkl"` is the reference code's default, `"k3"`
+            TRL's.
         beta (`float`, *optional*, defaults to `1e-3`; GRPOConfig: `0.0`):
             The anchor coefficient `alpha` (TRL's name, kept so GRPO recipes keep their meaning). `0.0` skips the
             reference model entirely. The `"grpo"` method fills GRPOConfig's `0.0`.
@@ -409,10 +411,11 @@ class SDPGConfig(GRPOConfig):
         preset, or `distill_coef=0` with the same settings) SDPGTrainer's loss and gradient are GRPOTrainer's.
 
         loss_type (`str`, *optional*, defaults to `"dapo"`, as GRPOConfig):
-            `"grpo"`, `"bnpo"`, `"dr_grpo"`, `"dapo"`, `"cispo"`, `"sapo"`, `"luspo"` or `"vespo"`: GRPO's surrogate
-            and aggregation of the outcome term and the anchor (GRPO's per-token loss is its policy term plus its KL
-            term). The distillation term is always summed over tokens and divided by the number of completion tokens
-            `N` (SPEC 2, DAPO-style), whatever the loss type; with `"dapo"` every term is over `N`, as in SPEC 2.
+            A loss type registered in `sdpg_trl.losses.LOSS_TYPES` (GRPO's, the choices `--help` lists;
+            docs/ALGORITHM.md gives each one's surrogate and aggregation): GRPO's surrogate and aggregation of the
+            outcome term and the anchor (GRPO's per-token loss is its policy term plus its KL term). The
+            distillation term is always summed over tokens and divided by the number of completion tokens `N` (SPEC
+            2, DAPO-style), whatever the loss type; with `"dapo"` every term is over `N`, as in SPEC 2.
             On-policy the outcome is the REINFORCE surrogate `-A log pi` (SPEC 2.1), which has the gradient of the
             clipped and soft surrogates at ratio 1 (cispo and vespo keep their form with ratio 1); see
             `on_policy_surrogate`.
@@ -443,7 +446,7 @@ class SDPGConfig(GRPOConfig):
     # Every field's `help` (what `--help` prints) is its entry in the docstring above (`_help_from_docstring`).
 
     # Method (SPEC 3)
-    method: str = field(default="sdpg_urkl", metadata={"choices": list(METHODS)})
+    method: str = field(default="sdpg_urkl", metadata={"choices": METHODS})  # the registry: a preset added later too
     outcome_coef: float = 1.0
 
     # SDPG: dense self-distillation (SPEC 2.2, 2.3)
@@ -484,7 +487,7 @@ class SDPGConfig(GRPOConfig):
     use_bias_correction_kl: bool = False
 
     # The outcome term (SPEC 2.1); `loss_type` is GRPOConfig's, with its default
-    loss_type: str = "dapo"
+    loss_type: str = field(default="dapo", metadata={"choices": LOSS_TYPES})
     on_policy_surrogate: str = field(default="reinforce", metadata={"choices": ["reinforce", "ratio"]})
     dual_clip: float | None = 3.0
 
@@ -515,9 +518,17 @@ class SDPGConfig(GRPOConfig):
         return micro_batches // math.gcd(micro_batches, self.gradient_accumulation_steps)
 
     @property
+    def method_terms(self) -> LossTerms:
+        """The terms the method has at all, from its unscheduled coefficients (a step has those its schedules leave
+        on: `step_terms.step_coefficients`)."""
+        return loss_terms(
+            outcome_coef=self.outcome_coef, distill_coef=self.distill_coef, rlsd_lam=self.rlsd_coef, kl_coef=self.beta
+        )
+
+    @property
     def needs_teacher(self) -> bool:
         """Whether the method scores the teacher view at all (and so needs the privileged context)."""
-        return self.distill_coef > 0 or self.rlsd_coef > 0
+        return self.method_terms.teacher
 
     @property
     def teacher_context_column(self) -> str | None:
@@ -608,7 +619,7 @@ class SDPGConfig(GRPOConfig):
     def _check_outcome_options(self) -> None:
         """GRPO's options for the outcome term: each is supported, unless it conflicts with SDPG's own terms."""
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"SDPGConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+            raise ValueError(f"SDPGConfig.loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}.")
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(
                 "SDPGConfig.importance_sampling_level must be 'token' or 'sequence', "
@@ -618,10 +629,11 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(f"SDPGConfig.top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}.")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
-        if self.dual_clip is not None and self.loss_type not in CLIPPED_LOSS_TYPES:
+        if self.dual_clip is not None and self.loss_type not in clipped_loss_types():
             raise ValueError(
                 f"SDPGConfig.dual_clip must be None with loss_type={self.loss_type!r}: the dual clip floors PPO's "
-                f"clipped ratio (loss types {CLIPPED_LOSS_TYPES}), which {self.loss_type} replaces with its own bound."
+                f"clipped ratio (loss types {clipped_loss_types()}), which {self.loss_type} replaces with its own "
+                "bound."
             )
         if self.use_bias_correction_kl and self.anchor_ratio_weighted:
             raise ValueError(
@@ -658,7 +670,8 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(f"SDPGConfig.rlsd_clip (eps_w) must be in [0, 1), got {self.rlsd_clip}.")
         if self.teacher_model_kind not in TEACHER_MODEL_KINDS:
             raise ValueError(
-                f"SDPGConfig.teacher_model_kind must be one of {TEACHER_MODEL_KINDS}, got {self.teacher_model_kind!r}."
+                f"SDPGConfig.teacher_model_kind must be one of {tuple(TEACHER_MODEL_KINDS)}, got "
+                f"{self.teacher_model_kind!r}."
             )
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(f"SDPGConfig.teacher_update_rate must be in (0, 1], got {self.teacher_update_rate}.")
@@ -673,7 +686,9 @@ class SDPGConfig(GRPOConfig):
         if self.distill_chunk_size < 1:
             raise ValueError(f"SDPGConfig.distill_chunk_size must be >= 1, got {self.distill_chunk_size}.")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"SDPGConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
+            raise ValueError(
+                f"SDPGConfig.kl_estimator must be one of {tuple(KL_ESTIMATORS)}, got {self.kl_estimator!r}."
+            )
         self._check_outcome_options()
         if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
             raise ValueError(

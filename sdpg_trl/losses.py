@@ -7,7 +7,7 @@ Shapes: `B` rollouts, `T` completion positions, `V` vocabulary, `H` hidden size,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
@@ -44,11 +44,6 @@ def positive_advantage_gate(advantages: torch.Tensor, enabled: bool = True) -> t
     if not enabled:
         return torch.ones_like(advantages, dtype=torch.float32)
     return (advantages > 0).float()
-
-
-# GRPO's loss types (TRL `GRPOConfig.loss_type`), and those whose surrogate is PPO's clipped ratio (the dual clip's).
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 @dataclass(frozen=True)
@@ -102,6 +97,239 @@ class Outcome(NamedTuple):
     vespo_weight: torch.Tensor | None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Registries: a variant of a term is one registered function that declares the config fields it reads (as verl's
+# `core_algos.register_policy_loss`). The config's allowed values, `--help`, error messages, docs/ALGORITHM.md's table
+# and the resume check's loss-shaping fields are all read from here.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_settings(reads: tuple[str, ...], settings: Mapping[str, Any] | Any | None) -> dict[str, Any]:
+    """The values of the config fields `reads` from `settings`, a mapping or a config object (None: no fields)."""
+    if not reads:
+        return {}
+    if settings is None:
+        raise ValueError(f"This variant reads the config fields {list(reads)}; pass them as `settings`.")
+    if isinstance(settings, Mapping):
+        return {name: settings[name] for name in reads}
+    return {name: getattr(settings, name) for name in reads}
+
+
+def unknown_name(field: str, name: str, registry: Mapping[str, Any]) -> ValueError:
+    """The error for a name that is not registered, listing the registered ones."""
+    return ValueError(f"Unknown {field} {name!r}; expected one of {', '.join(map(repr, registry))}.")
+
+
+class SurrogateInputs(NamedTuple):
+    """What a loss type's surrogate reads, all `(B, T)` unless said: `logps` log pi_theta (with grad); `advantages`
+    `(B, 1)` or `(B, T)`; `log_ratio` log pi_theta - log pi_old per token; `ratio` the importance ratio at
+    `importance_sampling_level` (`(B, T)`, or `(B, 1)` per sequence); `mask` completion mask (float);
+    `sampler_ratio` vLLM's `pi_old / pi_sampler` correction or None."""
+
+    logps: torch.Tensor
+    advantages: torch.Tensor
+    log_ratio: torch.Tensor
+    ratio: torch.Tensor
+    mask: torch.Tensor
+    sampler_ratio: torch.Tensor | None
+
+
+class Aggregator(NamedTuple):
+    """How a loss type sums its per-token loss: `weights(mask, token_normalizer, max_completion_length)` gives the
+    `(B, T)` weight of each token; `spans_accumulation`: the weights already span the accumulated batch (DAPO's `N`),
+    so they are not divided by the accumulation steps as the others are (TRL scales them for accumulation)."""
+
+    weights: Callable[[torch.Tensor, torch.Tensor | float, int | None], torch.Tensor]
+    spans_accumulation: bool
+    description: str
+
+
+ACCUMULATED_TOKENS = Aggregator(
+    lambda mask, n, _: mask / n, True, "`N`, the completion tokens of the accumulated batch"
+)
+SEQUENCE_MEAN = Aggregator(
+    lambda mask, n, _: mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / mask.size(0),
+    False,
+    "each sequence's mean, then the mean over sequences",
+)
+MICRO_BATCH_TOKENS = Aggregator(lambda mask, n, _: mask / mask.sum().clamp(min=1.0), False, "the micro-batch's tokens")
+FIXED_LENGTH = Aggregator(
+    lambda mask, n, max_len: mask / (mask.size(0) * (mask.size(1) if max_len is None else max_len)),
+    False,
+    "`B x max_completion_length`",
+)
+SEQUENCE_SUM = Aggregator(
+    lambda mask, n, _: mask / mask.size(0), False, "each sequence's sum, then the mean over sequences"
+)
+
+
+@dataclass(frozen=True)
+class LossType:
+    """A registered outcome loss type (GRPO's `loss_type`): its surrogate and how it is aggregated.
+
+    Attributes:
+        name: the `loss_type` value. surrogate: `(SurrogateInputs, OutcomeOptions) -> ((B, T) loss, (B, 1) sequence
+            weight it logs or None)`. aggregation: `Aggregator`. reads: the config fields the type reads (beyond
+            `loss_type`, `importance_sampling_level` and `on_policy_surrogate`, which every type reads).
+        clipped: the surrogate is PPO's clipped ratio (`dual_clip` applies; GRPO's `clip_ratio/*` metrics).
+        reinforce_on_policy: on-policy with `on_policy_surrogate="reinforce"` it is SPEC 2.1's `-A log pi`.
+        folds_sampler_ratio: the surrogate applies vLLM's sampler correction itself (else it multiplies the loss).
+        metrics: `(Outcome, OutcomeOptions, (B, 1) or (B, T) advantages) -> {name: values}`, the type's own
+            metrics, each a mean (per token, or per sequence for `(B, 1)` values) under GRPOTrainer's names.
+        formula: the surrogate as docs/ALGORITHM.md's table writes it.
+    """
+
+    name: str
+    surrogate: Callable[[SurrogateInputs, OutcomeOptions], tuple[torch.Tensor, torch.Tensor | None]]
+    aggregation: Aggregator
+    reads: tuple[str, ...]
+    clipped: bool
+    reinforce_on_policy: bool
+    folds_sampler_ratio: bool
+    metrics: Callable[..., dict[str, torch.Tensor]] | None
+    formula: str
+
+
+LOSS_TYPES: dict[str, LossType] = {}
+
+
+def register_loss_type(
+    name: str,
+    *,
+    aggregation: Aggregator,
+    formula: str,
+    reads: tuple[str, ...] = (),
+    clipped: bool = False,
+    reinforce_on_policy: bool = True,
+    folds_sampler_ratio: bool = False,
+    metrics: Callable[..., dict[str, torch.Tensor]] | None = None,
+) -> Callable:
+    """Register the decorated surrogate as outcome loss type `name` (see `LossType` for the arguments)."""
+
+    def register(surrogate: Callable) -> Callable:
+        if name in LOSS_TYPES:
+            raise ValueError(f"loss_type {name!r} is already registered.")
+        LOSS_TYPES[name] = LossType(
+            name,
+            surrogate,
+            aggregation,
+            tuple(reads),
+            clipped,
+            reinforce_on_policy,
+            folds_sampler_ratio,
+            metrics,
+            formula,
+        )
+        return surrogate
+
+    return register
+
+
+def get_loss_type(name: str) -> LossType:
+    """The registered loss type `name`; a ValueError listing the registered ones otherwise."""
+    if name not in LOSS_TYPES:
+        raise unknown_name("loss_type", name, LOSS_TYPES)
+    return LOSS_TYPES[name]
+
+
+def clipped_loss_types() -> tuple[str, ...]:
+    """The registered loss types whose surrogate is PPO's clipped ratio (where `dual_clip` applies)."""
+    return tuple(name for name, entry in LOSS_TYPES.items() if entry.clipped)
+
+
+_PPO_CLIP_FIELDS = ("epsilon", "epsilon_high", "delta", "dual_clip")
+_PPO_CLIP = "`-max(min(w' A, clip(w, 1 - eps_low, 1 + eps_high) A), c A)`"
+
+
+# Decorators apply bottom-up: this registers grpo, bnpo, dr_grpo, dapo, luspo, in GRPOConfig's order.
+@register_loss_type("luspo", aggregation=SEQUENCE_SUM, reads=_PPO_CLIP_FIELDS, clipped=True, formula=_PPO_CLIP)
+@register_loss_type("dapo", aggregation=ACCUMULATED_TOKENS, reads=_PPO_CLIP_FIELDS, clipped=True, formula=_PPO_CLIP)
+@register_loss_type(
+    "dr_grpo",
+    aggregation=FIXED_LENGTH,
+    reads=(*_PPO_CLIP_FIELDS, "max_completion_length"),
+    clipped=True,
+    formula=_PPO_CLIP,
+)
+@register_loss_type("bnpo", aggregation=MICRO_BATCH_TOKENS, reads=_PPO_CLIP_FIELDS, clipped=True, formula=_PPO_CLIP)
+@register_loss_type("grpo", aggregation=SEQUENCE_MEAN, reads=_PPO_CLIP_FIELDS, clipped=True, formula=_PPO_CLIP)
+def ppo_clip_surrogate(x: SurrogateInputs, options: OutcomeOptions) -> tuple[torch.Tensor, None]:
+    """PPO's clipped ratio (SPEC 2.1): `w'` is `w` capped at `delta` (INTELLECT-2's two-sided clip) and the dual-clip
+    floor `c A` only applies for `A < 0`."""
+    ratio, adv = x.ratio, x.advantages
+    unclipped = ratio if options.delta is None else torch.clamp(ratio, max=options.delta)
+    clipped = torch.clamp(ratio, 1 - options.epsilon_low, 1 + options.epsilon_high)
+    surrogate = torch.min(unclipped * adv, clipped * adv)
+    if options.dual_clip is not None:
+        surrogate = torch.where(adv < 0, torch.max(surrogate, options.dual_clip * adv), surrogate)
+    return -surrogate, None
+
+
+def _cispo_metrics(policy: Outcome, options: OutcomeOptions, adv: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"cispo_clip_ratio": ((policy.ratio.detach() > options.epsilon_high) & (adv > 0)).float()}
+
+
+@register_loss_type(
+    "cispo",
+    aggregation=ACCUMULATED_TOKENS,
+    reads=("epsilon", "epsilon_high"),
+    reinforce_on_policy=False,
+    metrics=_cispo_metrics,
+    formula="`-SG[min(w, eps_high)] A log pi`",
+)
+def cispo_surrogate(x: SurrogateInputs, options: OutcomeOptions) -> tuple[torch.Tensor, None]:
+    """CISPO: the REINFORCE term weighted by the detached, capped ratio."""
+    return -torch.clamp(x.ratio, max=options.epsilon_high).detach() * x.advantages * x.logps, None
+
+
+@register_loss_type(
+    "sapo",
+    aggregation=SEQUENCE_MEAN,
+    reads=("sapo_temperature_pos", "sapo_temperature_neg"),
+    formula="`-sigmoid(tau (w - 1)) 4 / tau A`, `tau` the temperature of `A`'s sign",
+)
+def sapo_surrogate(x: SurrogateInputs, options: OutcomeOptions) -> tuple[torch.Tensor, None]:
+    """SAPO: a soft gate on the ratio, with one temperature per advantage sign."""
+    adv = x.advantages
+    tau = torch.where(adv > 0, options.sapo_temperature_pos, options.sapo_temperature_neg)
+    return -torch.sigmoid(tau * (x.ratio - 1)) * 4 / tau * adv, None
+
+
+def _vespo_metrics(policy: Outcome, options: OutcomeOptions, adv: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"vespo/phi_seq_mean": policy.vespo_weight}
+
+
+@register_loss_type(
+    "vespo",
+    aggregation=ACCUMULATED_TOKENS,
+    reads=("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+    reinforce_on_policy=False,
+    folds_sampler_ratio=True,
+    metrics=_vespo_metrics,
+    formula="`-SG[phi(w_seq)] A log pi`, TRL's gamma weight of the sequence ratio",
+)
+def vespo_surrogate(x: SurrogateInputs, options: OutcomeOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """VESPO: the REINFORCE term weighted by TRL's detached gamma weight of the sequence ratio (which folds in vLLM's
+    sampler correction)."""
+    weight = vespo_gamma_weights(
+        x.advantages,
+        x.log_ratio,
+        x.mask,
+        x.sampler_ratio,
+        k_pos=options.vespo_k_pos,
+        lambda_pos=options.vespo_lambda_pos,
+        k_neg=options.vespo_k_neg,
+        lambda_neg=options.vespo_lambda_neg,
+    )
+    return -weight * x.advantages * x.logps, weight
+
+
+def sampler_log_probs(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor | None) -> torch.Tensor:
+    """`(B, T)` log-probs of the policy that sampled: the old ones off-policy, else the detached current ones (the
+    one place this fallback is written; GRPOTrainer passes no old log-probs on-policy)."""
+    return per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+
+
 def outcome_per_token(
     per_token_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -113,15 +341,12 @@ def outcome_per_token(
 ) -> Outcome:
     """SPEC 2.1: the per-token outcome surrogate for GRPO's `loss_type`, exactly as TRL GRPOTrainer forms it.
 
-    With `w` the importance ratio (per token, or GSPO's `exp(mean_t log ratio)` per sequence) and `A` the advantage:
-    - grpo, bnpo, dr_grpo, dapo, luspo: `-max(min(w' A, clip(w, 1 - eps_low, 1 + eps_high) A), c A)`, where `w'` is
-      `w` capped at `delta` (INTELLECT-2's two-sided clip) and the dual-clip floor `c A` only applies for `A < 0`;
-    - cispo: `-SG[min(w, eps_high)] A log pi`;
-    - sapo: `-sigmoid(tau (w - 1)) 4 / tau A`, with `tau` the temperature of `A`'s sign;
-    - vespo: `-SG[phi(w_seq)] A log pi` with TRL's gamma weight of the sequence ratio.
-    On-policy (`old_per_token_logps is None`), the clipped and soft surrogates become the REINFORCE surrogate
-    `-A log pi` (SPEC 2.1), which has their gradient at `w = 1`, unless `options.on_policy_surrogate` is `"ratio"`
-    (GRPOTrainer's value: the surrogate itself at `w = 1`); cispo and vespo keep their form, with `w = 1`.
+    With `w` the importance ratio (per token, or GSPO's `exp(mean_t log ratio)` per sequence) and `A` the advantage,
+    the surrogate is the one registered for `options.loss_type` (`LOSS_TYPES`; docs/ALGORITHM.md's table lists them).
+    On-policy (`old_per_token_logps is None`), a type registered with `reinforce_on_policy` (the clipped and soft
+    surrogates) becomes the REINFORCE surrogate `-A log pi` (SPEC 2.1), which has its gradient at `w = 1`, unless
+    `options.on_policy_surrogate` is `"ratio"` (GRPOTrainer's value: the surrogate itself at `w = 1`); the others
+    (cispo, vespo) keep their form, with `w = 1`.
 
     Args:
         per_token_logps: `(B, T)` log pi_theta of the sampled tokens, with grad.
@@ -131,40 +356,23 @@ def outcome_per_token(
         sampler_ratio: `(B, T)` or `(B, 1)` vLLM importance-sampling correction `pi_old / pi_sampler` (TRL's
             `importance_sampling_ratio`), or None. It multiplies the surrogate; VESPO folds it into its weight.
     """
-    if options.loss_type not in LOSS_TYPES:
-        raise ValueError(f"Unknown loss_type {options.loss_type!r}; expected one of {LOSS_TYPES}.")
+    loss_type = get_loss_type(options.loss_type)
     if options.importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"Unknown importance_sampling_level {options.importance_sampling_level!r}.")
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     mask = torch.ones_like(per_token_logps) if mask is None else mask.to(per_token_logps.dtype)
     on_policy = old_per_token_logps is None
-    log_ratio = per_token_logps - (per_token_logps.detach() if on_policy else old_per_token_logps)
+    log_ratio = per_token_logps - sampler_log_probs(per_token_logps, old_per_token_logps)
     if options.importance_sampling_level == "sequence":
         ratio = torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
     else:
         ratio = torch.exp(log_ratio)
-    vespo_weight = None
-    if options.loss_type == "cispo":
-        loss = -torch.clamp(ratio, max=options.epsilon_high).detach() * adv * per_token_logps
-    elif options.loss_type == "vespo":
-        vespo_weight = vespo_gamma_weights(
-            adv, log_ratio, mask, sampler_ratio, k_pos=options.vespo_k_pos, lambda_pos=options.vespo_lambda_pos,
-            k_neg=options.vespo_k_neg, lambda_neg=options.vespo_lambda_neg,
-        )  # fmt: skip
-        loss = -vespo_weight * adv * per_token_logps
-    elif on_policy and options.on_policy_surrogate == "reinforce":
-        loss = -adv * per_token_logps
-    elif options.loss_type == "sapo":
-        tau = torch.where(adv > 0, options.sapo_temperature_pos, options.sapo_temperature_neg)
-        loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    if on_policy and options.on_policy_surrogate == "reinforce" and loss_type.reinforce_on_policy:
+        loss, vespo_weight = -adv * per_token_logps, None
     else:
-        unclipped = ratio if options.delta is None else torch.clamp(ratio, max=options.delta)
-        clipped = torch.clamp(ratio, 1 - options.epsilon_low, 1 + options.epsilon_high)
-        surrogate = torch.min(unclipped * adv, clipped * adv)
-        if options.dual_clip is not None:
-            surrogate = torch.where(adv < 0, torch.max(surrogate, options.dual_clip * adv), surrogate)
-        loss = -surrogate
-    if sampler_ratio is not None and options.loss_type != "vespo":
+        inputs = SurrogateInputs(per_token_logps, adv, log_ratio, ratio, mask, sampler_ratio)
+        loss, vespo_weight = loss_type.surrogate(inputs, options)
+    if sampler_ratio is not None and not loss_type.folds_sampler_ratio:
         loss = loss * sampler_ratio
     return Outcome(loss.expand_as(per_token_logps), torch.exp(log_ratio).detach(), ratio, vespo_weight)
 
@@ -180,31 +388,17 @@ def policy_token_weights(
     """`(B, T)` weight of each token's outcome and anchor terms in the loss: GRPOTrainer's aggregation for `loss_type`
     (its per-token loss is the outcome plus the KL anchor), written as a weighted sum over tokens.
 
-    - dapo, cispo, vespo: `1 / token_normalizer`, the completion tokens of the accumulated batch (SPEC 2's `N`);
-    - grpo, sapo: each sequence's mean, then the mean over the `B` sequences;
-    - bnpo: `1 / (tokens in this micro-batch)`; dr_grpo: `1 / (B * max_completion_length)`;
-    - luspo: each sequence's sum, then the mean over sequences.
-    All but the first are divided by `accumulation_steps` (TRL scales them for gradient accumulation; the DAPO
-    normaliser already spans the accumulated batch).
+    The registered type's `Aggregator` gives the weights (docs/ALGORITHM.md's table): DAPO's `1 / token_normalizer`
+    (the completion tokens of the accumulated batch, SPEC 2's `N`) spans the accumulated batch; the others are
+    divided by `accumulation_steps`, as TRL scales them for gradient accumulation.
 
     Args:
         mask: `(B, T)` completion mask. token_normalizer: `N` for one micro-batch, as the trainer computes it.
         max_completion_length: dr_grpo's constant; None: `T`.
     """
-    mask = _float_mask(mask)
-    if loss_type in ("dapo", "cispo", "vespo"):
-        return mask / token_normalizer
-    if loss_type in ("grpo", "sapo"):
-        weights = mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / mask.size(0)
-    elif loss_type == "bnpo":
-        weights = mask / mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        weights = mask / (mask.size(0) * (mask.size(1) if max_completion_length is None else max_completion_length))
-    elif loss_type == "luspo":
-        weights = mask / mask.size(0)
-    else:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
-    return weights / accumulation_steps
+    aggregation = get_loss_type(loss_type).aggregation
+    weights = aggregation.weights(_float_mask(mask), token_normalizer, max_completion_length)
+    return weights if aggregation.spans_accumulation else weights / accumulation_steps
 
 
 # Reference code's clamp on RLSD's log-ratio, so exp() stays finite before the clip.
@@ -249,23 +443,75 @@ def rlsd_advantages(
     return adv * ((1 - lam) + lam * weight)
 
 
-def anchor_per_token(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, estimator: str) -> torch.Tensor:
-    """SPEC 2.4: per-token anchor surrogate `(B, T)` with `log w = log pi_theta - log pi_ref` on sampled tokens.
+@dataclass(frozen=True)
+class AnchorEstimator:
+    """A registered anchor surrogate `L_K` (SPEC 2.4): `fn(log_w, **fields)` per token, with `log_w = log pi_theta -
+    log pi_ref` on sampled tokens and `fields` the config fields it declares in `reads`."""
 
-    `urkl` 0.5 (log w)^2 | `ufkl` 1/w + log w | `rkl` 0.5 (log w + 1)^2 | `fkl` 1/w | `k3` 1/w + log w - 1 (TRL).
-    """
-    log_w = per_token_logps - ref_per_token_logps
-    if estimator == "urkl":
-        return 0.5 * log_w.square()
-    if estimator == "ufkl":
-        return torch.exp(-log_w) + log_w
-    if estimator == "rkl":
-        return 0.5 * (log_w + 1).square()
-    if estimator == "fkl":
-        return torch.exp(-log_w)
-    if estimator == "k3":
-        return torch.exp(-log_w) + log_w - 1
-    raise ValueError(f"Unknown kl_estimator {estimator!r}; expected one of k3, urkl, ufkl, rkl, fkl.")
+    name: str
+    fn: Callable[..., torch.Tensor]
+    reads: tuple[str, ...]
+    formula: str
+
+
+ANCHOR_ESTIMATORS: dict[str, AnchorEstimator] = {}
+
+
+def register_anchor_estimator(name: str, *, formula: str, reads: tuple[str, ...] = ()) -> Callable:
+    """Register the decorated `fn(log_w, **fields) -> (B, T)` as anchor estimator `name` (`kl_estimator`)."""
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in ANCHOR_ESTIMATORS:
+            raise ValueError(f"kl_estimator {name!r} is already registered.")
+        ANCHOR_ESTIMATORS[name] = AnchorEstimator(name, fn, tuple(reads), formula)
+        return fn
+
+    return register
+
+
+def get_anchor_estimator(name: str) -> AnchorEstimator:
+    """The registered anchor estimator `name`; a ValueError listing the registered ones otherwise."""
+    if name not in ANCHOR_ESTIMATORS:
+        raise unknown_name("kl_estimator", name, ANCHOR_ESTIMATORS)
+    return ANCHOR_ESTIMATORS[name]
+
+
+@register_anchor_estimator("k3", formula="`1/w + log w - 1` (TRL's)")
+def k3_anchor(log_w: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-log_w) + log_w - 1
+
+
+@register_anchor_estimator("urkl", formula="`0.5 (log w)^2` (the reference code's default)")
+def urkl_anchor(log_w: torch.Tensor) -> torch.Tensor:
+    return 0.5 * log_w.square()
+
+
+@register_anchor_estimator("ufkl", formula="`1/w + log w` (the gradient of `k3`)")
+def ufkl_anchor(log_w: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-log_w) + log_w
+
+
+@register_anchor_estimator("rkl", formula="`0.5 (log w + 1)^2`")
+def rkl_anchor(log_w: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (log_w + 1).square()
+
+
+@register_anchor_estimator("fkl", formula="`1/w`")
+def fkl_anchor(log_w: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-log_w)
+
+
+def anchor_per_token(
+    per_token_logps: torch.Tensor,
+    ref_per_token_logps: torch.Tensor,
+    estimator: str,
+    settings: Mapping[str, Any] | Any | None = None,
+) -> torch.Tensor:
+    """SPEC 2.4: per-token anchor surrogate `(B, T)` of the registered `estimator` (`ANCHOR_ESTIMATORS`), with
+    `log w = log pi_theta - log pi_ref` on sampled tokens. `settings` (a mapping or an `SDPGConfig`) gives the
+    config fields the estimator declares it reads."""
+    entry = get_anchor_estimator(estimator)
+    return entry.fn(per_token_logps - ref_per_token_logps, **read_settings(entry.reads, settings))
 
 
 def k3_kl(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:
@@ -365,17 +611,26 @@ def token_selection(
     valid = mask.bool()
     distilled = valid & distill_rows.unsqueeze(1)
     return TokenSelection(
-        gate=gate, distill_rows=distill_rows, teacher_rows=teacher_rows, teacher_index=teacher_index,
-        plain=valid & ~distilled, distilled=distilled, teacher_only=valid & teacher_rows.unsqueeze(1) & ~distilled,
-    )  # fmt: skip
+        gate=gate,
+        distill_rows=distill_rows,
+        teacher_rows=teacher_rows,
+        teacher_index=teacher_index,
+        plain=valid & ~distilled,
+        distilled=distilled,
+        teacher_only=valid & teacher_rows.unsqueeze(1) & ~distilled,
+    )
 
 
 class Aggregation(NamedTuple):
-    """How per-token terms are summed into the loss: SPEC 2's `N` for the distillation term and GRPO's `(B, T)`
-    weights for the outcome and the anchor (`policy_token_weights`)."""
+    """How per-token terms are summed into the loss: SPEC 2's `N` for the distillation term, GRPO's `(B, T)`
+    weights for the outcome and the anchor (`policy_token_weights`), the gradient accumulation steps of the step (1
+    in evaluation), which GRPO's entropy bonus and MoE auxiliary loss are divided by too, and whether the loss type's
+    weights already span them (`Aggregator.spans_accumulation`: DAPO's `N`)."""
 
     normalizer: torch.Tensor
     policy_weights: torch.Tensor
+    accumulation_steps: int = 1
+    spans_accumulation: bool = True
 
 
 def loss_aggregation(
@@ -401,10 +656,14 @@ def loss_aggregation(
     """
     normalizer = num_items_in_batch.clamp(min=1.0) / num_processes * accumulation_steps / steps_per_generation
     weights = policy_token_weights(
-        mask, loss_type, token_normalizer=normalizer, max_completion_length=max_completion_length,
+        mask,
+        loss_type,
+        token_normalizer=normalizer,
+        max_completion_length=max_completion_length,
         accumulation_steps=accumulation_steps,
-    )  # fmt: skip
-    return Aggregation(normalizer, weights)
+    )
+    spans_accumulation = get_loss_type(loss_type).aggregation.spans_accumulation
+    return Aggregation(normalizer, weights, accumulation_steps, spans_accumulation)
 
 
 def sdpg_objective(
@@ -430,7 +689,8 @@ def sdpg_objective(
     is over `N` as SPEC 2 says.
 
     Args:
-        outcome, distill_kl, anchor: `(B, T)` per-token terms, or None when the step does not use the term.
+        outcome, distill_kl, anchor: `(B, T)` per-token terms, or None when the step does not use the term (whether
+            it does is `LossTerms`' decision; a term given here is added, whatever its coefficient).
         mask: `(B, T)` completion mask. rho: `(B, T)` detached importance ratio (1 on-policy).
         distill_weight: `(B,)` gate m_i, or `(B, T)` the gate times per-token filters (EOS, teacher confidence).
         distill_coef: the scheduled beta(k). kl_coef: alpha. outcome_coef: 1 for every method but pure distillation.
@@ -439,12 +699,12 @@ def sdpg_objective(
     Returns: scalar loss.
     """
     policy = torch.zeros_like(rho)
-    if outcome is not None and outcome_coef != 0.0:
+    if outcome is not None:
         policy = policy + outcome_coef * outcome
-    if anchor is not None and kl_coef != 0.0:
+    if anchor is not None:
         policy = policy + kl_coef * (rho if anchor_ratio_weighted else 1.0) * anchor
     distill = torch.zeros_like(rho)
-    if distill_kl is not None and distill_coef != 0.0:
+    if distill_kl is not None:
         weight = distill_weight.unsqueeze(1) if distill_weight.dim() == 1 else distill_weight
         distill = distill_coef * weight * rho * distill_kl
     return (policy * aggregation.policy_weights).sum() + (distill * mask).sum() / aggregation.normalizer
@@ -503,6 +763,7 @@ def sdpg_loss_reference(
     distill_coef: float,
     kl_coef: float,
     kl_estimator: str = "urkl",
+    anchor_settings: Mapping[str, Any] | Any | None = None,
     gate: bool = True,
     ref_per_token_logps: torch.Tensor | None = None,
     old_per_token_logps: torch.Tensor | None = None,
@@ -525,6 +786,7 @@ def sdpg_loss_reference(
         completion_ids, completion_mask: `(B, T)`.
         advantages: `(B,)`.
         distill_coef: the already-scheduled beta(k). kl_coef: alpha. outcome_coef: weight of `L_out`.
+        kl_estimator: a registered anchor estimator; anchor_settings: the config fields it reads (an `SDPGConfig`).
         ref_per_token_logps, old_per_token_logps: `(B, T)` or None.
         rlsd_lam, rlsd_clip: RLSD's scheduled `lam(k)` and `eps_w`; `rlsd_lam > 0` reweights the advantages.
         eos_token_ids, teacher_confident_only: the optional distillation token filters (`distill_token_weight`).
@@ -543,27 +805,41 @@ def sdpg_loss_reference(
     per_token_logps = log_p.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     teacher_logps = F.log_softmax(_upcast(teacher_logits), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     m = positive_advantage_gate(advantages, gate)
-    if rlsd_lam > 0:
-        old = per_token_logps if old_per_token_logps is None else old_per_token_logps
+    terms = loss_terms(outcome_coef=outcome_coef, distill_coef=distill_coef, rlsd_lam=rlsd_lam, kl_coef=kl_coef)
+    if terms.rlsd:
+        old = sampler_log_probs(per_token_logps, old_per_token_logps)
         advantages = rlsd_advantages(advantages, teacher_logps, old, lam=rlsd_lam, clip=rlsd_clip)
     policy = outcome_per_token(per_token_logps, advantages, old_per_token_logps, mask=mask, options=outcome)
     distill_kl = full_vocab_reverse_kl(student_logits, teacher_logits)
     student_entropy, teacher_entropy = entropy_from_logits(student_logits), entropy_from_logits(teacher_logits)
     weight = distill_token_weight(
-        mask, m, completion_ids=completion_ids, eos_token_ids=eos_token_ids,
+        mask,
+        m,
+        completion_ids=completion_ids,
+        eos_token_ids=eos_token_ids,
         student_entropy=student_entropy.detach() if teacher_confident_only else None,
         teacher_entropy=teacher_entropy if teacher_confident_only else None,
-    )  # fmt: skip
-    use_anchor = ref_per_token_logps is not None and kl_coef != 0.0
-    anchor = anchor_per_token(per_token_logps, ref_per_token_logps, kl_estimator) if use_anchor else None
+    )
+    use_anchor = ref_per_token_logps is not None and terms.anchor
+    anchor = None
+    if use_anchor:
+        anchor = anchor_per_token(per_token_logps, ref_per_token_logps, kl_estimator, anchor_settings)
     if use_anchor and bias_correction_kl:
         anchor = anchor * policy.ratio
     tokens = loss_aggregation(mask, outcome.loss_type, mask.sum(), max_completion_length=max_completion_length)
     loss = sdpg_objective(
-        policy.loss, distill_kl, anchor, mask, weight, policy.rho, outcome_coef=outcome_coef,
+        policy.loss if terms.outcome else None,
+        distill_kl if terms.distill else None,
+        anchor,
+        mask,
+        weight,
+        policy.rho,
+        outcome_coef=outcome_coef,
         distill_coef=distill_coef,
-        kl_coef=kl_coef, aggregation=tokens, anchor_ratio_weighted=anchor_ratio_weighted,
-    )  # fmt: skip
+        kl_coef=kl_coef,
+        aggregation=tokens,
+        anchor_ratio_weighted=anchor_ratio_weighted,
+    )
 
     with torch.no_grad():
         distilled = mask * m.unsqueeze(1)

@@ -1,16 +1,27 @@
 """What `SDPGTrainer` checks before it loads anything: what a run would otherwise find out after minutes of model
-loading, or never (a data set too small for one batch trains 0 steps and exits as if it had trained)."""
+loading, or never (a data set too small for one batch trains 0 steps and exits as if it had trained); and, once
+GRPOTrainer loaded the model, what SDPG's loss cannot train (`check_loaded_model`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sized
 from typing import Any
 
+import torch
 from accelerate.utils import is_peft_model
 from peft import PeftConfig
+from transformers import ProcessorMixin
 
 from .config import SDPGConfig
+from .teachers import TEACHER_KINDS
+
+logger = logging.getLogger(__name__)
+
+# LM-head output transforms TRL's fused head knows but SDPG's head kernels need passed explicitly; SDPG reads the two
+# common ones (`hidden_states.LogitTransform`) and refuses the rest rather than distil from wrongly scaled logits.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 # What the error on a missing context column adds when `SDPGTrainer` was given no `args`.
 DEFAULT_ARGS_NEED_CONTEXT = (
@@ -49,7 +60,7 @@ def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | N
     needs = []
     if args.beta > 0:
         needs.append(f"beta={args.beta} needs a reference model")
-    if args.needs_teacher and args.teacher_model_kind in ("base", "ema"):
+    if args.needs_teacher and TEACHER_KINDS[args.teacher_model_kind].needs_initial_weights:
         needs.append(f"teacher_model_kind={args.teacher_model_kind!r} needs a copy of the initial weights")
     if needs:
         raise ValueError(
@@ -74,3 +85,49 @@ def check_train_size(dataset: Any, args: SDPGConfig) -> None:
             "steps. Give it more rows (e.g. a larger arithmetic_num_train), or lower per_device_train_batch_size or "
             "steps_per_generation."
         )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls in hardware (AVX512-BF16 or AMX); elsewhere PyTorch emulates them."""
+    # Private probes, read defensively: torch exposes no public query for this.
+    probes = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+    )
+    return any(probe is not None and probe() for probe in probes)
+
+
+def vision_language_signs(processing_class: Any, model_config: Any) -> list[str]:
+    """What marks a model as vision-language, for SDPGTrainer to refuse it: an image processor in its processing class,
+    a `vision_config` in its model config. Empty for a text-only model."""
+    signs = []
+    if isinstance(processing_class, ProcessorMixin) and getattr(processing_class, "image_processor", None) is not None:
+        signs.append(f"its processing class {type(processing_class).__name__} has an image processor")
+    if getattr(model_config, "vision_config", None) is not None:
+        signs.append(f"its config {type(model_config).__name__} has a vision_config")
+    return signs
+
+
+def check_loaded_model(config: Any, processing_class: Any, args: SDPGConfig, device: torch.device) -> Any:
+    """Refuse what SDPG's loss cannot train (a vision-language model, an LM-head output transform the kernels do
+    not apply), warn about emulated bf16, and return the model's text config. `config`: the CausalLM's config."""
+    vision = vision_language_signs(processing_class, config)
+    if vision:
+        teacher = ", and the teacher prompts would be tokenised without their images" if args.needs_teacher else ""
+        raise NotImplementedError(
+            f"SDPGTrainer is text-only, and this is a vision-language model ({'; '.join(vision)}). Image inputs "
+            "are not supported: SDPGTrainer's loss runs the student forward on token ids alone, so GRPO's image "
+            f"inputs (pixel_values, image_grid_thw, ...) would be dropped{teacher}. Train vision-language models "
+            "with trl.GRPOTrainer."
+        )
+    text_config = config.get_text_config()
+    for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
+        if getattr(text_config, name, None) is not None:
+            raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
+    if args.bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        # GRPOConfig turns bf16 on by default; emulated bf16 made a SmolLM2-135M step 11x slower (283 s vs 25 s).
+        logger.warning(
+            "SDPGConfig.bf16 is on, but this CPU has no native bf16: autocast matmuls are emulated and training "
+            "runs about 10x slower. Set bf16=False (`--bf16 false`) to train in float32."
+        )
+    return text_config

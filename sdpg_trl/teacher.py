@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from ._trl_compat import pad
 from .config import template_fields
 
 
@@ -212,3 +213,23 @@ def context_token_mask(
         ids = {i for text in (context, " " + context) for i in tokenizer(text, add_special_tokens=False)["input_ids"]}
         mask[row] = torch.isin(completion_ids[row], torch.tensor(sorted(ids), device=completion_ids.device))
     return mask
+
+
+def teacher_prompt_inputs(
+    teacher_ids: list[list[int]],
+    fits: list[bool],
+    *,
+    pad_id: int,
+    pad_to_multiple_of: int | None,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """The batch's teacher prompts as GRPOTrainer pads its prompts (left): `teacher_prompt_ids`, `teacher_prompt_mask`
+    (all 0 for a row that does not fit) and `teacher_prompt_fits` `(B,)`. A row without ids gets one pad token."""
+    ids = [torch.tensor(list(row) or [pad_id], dtype=torch.long) for row in teacher_ids]
+    masks = [torch.full_like(row, int(ok)) for row, ok in zip(ids, fits)]
+    left = dict(padding_side="left", pad_to_multiple_of=pad_to_multiple_of)
+    return {
+        "teacher_prompt_ids": pad(ids, padding_value=pad_id, **left).to(device),
+        "teacher_prompt_mask": pad(masks, padding_value=0, **left).to(device),
+        "teacher_prompt_fits": torch.tensor(fits, device=device),
+    }

@@ -31,7 +31,7 @@ def test_no_checkpoint_inside_a_cycle_and_exact_resume_at_its_end(tmp_path, toke
     """Cycles of 2 steps, 3 steps: checkpoint-2 is written; the final save at step 3 is refused. Resuming from
     checkpoint-2 gives step 3 the uninterrupted run's loss."""
     overrides = dict(max_steps=3, steps_per_generation=2, save_strategy="steps", save_steps=2)
-    with caplog.at_level(logging.WARNING, logger="sdpg_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="sdpg_trl.checkpoints"):
         full = make_trainer(tmp_path, tiny_model_dir, tokenizer, **overrides)
         full.train()
     assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-3").exists()

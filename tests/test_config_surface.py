@@ -280,7 +280,7 @@ def test_model_object_trains_when_no_copy_is_needed(tmp_path, tokenizer):
     model = make_model(tokenizer)
     trainer = SDPGTrainer(model=model, reward_funcs=parity_reward, args=make_args(tmp_path, beta=0.0),
                           train_dataset=make_dataset(), processing_class=tokenizer)  # fmt: skip
-    assert trainer.ref_model is None and trainer.teacher_model is None
+    assert trainer.ref_model is None and trainer.teacher.model is None
 
 
 def test_teacher_context_column_is_the_column_the_method_reads(tmp_path):

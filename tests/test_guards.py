@@ -49,7 +49,7 @@ def at_poisoned_step(trainer, steps) -> bool:
 
 
 def nan_teacher(trainer, steps):
-    original = trainer._teacher_hidden
+    original = trainer.teacher.hidden
 
     def teacher_hidden(*args, **kwargs):
         hidden = original(*args, **kwargs)
@@ -58,7 +58,7 @@ def nan_teacher(trainer, steps):
             hidden[0, 0, 0] = float("nan")
         return hidden
 
-    trainer._teacher_hidden = teacher_hidden
+    trainer.teacher.hidden = teacher_hidden
 
 
 def inf_reward(trainer, steps):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from sdpg_trl.head_kernels import chunked_logps_and_entropy, fused_policy_distillation
 from sdpg_trl.losses import (
-    CLIPPED_LOSS_TYPES,
     LOSS_TYPES,
     OutcomeOptions,
     anchor_per_token,
+    clipped_loss_types,
     distill_coef_schedule,
     full_vocab_reverse_kl,
     outcome_per_token,
@@ -284,7 +284,7 @@ def test_outcome_on_policy_has_the_reinforce_gradient_of_every_loss_type(loss_ty
     adv = torch.tensor([1.5, -0.5, 0.7])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     options = OutcomeOptions(loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.5,
-                             dual_clip=3.0 if loss_type in CLIPPED_LOSS_TYPES else None)  # fmt: skip
+                             dual_clip=3.0 if loss_type in clipped_loss_types() else None)  # fmt: skip
     scale = 0.5 if loss_type == "cispo" else 1.0
     for old in (None, logp.detach()):
         out = outcome_per_token(logp, adv, old, mask=mask, options=options)

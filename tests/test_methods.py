@@ -37,10 +37,10 @@ def reference(trainer, batch, *, teacher_model=None, teacher_ctx=None, **overrid
                                     batch)  # fmt: skip
     args = trainer.args
     kwargs = dict(
-        distill_coef=trainer.distill_coef_at(trainer.state.global_step), kl_coef=args.beta,
+        distill_coef=trainer.coefficients_at(trainer.state.global_step).distill_coef, kl_coef=args.beta,
         kl_estimator=args.kl_estimator, gate=args.distill_positive_only,
         ref_per_token_logps=batch.get("ref_per_token_logps"), old_per_token_logps=batch.get("old_per_token_logps"),
-        outcome_coef=args.outcome_coef, rlsd_lam=trainer.rlsd_lambda_at(trainer.state.global_step),
+        outcome_coef=args.outcome_coef, rlsd_lam=trainer.coefficients_at(trainer.state.global_step).rlsd_lam,
         rlsd_clip=args.rlsd_clip, eos_token_ids=trainer.eos_token_ids if args.distill_exclude_eos else None,
         teacher_confident_only=args.distill_teacher_confident_only, **grpo_options(args),
     )  # fmt: skip
@@ -218,7 +218,7 @@ def test_teacher_off_equals_stock_grpo_trainer(tmp_path, tokenizer, tiny_model_d
     sdpg = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=data,
                        processing_class=tokenizer)  # fmt: skip
     grpo = stock_grpo(tmp_path / "grpo", tiny_model_dir, tokenizer, data, **options)
-    monkeypatch.setattr(sdpg, "_teacher_hidden", lambda *a, **k: pytest.fail("GRPO ran a teacher forward"))
+    monkeypatch.setattr(sdpg.teacher, "hidden", lambda *a, **k: pytest.fail("GRPO ran a teacher forward"))
     batch = grpo_batch(tokenizer, grpo.model)
     loss_sdpg, g_sdpg = trainer_loss_and_grads(sdpg, batch)
     loss_grpo, g_grpo = trainer_loss_and_grads(grpo, batch)
@@ -279,7 +279,7 @@ def test_grpo_preset_builds_no_teacher_prompts(tmp_path, tokenizer, tiny_model_d
 def test_base_teacher_reuses_the_reference_model_and_scores_with_the_initial_weights(tmp_path, tokenizer,
                                                                                        tiny_model_dir):  # fmt: skip
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, teacher_model_kind="base")
-    assert trainer.teacher_model is trainer.ref_model  # no second copy of the weights when alpha > 0
+    assert trainer.teacher.model is trainer.ref_model  # no second copy of the weights when alpha > 0
     perturb(trainer.model)
     batch = hand_batch(tokenizer)
     loss, g_trainer = trainer_loss_and_grads(trainer, batch)
@@ -292,10 +292,10 @@ def test_base_teacher_reuses_the_reference_model_and_scores_with_the_initial_wei
 
 def test_base_teacher_without_reference_model_is_a_frozen_copy(tmp_path, tokenizer, tiny_model_dir):
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, teacher_model_kind="base", beta=0.0)
-    assert trainer.ref_model is None and trainer.teacher_model is not None
+    assert trainer.ref_model is None and trainer.teacher.model is not None
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()  # two real steps move the policy, not the teacher
-    teacher = dict(trainer.teacher_model.named_parameters())
+    teacher = dict(trainer.teacher.model.named_parameters())
     assert all(torch.equal(teacher[n], initial[n]) for n in initial)
     assert any(not torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())
 
@@ -303,15 +303,15 @@ def test_base_teacher_without_reference_model_is_a_frozen_copy(tmp_path, tokeniz
 def test_ema_teacher_follows_the_policy_at_its_rate(tmp_path, tokenizer, tiny_model_dir):
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, teacher_model_kind="ema", teacher_update_rate=0.25,
                            max_steps=1)  # fmt: skip
-    assert trainer.teacher_model is not trainer.ref_model
+    assert trainer.teacher.model is not trainer.ref_model
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
-    for name, teacher in trainer.teacher_model.named_parameters():
+    for name, teacher in trainer.teacher.model.named_parameters():
         expected = 0.75 * initial[name] + 0.25 * dict(trainer.model.named_parameters())[name].detach()
         torch.testing.assert_close(teacher, expected)
     batch = hand_batch(tokenizer)
     loss, g_trainer = trainer_loss_and_grads(trainer, batch)
-    ref_loss, g_ref, _ = reference(trainer, batch, teacher_model=trainer.teacher_model)
+    ref_loss, g_ref, _ = reference(trainer, batch, teacher_model=trainer.teacher.model)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(g_trainer, g_ref)
 
@@ -338,7 +338,7 @@ def test_rlsd_takes_a_frozen_teacher_too(tmp_path, tokenizer, tiny_model_dir):
     batch = hand_batch(tokenizer)
     batch.pop("ref_per_token_logps")
     loss, g_trainer = trainer_loss_and_grads(trainer, batch)
-    ref_loss, g_ref, _ = reference(trainer, batch, teacher_model=trainer.teacher_model)
+    ref_loss, g_ref, _ = reference(trainer, batch, teacher_model=trainer.teacher.model)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(g_trainer, g_ref)
 
@@ -355,8 +355,8 @@ def test_teacher_forward_has_dropout_off(tmp_path, tokenizer, tiny_model_dir):
     trainer.model.train()
     batch = hand_batch(tokenizer)
     rows = torch.arange(4)
-    first = trainer._teacher_hidden(trainer.model, batch, rows)
-    second = trainer._teacher_hidden(trainer.model, batch, rows)
+    first = trainer.teacher.hidden(trainer.model, batch, rows)
+    second = trainer.teacher.hidden(trainer.model, batch, rows)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert trainer.model.training  # mode restored
 

@@ -11,10 +11,17 @@ import pytest
 import torch
 from conftest import make_model
 from peft import get_peft_model
-from test_trainer import LORA, make_trainer
+from test_trainer import LORA, make_args, make_trainer
 
 from sdpg_trl import _trl_compat
-from sdpg_trl.checkpoints import EMA_ADAPTER_NAME, EMA_TEACHER_NAME, SETTINGS_NAME, loss_settings
+from sdpg_trl.checkpoints import (
+    SETTINGS_NAME,
+    TRAINER_STATE_NAME,
+    check_resumable,
+    loss_settings,
+    write_settings,
+)
+from sdpg_trl.teachers import EMA_ADAPTER_NAME, EMA_TEACHER_NAME
 
 # Every rollout is distilled (no gate), so the teacher's weights reach the loss at every step; a checkpoint at step 1
 # of 2 (a generation cycle is 1 step here).
@@ -49,7 +56,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, tokenize
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-7, msg=name)
     if teacher == "ema":
         assert (tmp_path / "full" / "checkpoint-1" / EMA_TEACHER_NAME).is_file()
-        teachers = [dict(t.teacher_model.named_parameters()) for t in (full, resumed)]
+        teachers = [dict(t.teacher.model.named_parameters()) for t in (full, resumed)]
         for name, value in teachers[1].items():
             torch.testing.assert_close(value, teachers[0][name], rtol=0, atol=1e-7, msg=name)
 
@@ -65,7 +72,7 @@ def test_lora_ema_teacher_resumes_from_its_saved_adapter(tmp_path, tokenizer, ti
     assert any(EMA_ADAPTER_NAME in name for name in expected)
     for name, value in weights(resumed).items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-7, msg=name)
-    shadows = [t._ema_adapter_callback.shadow_weights for t in (full, resumed)]
+    shadows = [t.teacher.callback.shadow_weights for t in (full, resumed)]
     assert shadows[0].keys() == shadows[1].keys() and any(v.abs().sum() > 0 for v in shadows[0].values())
     for name, value in shadows[1].items():
         torch.testing.assert_close(value, shadows[0][name], rtol=0, atol=1e-7, msg=name)
@@ -125,3 +132,24 @@ def test_resume_with_other_loss_settings_is_refused_naming_them(tmp_path, tokeni
     same = make_trainer(tmp_path, tiny_model_dir, tokenizer, **RUN, distill_chunk_size=7, log_term_grad_norms=True)
     same.train(resume_from_checkpoint=str(checkpoint))
     assert same.state.global_step == 2
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        (dict(loss_type="sapo", dual_clip=None, sapo_temperature_pos=2.0), r"sapo_temperature_pos: 1.0 -> 2.0"),
+        (dict(loss_type="sapo", dual_clip=None, sapo_temperature_neg=2.0), r"sapo_temperature_neg: 1.05 -> 2.0"),
+        (dict(loss_type="vespo", dual_clip=None, vespo_k_pos=1.0), r"vespo_k_pos: 2.0 -> 1.0"),
+        (dict(loss_type="vespo", dual_clip=None, vespo_lambda_neg=1.0), r"vespo_lambda_neg: 2.0 -> 1.0"),
+        (dict(loss_type="dr_grpo", max_completion_length=5), r"max_completion_length: 6 -> 5"),
+    ],
+)
+def test_resume_refuses_a_change_of_a_field_a_registered_loss_type_reads(tmp_path, changed, message):
+    """The resume check's loss fields come from the registries: the fields SAPO, VESPO and Dr. GRPO read (which the
+    hand-kept list left out) are compared too."""
+    loss_type = {"loss_type": changed["loss_type"], "dual_clip": changed.get("dual_clip", 3.0)}
+    (tmp_path / TRAINER_STATE_NAME).write_text("{}")
+    write_settings(str(tmp_path), make_args(tmp_path, **loss_type))
+    check_resumable(str(tmp_path), make_args(tmp_path, **loss_type))  # the same settings resume
+    with pytest.raises(ValueError, match=rf"with other settings than it was trained with.*{message}"):
+        check_resumable(str(tmp_path), make_args(tmp_path, **changed))

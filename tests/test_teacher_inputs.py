@@ -127,8 +127,8 @@ def test_left_padded_teacher_row_scores_like_the_unpadded_row_on_gpt2(tmp_path, 
     alone = {"teacher_prompt_ids": prompt[:1, 4:], "teacher_prompt_mask": prompt_mask[:1, 4:],
              "completion_ids": completion[:1], "completion_mask": torch.ones_like(completion[:1])}  # fmt: skip
     trainer.model.train()  # the teacher still runs without dropout
-    hidden_padded = trainer._teacher_hidden(trainer.model, padded, torch.tensor([0, 1]))
-    hidden_alone = trainer._teacher_hidden(trainer.model, alone, torch.tensor([0]))
+    hidden_padded = trainer.teacher.hidden(trainer.model, padded, torch.tensor([0, 1]))
+    hidden_alone = trainer.teacher.hidden(trainer.model, alone, torch.tensor([0]))
     torch.testing.assert_close(hidden_padded[0], hidden_alone[0], rtol=1e-5, atol=1e-5)
 
 

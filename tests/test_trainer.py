@@ -26,8 +26,8 @@ import sdpg_trl.trainer
 from sdpg_trl import SDPGConfig, SDPGTrainer
 from sdpg_trl._trl_compat import compute_dtype
 from sdpg_trl.losses import OutcomeOptions, distill_coef_schedule, sdpg_loss_reference
+from sdpg_trl.preflight import vision_language_signs
 from sdpg_trl.teacher import build_teacher_prompt
-from sdpg_trl.trainer import vision_language_signs
 
 TEMPERATURE = 0.8
 
@@ -358,12 +358,12 @@ def test_schedule_follows_optimizer_steps_and_survives_resume(tmp_path, tokenize
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_bf16_without_hardware_support_warns(tmp_path, tokenizer, tiny_model_dir, monkeypatch, caplog, native):
-    monkeypatch.setattr("sdpg_trl.trainer.cpu_has_native_bf16", lambda: native)
-    with caplog.at_level(logging.WARNING, logger="sdpg_trl.trainer"):
+    monkeypatch.setattr("sdpg_trl.preflight.cpu_has_native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="sdpg_trl.preflight"):
         make_trainer(tmp_path, tiny_model_dir, tokenizer, bf16=True)
     assert ("SDPGConfig.bf16" in caplog.text) is not native
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="sdpg_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="sdpg_trl.preflight"):
         make_trainer(tmp_path, tiny_model_dir, tokenizer, bf16=False)
     assert "SDPGConfig.bf16" not in caplog.text
 

@@ -28,7 +28,6 @@ from . import _trl_compat
 from ._trl_compat import (
     ForwardRedirection,
     create_model_from_path,
-    disable_gradient_checkpointing,
     get_config_model_id,
     off_policy_sequence_mask,
     pad,
@@ -68,6 +67,7 @@ from .losses import (
     token_selection,
 )
 from .model_card import method_card
+from .modes import inference_flags, keep_one_input_grad_hook
 from .plotting import CurvesCallback
 from .preflight import DEFAULT_ARGS_NEED_CONTEXT, check_model_source, check_train_size
 from .run_report import DistillScheduleReport
@@ -116,17 +116,6 @@ class PerTokenTerms(NamedTuple):
     options: OutcomeOptions
     token_advantages: torch.Tensor
     trained_mask: torch.Tensor
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Run `model` in eval mode (dropout off) and restore its mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -207,6 +196,7 @@ class SDPGTrainer(GRPOTrainer):
             callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )  # fmt: skip
         text_config = self._check_model()
+        keep_one_input_grad_hook(self._causal_lm(self.model))  # TRL's checkpointing toggles add none (modes.py)
         self.teacher_model = self._setup_teacher_model()
         self.add_callback(DistillScheduleReport())  # warns when beta(k) never reaches distill_coef in the run
         self.add_callback(CurvesCallback())  # the run's curves as PNGs in output_dir (with the plots extra)
@@ -822,7 +812,7 @@ class SDPGTrainer(GRPOTrainer):
         """`(R, C, H)` teacher hidden states predicting the completion tokens of `rows`.
 
         The input is the teacher prompt followed by the student's completion ids unchanged (SPEC 1). Dropout is off
-        (eval mode) so the teacher's distribution does not depend on a dropout draw. Positions count from each row's
+        (eval flags) so the teacher's distribution does not depend on a dropout draw. Positions count from each row's
         first real token, so the teacher prompt's left padding does not shift them (it would for absolute-position
         models such as GPT-2; the student forward keeps GRPOTrainer's, which passes no positions).
         """
@@ -833,9 +823,8 @@ class SDPGTrainer(GRPOTrainer):
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._teacher_adapter(model),
-            _eval_mode(teacher),
+            inference_flags(teacher),  # no model-wide mode switch: it re-kernelizes (modes.py)
             self._capture_hidden(teacher) as captured,
             self.accelerator.autocast(),
         ):

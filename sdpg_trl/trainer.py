@@ -76,6 +76,7 @@ from .teacher import (
     check_dataset,
     check_prompt_column,
     context_token_mask,
+    default_teacher_prompt_length,
     describe_row,
     fit_teacher_prompts,
 )
@@ -283,19 +284,13 @@ class SDPGTrainer(GRPOTrainer):
         return output
 
     def _teacher_prompt_cap(self, text_config) -> int | None:
-        """`max_teacher_prompt_length`, or by default the positions the model has left after the completion."""
+        """`max_teacher_prompt_length`, or by default the student's sequence limit (`teacher.py`)."""
         if self.args.max_teacher_prompt_length is not None or not self.args.needs_teacher:
             return self.args.max_teacher_prompt_length
-        max_positions = getattr(text_config, "max_position_embeddings", None)
-        if max_positions is None:
-            return None
-        cap = max_positions - (self.args.max_completion_length or 0)
-        if cap < 1:
-            raise ValueError(
-                f"SDPGConfig.max_completion_length ({self.args.max_completion_length}) leaves no room for a teacher "
-                f"prompt within the model's max_position_embeddings ({max_positions})."
-            )
-        return cap
+        return default_teacher_prompt_length(
+            getattr(text_config, "max_position_embeddings", None), self.args.max_completion_length or 0,
+            self.args.vllm_max_model_length if self.args.use_vllm else None,
+        )  # fmt: skip
 
     def _log_teacher_prompt_fit(self, cut: list[bool], fits: list[bool]) -> None:
         mode = "train" if self.model.training else "eval"

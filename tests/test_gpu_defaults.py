@@ -8,10 +8,12 @@ import torch
 import trl.trainer.grpo_trainer
 from conftest import make_model
 from test_evaluate import problems  # noqa: F401 - a fixture
+from test_notebook import NOTEBOOK, code_cells
 from test_recipes import RECIPES, _parse
 from test_trainer import make_trainer
 from transformers import GPT2Config, Qwen3Config
 
+import sdpg_trl
 import sdpg_trl.config
 import sdpg_trl.evaluation
 from sdpg_trl.evaluation import (
@@ -109,3 +111,25 @@ def test_trainer_caps_teacher_prompts_at_vllms_sequence_limit(tmp_path, tokenize
                            vllm_max_model_length=300)  # fmt: skip
     assert engines[0]["max_model_length"] == 300
     assert trainer._max_teacher_prompt_length == 300
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The notebook picks the device
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cuda", [False, True])
+def test_notebook_trains_on_the_gpu_in_bf16_when_there_is_one(tiny_model_dir, monkeypatch, cuda):
+    """The imports and configuration cells, run as a kernel would with CUDA reported available or not: the config
+    they build (recorded; a bf16 config cannot be built without a GPU) trains on the GPU in bf16, else on the CPU in
+    float32 (before: `use_cpu=True, bf16=False` whatever the machine)."""
+    monkeypatch.setenv("SDPG_NOTEBOOK_MODEL", tiny_model_dir)
+    monkeypatch.setenv("SDPG_NOTEBOOK_SMOKE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    configs = []
+    monkeypatch.setattr(sdpg_trl, "SDPGConfig", lambda **kwargs: configs.append(kwargs))
+    cells = code_cells()
+    last = next(i for i, source in enumerate(cells) if "args = SDPGConfig(" in source)
+    namespace: dict = {}
+    for source in cells[1 : last + 1]:  # after the install cell, up to the configuration
+        exec(compile(source, str(NOTEBOOK), "exec"), namespace)
+    assert namespace["DEVICE"] == ("cuda" if cuda else "cpu")
+    assert configs[0]["bf16"] is cuda and configs[0]["use_cpu"] is not cuda

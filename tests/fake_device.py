@@ -7,9 +7,10 @@ raises ("Expected all tensors to be on the same device"), except the ops CUDA le
 tensors); CPU scalars (0-dim) mix as they do on CUDA. A factory call with `device=<the fake device>` makes an
 `OnDevice`; one without `device=` makes a plain CPU tensor, which is the bug this catches.
 
-torch's `FakeTensorMode` has no data, so each data-dependent step would need its own shim; this mode needs two:
-autocast knows no `meta` device (`autocast_off_the_fake_device`), and `accelerator.device` names the fake device
-as it would name the GPU (`fake_device_run`).
+torch's `FakeTensorMode` has no data, so each data-dependent step would need its own shim. Here `torch.tensor(data,
+device=...)` needs a function mode (`FakeDeviceFactories`), and two shims remain: autocast knows no `meta` device
+(`autocast_off_the_fake_device`, so mixed precision is not exercised), and `accelerator.device` names the fake
+device as it would name the GPU (`fake_device_run`).
 """
 
 from __future__ import annotations

@@ -67,8 +67,6 @@ addmm_fp32 = _load("trl.kernels.chunked_logprob", "_addmm_fp32")
 maybe_gather_lm_head_ctx = _load("trl.trainer.utils", "maybe_gather_lm_head_ctx")
 
 # --- Model and trainer helpers (trl.models.utils, trl.trainer.utils) -----------------------------------------------
-# `disable_gradient_checkpointing(model, gradient_checkpointing_kwargs)`: context that turns it off and back on.
-disable_gradient_checkpointing = _load("trl.models.utils", "disable_gradient_checkpointing")
 # `unwrap_model_for_generation(model, accelerator, gather_deepspeed3_params, ...)`: context yielding a model to
 # `generate` with (ZeRO-3 shards gathered, gradient checkpointing off).
 unwrap_model_for_generation = _load("trl.models.utils", "unwrap_model_for_generation")
@@ -199,7 +197,7 @@ __all__ = [
     "ChunkedLogProbFunction", "ForwardRedirection", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES",
     "SUPPORTED_TRL", "TESTED_TRL",
     "VLLM_SAMPLING_ATTRIBUTES", "addmm_fp32", "compute_dtype", "create_model_from_path",
-    "disable_gradient_checkpointing", "get_config_model_id", "installed_trl_version", "maybe_gather_lm_head_ctx",
+    "get_config_model_id", "installed_trl_version", "maybe_gather_lm_head_ctx",
     "off_policy_sequence_mask", "pad", "prepare_deepspeed", "prepare_fsdp", "project_tile", "tokenize_prompts",
     "unwrap_model_for_generation", "use_adapter", "vespo_gamma_weights", "vllm_generate",
 ]  # fmt: skip

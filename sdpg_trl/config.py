@@ -349,8 +349,11 @@ class SDPGConfig(GRPOConfig):
             the answer column as `context_column`).
         max_teacher_prompt_length (`int` or `None`, *optional*, defaults to `None`):
             Longest teacher prompt in tokens (student prompt + filled template, chat template included). `None`: the
-            model's `max_position_embeddings` minus `max_completion_length`, so that the teacher prompt and the
-            completion fit the positions the model has (no cap for a model config without `max_position_embeddings`).
+            student's own sequence limit, `vllm_max_model_length` when vLLM generates (room for the student's
+            longest prompt plus a context as long as `max_completion_length`), at most the model's
+            `max_position_embeddings` minus `max_completion_length`, so that the teacher prompt and the completion
+            fit the positions the model has (`teacher.default_teacher_prompt_length`; no cap for a model config
+            without `max_position_embeddings` and no vLLM limit).
             A longer teacher prompt gets its privileged context shortened token-wise, never the problem or the
             template; a row that does not fit even with an empty context is not scored by the teacher (no
             distillation, no RLSD reweighting; its outcome and anchor terms are unchanged), counted in

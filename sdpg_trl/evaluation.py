@@ -27,6 +27,27 @@ RewardFunc = Callable[..., list[float]]
 PROMPT_VIEWS = ("student", "teacher")  # what `prompt_view` maps a data set to
 VIEW_CHOICES = (*PROMPT_VIEWS, "both")  # sdpg-evaluate --view
 
+# The KV cache one `model.generate` call may fill when no batch size is given (`generation_batch_size`): a tenth of
+# an 80 GB GPU, so that an evaluation during training fits beside the weights, gradients and optimiser states.
+GENERATION_KV_CACHE_BYTES = 8 * 2**30
+
+
+def generation_batch_size(
+    config: Any, dtype: torch.dtype, prompt_length: int, max_new_tokens: int,
+    budget_bytes: int = GENERATION_KV_CACHE_BYTES,
+) -> int:  # fmt: skip
+    """Sequences per `model.generate` call whose KV cache fits `budget_bytes`: the most sequences of `prompt_length`
+    + `max_new_tokens` tokens, at 2 (keys and values) x layers x key-value heads x head size x `dtype`'s bytes per
+    token, that fit the budget, and at least 1. Fixed by the model and the settings, not by the free memory, so that
+    a seeded evaluation samples the same completions on any GPU. Qwen3-4B in bf16 (36 layers, 8 key-value heads of
+    128) keeps 144 KiB per token: 13 sequences of 200 + 4096 tokens (7.8 GiB), where 64 held 38 GiB."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    return max(1, budget_bytes // (per_token * (prompt_length + max_new_tokens)))
+
 
 @dataclass
 class MeanAtKArguments:
@@ -37,7 +58,8 @@ class MeanAtKArguments:
         eval_temperature: sampling temperature (`0` = greedy).
         eval_top_p: nucleus sampling threshold.
         eval_max_new_tokens: generation budget per sample.
-        eval_generation_batch_size: sequences per `generate` call (transformers back-end).
+        eval_generation_batch_size: sequences per `generate` call (transformers back-end); None: as many as fit
+            `GENERATION_KV_CACHE_BYTES` of KV cache (`generation_batch_size`).
         eval_reward_func: registry name or dotted path of the verifier (see `sdpg_trl.rewards`).
         eval_seed: sampling seed, so that two evaluations of one model agree.
     """
@@ -46,13 +68,16 @@ class MeanAtKArguments:
     eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
     eval_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     eval_max_new_tokens: int = field(default=4096, metadata={"help": "Maximum tokens generated per sample."})
-    eval_generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call."})
+    eval_generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Sequences per generate call; by default as many as fit 8 GiB of KV cache."},
+    )
     eval_reward_func: str = field(default="math_accuracy_reward", metadata={"help": "Verifier used to score."})
     eval_seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
     def __post_init__(self):
         for name in ("eval_k", "eval_max_new_tokens", "eval_generation_batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.eval_temperature < 0:
             raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}.")
@@ -86,7 +111,8 @@ class MeanAtKSettings:
         temperature: sampling temperature (`0` = greedy with transformers).
         top_p: nucleus sampling threshold.
         max_new_tokens: generation budget per sample.
-        batch_size: sequences per `model.generate` call (transformers only: vLLM schedules its own batches).
+        batch_size: sequences per `model.generate` call (transformers only: vLLM schedules its own batches); None:
+            as many as fit `GENERATION_KV_CACHE_BYTES` of KV cache (`generation_batch_size`).
         reward_func: the verifier, called as GRPOTrainer calls a reward function.
         seed: sampling seed (plus the process index) of transformers and of a vLLM engine built here; a trainer's
             engine seeds itself.
@@ -97,13 +123,13 @@ class MeanAtKSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 4096
-    batch_size: int = 64
+    batch_size: int | None = None
     reward_func: RewardFunc = math_accuracy_reward
     seed: int = 0
     chat_template_kwargs: dict | None = None
 
     def __post_init__(self):
-        if self.k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+        if self.k < 1 or (self.batch_size is not None and self.batch_size < 1) or self.max_new_tokens < 1:
             raise ValueError(
                 "k, batch_size and max_new_tokens must be >= 1, got "
                 f"{self.k}, {self.batch_size}, {self.max_new_tokens}."
@@ -214,10 +240,10 @@ def mean_at_k(
 def generate_sampler(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: MeanAtKSettings
 ) -> Iterator[Sampler]:
-    """A sampler generating with transformers (`model.generate`), `settings.batch_size` sequences per call, at
-    `settings.temperature` (`0` = greedy), seeded with `settings.seed` plus the process index. While it is open the
-    model is in eval mode, and the caller's random state is set aside: seeding here must not change the sampling of a
-    training run this evaluation interrupts."""
+    """A sampler generating with transformers (`model.generate`), `settings.batch_size` sequences per call (by
+    default `generation_batch_size` for the call's longest prompt), at `settings.temperature` (`0` = greedy), seeded
+    with `settings.seed` plus the process index. While it is open the model is in eval mode, and the caller's random
+    state is set aside: seeding here must not change the sampling of a training run this evaluation interrupts."""
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if settings.temperature > 0:
         sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
@@ -226,9 +252,10 @@ def generate_sampler(
 
     def sample(prompts: list[list[int]], n: int) -> list[list[int]]:
         jobs = [torch.tensor(ids) for ids in prompts for _ in range(n)]
+        size = _sequences_per_call(model, settings, max(map(len, prompts), default=0))
         completions = []
-        for start in range(0, len(jobs), settings.batch_size):
-            batch = jobs[start : start + settings.batch_size]
+        for start in range(0, len(jobs), size):
+            batch = jobs[start : start + size]
             # Decoder-only batch generation needs left padding.
             input_ids = pad(batch, padding_value=pad_token_id, padding_side="left").to(model.device)
             attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0, padding_side="left")
@@ -248,6 +275,15 @@ def generate_sampler(
             yield sample
     finally:
         model.train(was_training)
+
+
+def _sequences_per_call(model: PreTrainedModel, settings: MeanAtKSettings, prompt_length: int) -> int:
+    """`settings.batch_size`, or by default `generation_batch_size` of `model` for prompts of `prompt_length`."""
+    if settings.batch_size is not None:
+        return settings.batch_size
+    return generation_batch_size(
+        model.config, model.dtype, prompt_length, settings.max_new_tokens, budget_bytes=GENERATION_KV_CACHE_BYTES
+    )
 
 
 def vllm_sampler(llm: Any, settings: MeanAtKSettings) -> Sampler:
@@ -280,7 +316,7 @@ def evaluate_mean_at_k(
     `seed`, `chat_template_kwargs`)."""
     options = MeanAtKSettings(**settings)
     with generate_sampler(model, tokenizer, options) as sample:
-        per_call = max(1, options.batch_size // options.k)
+        per_call = max(1, _sequences_per_call(model, options, prompt_length=0) // options.k)
         return mean_at_k(sample, tokenizer, dataset, options, problems_per_call=per_call, progress=progress)
 
 

@@ -58,14 +58,3 @@ def completion_hidden(captured: list[torch.Tensor], num_completion: int) -> torc
     """(B, C, H) hidden states that predict the C completion tokens (position t predicts token t + 1)."""
     hidden = torch.cat(captured, dim=0)
     return hidden[:, -num_completion - 1 : -1]
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Run `model` in eval mode (dropout off) and restore its mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

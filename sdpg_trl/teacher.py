@@ -79,6 +79,33 @@ def check_prompt_column(row: dict[str, Any], row_name: str) -> None:
         raise missing_column(row_name, "prompt", "prompt", sorted(row))
 
 
+def default_teacher_prompt_length(
+    max_positions: int | None, max_completion_length: int, max_model_length: int | None = None
+) -> int | None:
+    """The default `max_teacher_prompt_length`: the student's own sequence limit, within the model's positions.
+
+    The student's sequences (prompt + completion) are at most `max_model_length` tokens when vLLM generates them
+    (`vllm_max_model_length`), else `max_positions` (`max_position_embeddings`); its prompts are at most that minus
+    `max_completion_length`. A teacher prompt is the student prompt plus the filled template, so the cap leaves room
+    for the student's longest prompt and a privileged context as long as its longest completion (a worked solution
+    of the problem, which is what a completion is): `(limit - max_completion_length) + max_completion_length`, the
+    limit itself. With the completion the teacher's sequences are then at most `max_completion_length` tokens longer
+    than the student's, and never longer than the positions: the cap is at most `max_positions -
+    max_completion_length`. On the Qwen3-4B recipes (6,144-token vLLM limit, 4,096 completion tokens, 40,960
+    positions) that is 6,144 (2,048 of prompt and 4,096 of context) instead of 36,864. None: no limit known.
+    """
+    limit = max_model_length or max_positions
+    if max_positions is None:
+        return limit
+    room = max_positions - max_completion_length
+    if room < 1:
+        raise ValueError(
+            f"SDPGConfig.max_completion_length ({max_completion_length}) leaves no room for a teacher prompt within "
+            f"the model's max_position_embeddings ({max_positions})."
+        )
+    return min(limit, room)
+
+
 def fit_teacher_prompts(
     teacher_prompts: list[Any],
     prompts: list[Any],

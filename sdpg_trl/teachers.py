@@ -27,14 +27,14 @@ from peft import get_peft_model_state_dict
 from . import _trl_compat
 from ._trl_compat import (
     create_model_from_path,
-    disable_gradient_checkpointing,
     get_config_model_id,
     prepare_deepspeed,
     prepare_fsdp,
     use_adapter,
 )
 from .head_kernels import LMHead
-from .hidden_states import LogitTransform, capture_hidden, causal_lm, completion_hidden, eval_mode, lm_head
+from .hidden_states import LogitTransform, capture_hidden, causal_lm, completion_hidden, lm_head
+from .modes import inference_flags
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
@@ -83,7 +83,7 @@ class Teacher:
         """`(R, C, H)` teacher hidden states predicting the completion tokens of `rows`.
 
         The input is the teacher prompt followed by the student's completion ids unchanged (SPEC 1). Dropout is off
-        (eval mode) so the teacher's distribution does not depend on a dropout draw. Positions count from each row's
+        (eval flags) so the teacher's distribution does not depend on a dropout draw. Positions count from each row's
         first real token, so the teacher prompt's left padding does not shift them (it would for absolute-position
         models such as GPT-2; the student forward keeps GRPOTrainer's, which passes no positions).
         """
@@ -95,9 +95,8 @@ class Teacher:
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
             self.adapter(policy),
-            eval_mode(teacher),
+            inference_flags(teacher),  # no model-wide mode switch: it re-kernelizes (modes.py)
             capture_hidden(causal_lm(trainer.accelerator, teacher)) as captured,
             trainer.accelerator.autocast(),
         ):

@@ -32,6 +32,7 @@ from .head_kernels import HeadScores, LMHead, score_tokens
 from .hidden_states import LogitTransform, capture_hidden, causal_lm, completion_hidden, lm_head
 from .losses import Aggregation, TokenSelection, loss_aggregation, sdpg_objective, token_selection
 from .model_card import method_card
+from .modes import keep_one_input_grad_hook
 from .plotting import CurvesCallback
 from .preflight import DEFAULT_ARGS_NEED_CONTEXT, check_loaded_model, check_model_source, check_train_size
 from .run_report import DistillScheduleReport
@@ -41,6 +42,7 @@ from .teacher import (
     check_dataset,
     check_prompt_column,
     context_token_mask,
+    default_teacher_prompt_length,
     describe_row,
     fit_teacher_prompts,
     teacher_prompt_inputs,
@@ -108,6 +110,7 @@ class SDPGTrainer(GRPOTrainer):
         )
         config = causal_lm(self.accelerator, self.model).config
         text_config = check_loaded_model(config, self.processing_class, self.args, self.accelerator.device)
+        keep_one_input_grad_hook(causal_lm(self.accelerator, self.model))  # TRL's checkpointing toggles add none
         self.teacher = build_teacher(self)  # the kind's name is looked up here, once
         self.add_callback(DistillScheduleReport())  # warns when beta(k) never reaches distill_coef in the run
         self.add_callback(CurvesCallback())  # the run's curves as PNGs in output_dir (with the plots extra)
@@ -182,19 +185,14 @@ class SDPGTrainer(GRPOTrainer):
         return output
 
     def _teacher_prompt_cap(self, text_config) -> int | None:
-        """`max_teacher_prompt_length`, or by default the positions the model has left after the completion."""
+        """`max_teacher_prompt_length`, or by default the student's sequence limit (`teacher.py`)."""
         if self.args.max_teacher_prompt_length is not None or not self.args.needs_teacher:
             return self.args.max_teacher_prompt_length
-        max_positions = getattr(text_config, "max_position_embeddings", None)
-        if max_positions is None:
-            return None
-        cap = max_positions - (self.args.max_completion_length or 0)
-        if cap < 1:
-            raise ValueError(
-                f"SDPGConfig.max_completion_length ({self.args.max_completion_length}) leaves no room for a teacher "
-                f"prompt within the model's max_position_embeddings ({max_positions})."
-            )
-        return cap
+        return default_teacher_prompt_length(
+            getattr(text_config, "max_position_embeddings", None),
+            self.args.max_completion_length or 0,
+            self.args.vllm_max_model_length if self.args.use_vllm else None,
+        )
 
     def _log_teacher_prompt_fit(self, cut: list[bool], fits: list[bool]) -> None:
         mode = "train" if self.model.training else "eval"

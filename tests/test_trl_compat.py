@@ -33,7 +33,6 @@ SIGNATURES = {
     "project_tile": ["tile", "hidden_chunk", "weight", "bias", "start", "end", "dtype"],
     "addmm_fp32": ["acc", "a", "b"],
     "maybe_gather_lm_head_ctx": ["params"],
-    "disable_gradient_checkpointing": ["model", "gradient_checkpointing_kwargs"],
     "unwrap_model_for_generation": ["model", "accelerator", "gather_deepspeed3_params"],
     "prepare_deepspeed": ["model", "accelerator"],
     "prepare_fsdp": ["model", "accelerator"],

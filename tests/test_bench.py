@@ -25,3 +25,17 @@ def test_report_renders_ratios_and_plot(results, tmp_path):
     text = doc.read_text()
     assert "SDPGTrainer (chunked)" in text and "1.00x" in text
     assert (tmp_path / "performance.png").stat().st_size > 0
+
+
+def test_the_gpu_check_benchmark_runs_grpo_and_sdpg_in_bf16(monkeypatch):
+    """`make gpu-check` measures what users run (`--bf16`): SDPG's head kernels project in bf16 there."""
+    import torch
+
+    import sdpg_trl.head_kernels
+
+    seen, compute_dtype = [], sdpg_trl.head_kernels._compute_dtype
+    monkeypatch.setattr(sdpg_trl.head_kernels, "_compute_dtype", lambda h: seen.append(compute_dtype(h)) or seen[-1])
+    for method in ("grpo", "sdpg"):
+        result = measure(method, vocab=1024, length=8, batch_size=2, iters=1, warmup=1, bf16=True)
+        assert result["precision"] == "bf16" and result["median_s"] > 0, result
+    assert seen and set(seen) == {torch.bfloat16}

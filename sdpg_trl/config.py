@@ -309,9 +309,9 @@ class SDPGConfig(GRPOConfig):
         distill_teacher_confident_only (`bool`, *optional*, defaults to `False`):
             Distil only tokens where the teacher's entropy is below the student's, so the student is pulled only
             where the privileged view is more certain. Off by default (SPEC 2.2 distils every token).
-        distill_chunk_size (`int`, *optional*, defaults to `256`):
+        distill_chunk_size (`int`, *optional*, defaults to `512`):
             Tokens per block of vocabulary tiles in the LM-head pass (log-probs, entropies and the full-vocabulary
-            KL). Its transient memory is `distill_chunk_size x 32768` logits in 3 compute-dtype and 3 fp32 tiles
+            KL). Its transient memory is `distill_chunk_size x 32768` logits in 2 compute-dtype and 3 fp32 tiles
             (`head_kernels.chunk_transient_bytes`), whatever the vocabulary size; the default is the largest power
             of two within the tile of GRPO's own LM head (256 MiB, docs/PERFORMANCE.md).
 

@@ -50,10 +50,11 @@ from .losses import TokenSelection
 # kernel scores it, in every dtype: an on-policy ratio is exactly 1, and the anchor's KL starts at exactly 0.
 VOCAB_TILE = LOGPROB_VOCAB_TILE
 
-# Memory of one token chunk of the fused pass, per logit of its `(token_chunk, VOCAB_TILE)` tiles, at its largest (the
-# backward of a distilled chunk): the student's and the teacher's projection and the gradient tile in the compute
-# dtype, and `log p`, `p` and `log q` in fp32. (A softcap adds two fp32 tiles; the forward holds 2 + 3 tiles.)
-COMPUTE_DTYPE_TILES, FP32_TILES = 3, 3
+# Memory of one token chunk of the fused pass, per logit of its `(token_chunk, VOCAB_TILE)` tiles, at its largest (a
+# distilled chunk): the student's and the teacher's projections in the compute dtype, and three fp32 tiles, `log p`,
+# `p` and `log q` in the backward (the forward's KL sum holds as many). Without a softcap, which adds fp32 tiles, and
+# on a GPU: on CPU, TRL's torch folds and fp32 GEMMs add their own upcasts (tests/test_head_kernels.py measures both).
+COMPUTE_DTYPE_TILES, FP32_TILES = 2, 3
 # The rule for the default token chunk: the largest power of two whose tiles take no more memory than the tile of
 # TRL's own chunked log-prob kernel (GRPO's LM head), `LOGPROB_TOKEN_CHUNK x VOCAB_TILE` in bf16 (256 MiB). Then
 # SDPG's head never needs more transient memory than GRPO's, at any vocabulary size. (docs/PERFORMANCE.md)
@@ -72,7 +73,7 @@ def _default_token_chunk() -> int:
     return chunk
 
 
-# Tokens per block of vocabulary tiles, by the rule above (256 with TRL 1.16's tiles).
+# Tokens per block of vocabulary tiles, by the rule above (512 with TRL 1.16's tiles: 256 MiB in bf16).
 TOKEN_CHUNK = _default_token_chunk()
 
 
@@ -199,6 +200,7 @@ class _FusedPolicyDistillation(torch.autograd.Function):
                         _addmm_fp32(grad_weight[v_start:v_end], grad_tile.t(), h_s)
                     if grad_bias is not None:
                         grad_bias[v_start:v_end] += grad_bias_rows.sum(0, dtype=torch.float32)
+                    del grad_tile, grad_bias_rows  # freed before the next tile's: one gradient tile at a time
             grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
             grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden.to(student_hidden.dtype), None, grad_weight, grad_bias, None, None, None, None, None, None
@@ -319,18 +321,24 @@ def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, l
         _fold_forward(s, labels, student, start, transform)
         t = _project(buffers.teacher, h_t, teacher_weight, teacher_bias, start, end, dtype)
         _fold_forward(t, labels, teacher, start, transform)
-        # In place wherever a tile is not read again: the values of out-of-place arithmetic, without allocating (and
-        # on CPU page-faulting) a fresh tile per operation.
-        z_s, _ = _logits(s, transform)
-        z_t, _ = _logits(t, transform)
-        e_s = (z_s - student.max.unsqueeze(1)).exp_()
-        s_gap = s_gap * torch.exp(s_max - student.max) + torch.sub(z_s, z_t, out=z_t).mul_(e_s).sum(-1)
+        s_gap = s_gap * torch.exp(s_max - student.max) + _gap_sum(s, t, student.max, transform)
     logps, entropy, s_lse = student.finish()
     if teacher is None:
         return logps, entropy, s_lse
     teacher_logps, teacher_entropy, t_lse = teacher.finish()
     kl = s_gap / student.sum_exp - s_lse + t_lse
     return logps, entropy, s_lse, kl, teacher_logps, teacher_entropy, t_lse
+
+
+def _gap_sum(s, t, s_max, transform):
+    """`sum_v exp(s_v - s_max) (s_v - t_v)` per row of one tile of both views, from their compute-dtype logits. Its
+    fp32 tiles are freed when it returns, before the next tile is projected."""
+    z_s, _ = _logits(s, transform)
+    z_t, _ = _logits(t, transform)
+    # In place wherever a tile is not read again: the values of out-of-place arithmetic, without allocating (and on
+    # CPU page-faulting) a fresh tile per operation.
+    e_s = (z_s - s_max.unsqueeze(1)).exp_()
+    return torch.sub(z_s, z_t, out=z_t).mul_(e_s).sum(-1)
 
 
 def _distilled_logit_grad(s, t, labels, s_lse, t_lse, kl, entropy, grads: _RowGrads, rows, start, transform):

@@ -4,6 +4,7 @@ kernel scores it, in every dtype; no step of the tile loops waits on the device;
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -214,7 +215,7 @@ def test_one_head_gradient_per_micro_batch(tokens):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The chunk defaults' rule (docs/PERFORMANCE.md)
+# The chunk defaults' rule and the memory table (docs/PERFORMANCE.md, bench/head_memory.py)
 # ---------------------------------------------------------------------------------------------------------------------
 def test_default_token_chunk_is_the_largest_power_of_two_within_trls_own_tile():
     """SDPG's head never takes more transient memory than GRPO's: a token chunk's tiles fit in TRL's log-prob tile
@@ -222,3 +223,54 @@ def test_default_token_chunk_is_the_largest_power_of_two_within_trls_own_tile():
     budget = 4096 * VOCAB_TILE * 2
     assert chunk_transient_bytes(TOKEN_CHUNK) <= budget < chunk_transient_bytes(2 * TOKEN_CHUNK)
     assert TOKEN_CHUNK & (TOKEN_CHUNK - 1) == 0
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages the operations run under it create, alive at each moment, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, ptr: int) -> None:
+        self.now -= self.live.pop(ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}  # fmt: skip
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in self.live or ptr in inputs or storage.nbytes() == 0:
+                continue
+            self.live[ptr] = storage.nbytes()
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._free, ptr)  # torch keeps one Python storage per storage: freed with it
+        return out
+
+
+def test_a_distilled_chunk_takes_the_memory_chunk_transient_bytes_counts():
+    """The model behind the chunk rule and the memory table, measured: over 4 distilled chunks of 16 tokens x 3
+    tiles 512 wide in bf16, forward and backward each peak at `chunk_transient_bytes` beyond what they keep (outputs
+    and statistics; the fp32 gradient buffers), up to per-row vectors: one chunk's tiles at a time, each tile freed
+    before the next is made. (On CPU, the peaks fall where neither TRL's torch fold nor its fp32 GEMM upcasts.)"""
+    n, chunk, tile, vocab, hidden = 64, 16, 512, 1536, 8
+    student, teacher, weight, _, labels = head_inputs(n, hidden, torch.bfloat16, vocab=vocab)
+    student, teacher, weight = student.detach().bfloat16(), teacher.bfloat16(), weight.detach().bfloat16()
+    student.requires_grad_(), weight.requires_grad_()
+    counted = chunk_transient_bytes(chunk, torch.bfloat16, tile)
+    with LiveBytes() as forward:
+        logps, entropy, kl, _, _ = fused_policy_distillation(student, teacher, weight, None, labels, chunk_size=chunk,
+                                                             vocab_chunk_size=tile)  # fmt: skip
+    small = 4096  # per-row statistics and gradients, a few `(chunk,)` and `(n,)` fp32 vectors
+    # The outputs and saved statistics are kept; TRL's CPU fold (the tile in fp32, its exponentials and their product)
+    # peaks at the same 2 + 3 tiles as the KL's sum, and is freed before it.
+    assert counted <= forward.peak - forward.now <= counted + small, (forward.peak, forward.now, counted)
+    with LiveBytes() as backward:
+        (logps + entropy + kl).sum().backward()
+    gradients = n * hidden * 4 + vocab * hidden * 4  # the fp32 accumulators (their bf16 copies come after the tiles)
+    assert counted <= backward.peak - gradients <= counted + small, (backward.peak, counted)

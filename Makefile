@@ -7,7 +7,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: install test quality gpu-check demo bench clean
+.PHONY: install test quality gpu-check gpu-wheels demo bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,15 +32,28 @@ quality: install
 	$(PY) -m ruff check sdpg_trl tests bench
 	$(PY) -m ruff format --check sdpg_trl tests bench
 
-# On a CUDA machine (a CUDA build of torch in $(VENV); `pip install -e ".[vllm]"` there adds the vLLM test): the GPU
-# tests (`pytest -m gpu`: SDPG steps in bf16, the fused pass in bf16, TRL's Triton kernels, vLLM colocated), then the
-# update benchmark against GRPO, written to bench/results/gpu/ so that it leaves the CPU results and docs/ alone.
+# On a CUDA machine: the GPU tests (`pytest -m gpu`: SDPG steps in bf16, LoRA with gradient checkpointing, the fused
+# pass in bf16 and at Qwen's 151936 vocabulary, TRL's Triton kernels, vLLM colocated when installed), then the update
+# benchmark against GRPO in bf16, written to bench/results/gpu/ so that it leaves the CPU results and docs/ alone.
+# It runs in the Python it is given, GPU_PYTHON (default: $(VENV)'s if there is one, else python3), which must have a
+# CUDA build of torch and transformers (setup.cfg's ranges); what else it misses (TRL, datasets, math-verify, pytest)
+# is installed offline from GPU_WHEELS, a folder `make gpu-wheels` writes on a networked machine. No venv is built.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_WHEELS ?= gpu-wheels
 GPU_BENCH ?= --lengths 1024 4096 --vocabs 151936 --methods grpo sdpg
-gpu-check: install
-	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu-check: $(PY) sees no CUDA GPU')"
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m gpu
-	$(PY) -m bench.run $(GPU_BENCH) --no-train-step --results bench/results/gpu/results.json \
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_env install --wheels $(GPU_WHEELS)
+	@$(GPU_PYTHON) -c "import sys, torch; torch.cuda.is_available() or sys.exit('gpu-check: $(GPU_PYTHON) sees no CUDA GPU')"
+	OMP_WAIT_POLICY=PASSIVE $(GPU_PYTHON) -m pytest -q -m gpu -rs
+	$(GPU_PYTHON) -m bench.run $(GPU_BENCH) --no-train-step --bf16 --results bench/results/gpu/results.json \
 		--doc bench/results/gpu/PERFORMANCE.md
+
+# On a networked machine: the wheels gpu-check's Python may miss, for its Python version and platform (default: this
+# Python's; e.g. WHEEL_PYTHON=3.11 WHEEL_PLATFORM=manylinux_2_28_x86_64), without torch, transformers or their
+# dependencies; HAVE=freeze.txt (the target's `pip freeze`) leaves out what it has. Copy GPU_WHEELS to the target.
+gpu-wheels:
+	$(GPU_PYTHON) -m bench.gpu_env download --dest $(GPU_WHEELS) $(if $(WHEEL_PYTHON),--python-version $(WHEEL_PYTHON)) \
+		$(if $(WHEEL_PLATFORM),--platform $(WHEEL_PLATFORM)) $(if $(HAVE),--have $(HAVE))
 
 demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m sdpg_trl.scripts.demo --output_dir outputs/demo

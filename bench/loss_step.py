@@ -9,7 +9,7 @@ configuration alone. Prints one JSON line. Generation is excluded: the batch is 
 - `naive`: `bench.naive.naive_sdpg_loss`, SDPG with full (B, T, V) logits for both views;
 - `sdpo`:  TRL's experimental `SDPOTrainer.compute_loss` with `distillation_mode="full_logits"`.
 
-Usage: python -m bench.loss_step --method sdpg --vocab 151936 --length 1024 [--batch 2 --iters 3 --warmup 1]
+Usage: python -m bench.loss_step --method sdpg --vocab 151936 --length 1024 [--batch 2 --iters 3 --warmup 1 --bf16]
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ WARMUP_LEN = 256
 LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
-def common_args(output_dir: str, batch_size: int, completion_len: int) -> dict:
-    """Trainer arguments every trainer-based method shares: fp32, DAPO aggregation, no logging backends."""
+def common_args(output_dir: str, batch_size: int, completion_len: int, bf16: bool = False) -> dict:
+    """Trainer arguments every trainer-based method shares: fp32 or bf16 autocast (what users run on a GPU), DAPO
+    aggregation, no logging backends."""
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
@@ -59,28 +60,28 @@ def common_args(output_dir: str, batch_size: int, completion_len: int) -> dict:
         max_completion_length=completion_len,
         loss_type="dapo",
         beta=KL_COEF,
-        bf16=False,
+        bf16=bf16,
         fp16=False,
         report_to="none",
         use_cpu=device().type == "cpu",
     )
 
 
-def build_grpo(model, output_dir: str, batch_size: int, completion_len: int):
+def build_grpo(model, output_dir: str, batch_size: int, completion_len: int, bf16: bool):
     from trl import GRPOConfig, GRPOTrainer
 
-    args = GRPOConfig(**common_args(output_dir, batch_size, completion_len))
+    args = GRPOConfig(**common_args(output_dir, batch_size, completion_len, bf16))
     return GRPOTrainer(
         model, alternating_reward, args=args, train_dataset=tiny_dataset(), processing_class=word_tokenizer()
     )
 
 
-def build_sdpg(model, output_dir: str, batch_size: int, completion_len: int):
+def build_sdpg(model, output_dir: str, batch_size: int, completion_len: int, bf16: bool):
     from sdpg_trl import SDPGConfig, SDPGTrainer
 
     # No warmup or decay: beta(k) = distill_coef from step 0, so the teacher pass and the KL always run.
     args = SDPGConfig(
-        **common_args(output_dir, batch_size, completion_len),
+        **common_args(output_dir, batch_size, completion_len, bf16),
         distill_coef=DISTILL_COEF,
         distill_warmup_steps=0,
         distill_decay_steps=0,
@@ -91,13 +92,13 @@ def build_sdpg(model, output_dir: str, batch_size: int, completion_len: int):
     )
 
 
-def build_sdpo(model, output_dir: str, batch_size: int, completion_len: int):
+def build_sdpo(model, output_dir: str, batch_size: int, completion_len: int, bf16: bool):
     from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
     # "live" teacher = the same weights, as in SDPG; a weight strictly inside (0, 1) runs the policy loss and the
     # distillation together, like SDPG's outcome + OPD terms; alpha 1.0 is the reverse KL.
     args = SDPOConfig(
-        **common_args(output_dir, batch_size, completion_len),
+        **common_args(output_dir, batch_size, completion_len, bf16),
         distillation_mode="full_logits",
         distillation_alpha=1.0,
         distillation_weight=0.5,
@@ -120,15 +121,20 @@ def sdpo_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def make_loss_fn(method: str, model, output_dir: str, batch_size: int, completion_len: int):
+def make_loss_fn(method: str, model, output_dir: str, batch_size: int, completion_len: int, bf16: bool = False):
     """(model being trained, loss function of the batch) for `method`; trainers are built once, outside timing."""
     if method == "naive":
         model.to(device())
-        return model, lambda inputs: naive_sdpg_loss(model, inputs, distill_coef=DISTILL_COEF, kl_coef=KL_COEF)
+
+        def naive_loss(inputs):
+            with torch.autocast(device().type, dtype=torch.bfloat16, enabled=bf16):
+                return naive_sdpg_loss(model, inputs, distill_coef=DISTILL_COEF, kl_coef=KL_COEF)
+
+        return model, naive_loss
     # With a KL coefficient GRPO (and SDPG) load the frozen reference model from the policy's path: give it one.
     model.save_pretrained(f"{output_dir}/policy")
     model.config._name_or_path = f"{output_dir}/policy"
-    trainer = TRAINER_BUILDERS[method](model, output_dir, batch_size, completion_len)
+    trainer = TRAINER_BUILDERS[method](model, output_dir, batch_size, completion_len, bf16)
     # Set by `Trainer.train()`'s loop, which we bypass; one micro-batch per optimiser step.
     trainer.current_gradient_accumulation_steps = 1
     trained = trainer.model.train()
@@ -137,11 +143,13 @@ def make_loss_fn(method: str, model, output_dir: str, batch_size: int, completio
     return trained, lambda inputs: trainer.compute_loss(trained, inputs)
 
 
-def measure(method: str, vocab: int, length: int, batch_size: int, iters: int, warmup: int) -> dict:
+def measure(
+    method: str, vocab: int, length: int, batch_size: int, iters: int, warmup: int, bf16: bool = False
+) -> dict:
     """Build, warm up, then time `iters` updates; peak memory covers warmup and timed updates alike."""
     dev = device()
     with tempfile.TemporaryDirectory() as output_dir:
-        model, loss_fn = make_loss_fn(method, small_model(vocab), output_dir, batch_size, length)
+        model, loss_fn = make_loss_fn(method, small_model(vocab), output_dir, batch_size, length, bf16)
         # A plain AdamW for every method, so the optimiser is not a difference between them.
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         shape = BatchShape(batch_size, PROMPT_LEN, TEACHER_PROMPT_LEN, length, vocab)
@@ -165,6 +173,7 @@ def measure(method: str, vocab: int, length: int, batch_size: int, iters: int, w
         "length": length,
         "batch_size": batch_size,
         "device": dev.type,
+        "precision": "bf16" if bf16 else "fp32",
         "warmup_s": warmup_times,
         "times_s": times,
         "median_s": statistics.median(times),
@@ -182,9 +191,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="rows; advantages alternate +1, -1 from row 0")
     parser.add_argument("--iters", type=int, default=3, help="timed updates (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help=f"untimed {WARMUP_LEN}-token updates first")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as users train on GPUs (default fp32)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(json.dumps(measure(args.method, args.vocab, args.length, args.batch, args.iters, args.warmup)))
+    print(json.dumps(measure(args.method, args.vocab, args.length, args.batch, args.iters, args.warmup, args.bf16)))
 
 
 if __name__ == "__main__":

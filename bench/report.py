@@ -213,11 +213,13 @@ def write_report(results: list[dict], mem_limit_gib: float, doc: Path) -> None:
     png = doc.with_name("performance.png")
     plot(results, png)
     batch = next((r["batch_size"] for r in results if r.get("kind") == "loss_step"), "?")
+    precisions = sorted({r.get("precision", "fp32") for r in results if r.get("kind") == "loss_step"})
     measured = [
         "<!-- BEGIN MEASURED (written by `python -m bench.run`) -->",
         f"Machine: {machine()}.",
         "",
-        f"### One training update (forward, backward, AdamW step; generation excluded), batch {batch}",
+        f"### One training update (forward, backward, AdamW step; generation excluded), batch {batch}, "
+        f"{' and '.join(precisions) or 'fp32'}",
         "",
         *loss_step_table(results, mem_limit_gib),
         "",

@@ -5,8 +5,8 @@
     python -m bench.run --no-loss-step       # only the whole training steps on the demo model
     python -m bench.run --report-only        # re-render the doc from bench/results/results.json
     python -m bench.run --methods sdpg --save-as sdpg_patch   # a modified trainer's rows, next to the committed ones
-    python -m bench.run --methods grpo sdpg --no-train-step --results bench/results/gpu/results.json \
-        --doc bench/results/gpu/PERFORMANCE.md   # on a GPU (`make gpu-check`), apart from the CPU results
+    python -m bench.run --methods grpo sdpg --no-train-step --bf16 --results bench/results/gpu/results.json \
+        --doc bench/results/gpu/PERFORMANCE.md   # on a GPU in bf16 (`make gpu-check`), apart from the CPU results
 
 Each configuration runs `bench.loss_step` (or `bench.train_step`) in a subprocess, so peak memory is that
 configuration's alone, and on CPU under an address-space limit, so an out-of-memory peer fails cleanly instead of
@@ -87,7 +87,7 @@ def loss_step_sweep(args: argparse.Namespace, mem_limit: int) -> list[dict]:
         print(f"[{i}/{len(configs)}] {method:5s} vocab={vocab} T={length} batch={args.batch} ...", end=" ", flush=True)
         start = time.perf_counter()
         child_args = ["--method", method, "--vocab", str(vocab), "--length", str(length)]
-        child_args += ["--batch", str(args.batch), "--iters", str(iters)]
+        child_args += ["--batch", str(args.batch), "--iters", str(iters)] + (["--bf16"] if args.bf16 else [])
         result = run_child("bench.loss_step", child_args, mem_limit, args.timeout)
         result |= {"kind": "loss_step", "vocab": vocab, "length": length, "batch_size": args.batch}
         result["method"] = args.save_as or method
@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None, help=f"timed updates per config (default {CPU_ITERS})")
     parser.add_argument("--mem-limit-gib", type=float, default=mem_total_bytes() * 0.8 / 2**30, help="CPU only")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast updates (`make gpu-check`); default fp32")
     parser.add_argument("--no-train-step", action="store_true", help="skip the whole-step runs on the demo model")
     parser.add_argument("--no-loss-step", action="store_true", help="only the whole-step runs on the demo model")
     parser.add_argument("--train-steps", type=int, default=6, help="whole steps per method; the first is warmup")

@@ -7,8 +7,8 @@ one's signature, so that a TRL upgrade fails loudly in one place. To support a n
 the names here, and widen `trl` in setup.cfg together with `SUPPORTED_TRL` below.
 
 What is here:
-- TRL's vocabulary-tile kernel helpers (`losses.py`): the chunked log-prob autograd function, the compute dtype
-  under autocast, the fp32 tile projection, the fp32 accumulating GEMM, and the ZeRO-3 LM-head gather.
+- TRL's vocabulary-tile kernel helpers (`head_kernels.py`): the chunked log-prob autograd function, its tile width
+  and tile folds, the compute dtype under autocast, the fp32 accumulating GEMM, and the ZeRO-3 LM-head gather.
 - Model and trainer helpers (`trainer.py`, `evaluation.py`) from `trl.models.utils` and `trl.trainer.utils`.
 - TRL's EMA-teacher callbacks, which live in `trl.experimental.sdpo` and are loaded on first use: TRL may drop an
   experimental package without deprecation, and then only `teacher_model_kind="ema"` should stop working.
@@ -58,9 +58,23 @@ def _load(module: str, name: str) -> Any:
 ChunkedLogProbFunction = _load("trl.kernels", "ChunkedLogProbFunction")
 # `compute_dtype(hidden) -> torch.dtype`: the autocast dtype when autocast is on, else the hidden states' dtype.
 compute_dtype = _load("trl.kernels.chunked_divergence", "_compute_dtype")
-# `project_tile(tile, hidden_chunk, weight, bias, start, end, dtype)`: writes the fp32 logits of vocabulary rows
-# `start:end` into `tile`, without rounding them to bf16/fp16 first.
-project_tile = _load("trl.kernels.chunked_divergence", "_project")
+# The vocabulary tile width of TRL's fused LM head, with which GRPOTrainer scores the old, reference and training
+# log-probs: a token's log-prob depends on the tile boundaries (the online log-sum-exp), so sdpg-trl's kernels use it.
+LOGPROB_VOCAB_TILE = _load("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE")
+# Tokens per tile of `ChunkedLogProbFunction`: its tile, `LOGPROB_TOKEN_CHUNK x LOGPROB_VOCAB_TILE` in the compute
+# dtype, is the transient memory GRPO's LM head takes, the budget of sdpg-trl's own tiles.
+LOGPROB_TOKEN_CHUNK = _load("trl.kernels.chunked_logprob", "TOKEN_CHUNK_SIZE")
+# The tile folds of `ChunkedLogProbFunction`, Triton kernels on CUDA/XPU (`use_triton(device)`) and torch otherwise:
+# `logprob_forward_kernel[(n,)](...)` / `logprob_forward_tile(...)` fold one logits tile `(n, n_cols)` in the compute
+# dtype into running online-log-sum-exp statistics; `logprob_backward_kernel[(n, blocks)](...)` /
+# `logprob_backward_tile(...)` overwrite a recomputed tile with the gradient of the log-probs and entropies. Sharing
+# them is what makes a token's log-prob the same bits in every kernel (`head_kernels.py`).
+logprob_forward_kernel = _load("trl.kernels.chunked_logprob", "_forward_kernel")
+logprob_forward_tile = _load("trl.kernels.chunked_logprob", "_forward_tile")
+logprob_backward_kernel = _load("trl.kernels.chunked_logprob", "_backward_kernel")
+logprob_backward_tile = _load("trl.kernels.chunked_logprob", "_backward_tile")
+use_triton = _load("trl.kernels.chunked_logprob", "_use_triton")
+LOGPROB_BLOCK_SIZE = _load("trl.kernels.chunked_logprob", "_BLOCK_SIZE")
 # `addmm_fp32(acc, a, b)`: `acc += a @ b` into an fp32 `acc`, without rounding `a @ b` to the inputs' dtype.
 addmm_fp32 = _load("trl.kernels.chunked_logprob", "_addmm_fp32")
 # `maybe_gather_lm_head_ctx(*params)`: gathers ZeRO-3-partitioned LM-head parameters; a no-op context otherwise.
@@ -198,7 +212,11 @@ __all__ = [
     "SUPPORTED_TRL", "TESTED_TRL",
     "VLLM_SAMPLING_ATTRIBUTES", "addmm_fp32", "compute_dtype", "create_model_from_path",
     "get_config_model_id", "installed_trl_version", "maybe_gather_lm_head_ctx",
-    "off_policy_sequence_mask", "pad", "prepare_deepspeed", "prepare_fsdp", "project_tile", "tokenize_prompts",
+    "off_policy_sequence_mask", "pad", "prepare_deepspeed", "prepare_fsdp", "tokenize_prompts",
     "unwrap_model_for_generation", "use_adapter", "vespo_gamma_weights", "vllm_generate",
 ]  # fmt: skip
 __all__ += ["GRPOScriptArguments", "TRL_ACCELERATE_CONFIGS", "resolve_accelerate_config_argument"]
+__all__ += [
+    "LOGPROB_BLOCK_SIZE", "LOGPROB_TOKEN_CHUNK", "LOGPROB_VOCAB_TILE", "logprob_backward_kernel",
+    "logprob_backward_tile", "logprob_forward_kernel", "logprob_forward_tile", "use_triton",
+]  # fmt: skip

@@ -23,6 +23,7 @@ import torch
 from transformers.integrations import integration_utils
 from trl import GRPOConfig
 
+from .head_kernels import TOKEN_CHUNK
 from .losses import ANCHOR_ESTIMATORS, LOSS_TYPES, LossTerms, clipped_loss_types, loss_terms
 from .teachers import TEACHER_KINDS
 
@@ -310,9 +311,11 @@ class SDPGConfig(GRPOConfig):
         distill_teacher_confident_only (`bool`, *optional*, defaults to `False`):
             Distil only tokens where the teacher's entropy is below the student's, so the student is pulled only
             where the privileged view is more certain. Off by default (SPEC 2.2 distils every token).
-        distill_chunk_size (`int`, *optional*, defaults to `1024`):
-            Distilled tokens per call of the fused log-prob + full-vocabulary KL pass over the LM head. Its transient
-            memory is a few `distill_chunk_size x 8192` fp32 vocabulary tiles, whatever the vocabulary size.
+        distill_chunk_size (`int`, *optional*, defaults to `512`):
+            Tokens per block of vocabulary tiles in the LM-head pass (log-probs, entropies and the full-vocabulary
+            KL). Its transient memory is `distill_chunk_size x 32768` logits in 2 compute-dtype and 3 fp32 tiles
+            (`head_kernels.chunk_transient_bytes`), whatever the vocabulary size; the default is the largest power
+            of two within the tile of GRPO's own LM head (256 MiB, docs/PERFORMANCE.md).
 
         > RLSD (SPEC 3): the teacher reweights the advantages of sampled tokens
 
@@ -459,7 +462,7 @@ class SDPGConfig(GRPOConfig):
     distill_positive_only: bool = True
     distill_exclude_eos: bool = False
     distill_teacher_confident_only: bool = False
-    distill_chunk_size: int = 1024
+    distill_chunk_size: int = TOKEN_CHUNK
 
     # RLSD (SPEC 3)
     rlsd_coef: float = 0.0

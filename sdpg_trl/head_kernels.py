@@ -4,9 +4,11 @@
 - `fused_policy_distillation`: one pass giving a distilled token's log-prob and entropy, the full-vocabulary reverse
   KL to the teacher (with its gradient) and the teacher's log-prob and entropy;
 - `score_tokens`: the kernel calls of one batch, from the student's and the teacher's hidden states to `(B, T)`
-  per-token scores, on the tokens a `TokenSelection` names.
+  per-token scores, on the tokens a `TokenSelection` names: all the student's tokens in one fused pass.
 
-Neither kernel materialises a `(N, V)` logit matrix. Under DeepSpeed ZeRO-3 each call gathers the partitioned heads
+Both score a token's log-prob and entropy with TRL's tiles and tile folds, so a token gets the same bits from either,
+and from GRPOTrainer's old and reference log-probs (see `VOCAB_TILE`). Neither kernel materialises a `(N, V)` logit
+matrix, nor waits on the device inside its loops. Under DeepSpeed ZeRO-3 each call gathers the partitioned heads
 once for its forward and once for its backward (TRL's `maybe_gather_lm_head_ctx`), so every process must make the
 same calls whatever its data: `score_tokens` calls each kernel a term needs even on an empty selection.
 
@@ -23,16 +25,56 @@ from typing import NamedTuple
 import torch
 from torch.distributed.tensor import DTensor
 
-# TRL's helpers (private to TRL, so imported through `_trl_compat`): fp32 projections and gradient GEMMs from
-# bf16/fp16 inputs, and ZeRO-3 gathering.
-from ._trl_compat import ChunkedLogProbFunction, maybe_gather_lm_head_ctx
+# TRL's helpers (private to TRL, so imported through `_trl_compat`): its chunked log-prob kernel, that kernel's tile
+# width and tile folds, fp32 gradient GEMMs from bf16/fp16 inputs, and ZeRO-3 gathering.
+from ._trl_compat import (
+    LOGPROB_BLOCK_SIZE,
+    LOGPROB_TOKEN_CHUNK,
+    LOGPROB_VOCAB_TILE,
+    ChunkedLogProbFunction,
+    logprob_backward_kernel,
+    logprob_backward_tile,
+    logprob_forward_kernel,
+    logprob_forward_tile,
+    maybe_gather_lm_head_ctx,
+    use_triton,
+)
 from ._trl_compat import addmm_fp32 as _addmm_fp32
 from ._trl_compat import compute_dtype as _compute_dtype
-from ._trl_compat import project_tile as _project
 from .losses import TokenSelection
 
-# Vocabulary tile width of TRL's chunked log-prob kernel (the value TRL's own fused LM head uses).
-_VOCAB_TILE = 32768
+# One token, one log-prob. GRPOTrainer scores the old and reference log-probs with TRL's fused LM head: logits tiles
+# `VOCAB_TILE` wide, projected in the compute dtype (rounded to bf16/fp16 under mixed precision, as a bf16 model's
+# logits are), folded into an online log-sum-exp by TRL's tile fold. Every kernel here scores a token's log-prob and
+# entropy that same way, with the same tile boundaries and the same fold, so a token gets the same bits whichever
+# kernel scores it, in every dtype: an on-policy ratio is exactly 1, and the anchor's KL starts at exactly 0.
+VOCAB_TILE = LOGPROB_VOCAB_TILE
+
+# Memory of one token chunk of the fused pass, per logit of its `(token_chunk, VOCAB_TILE)` tiles, at its largest (a
+# distilled chunk): the student's and the teacher's projections in the compute dtype, and three fp32 tiles, `log p`,
+# `p` and `log q` in the backward (the forward's KL sum holds as many). Without a softcap, which adds fp32 tiles, and
+# on a GPU: on CPU, TRL's torch folds and fp32 GEMMs add their own upcasts (tests/test_head_kernels.py measures both).
+COMPUTE_DTYPE_TILES, FP32_TILES = 2, 3
+# The rule for the default token chunk: the largest power of two whose tiles take no more memory than the tile of
+# TRL's own chunked log-prob kernel (GRPO's LM head), `LOGPROB_TOKEN_CHUNK x VOCAB_TILE` in bf16 (256 MiB). Then
+# SDPG's head never needs more transient memory than GRPO's, at any vocabulary size. (docs/PERFORMANCE.md)
+TILE_BUDGET_BYTES = LOGPROB_TOKEN_CHUNK * VOCAB_TILE * torch.bfloat16.itemsize
+
+
+def chunk_transient_bytes(token_chunk: int, dtype: torch.dtype = torch.bfloat16, vocab_tile: int = VOCAB_TILE) -> int:
+    """Transient bytes of one token chunk of the fused pass (its tiles), projected in `dtype`, without a softcap."""
+    return token_chunk * vocab_tile * (COMPUTE_DTYPE_TILES * dtype.itemsize + FP32_TILES * 4)
+
+
+def _default_token_chunk() -> int:
+    chunk = 1
+    while chunk_transient_bytes(2 * chunk) <= TILE_BUDGET_BYTES:
+        chunk *= 2
+    return chunk
+
+
+# Tokens per block of vocabulary tiles, by the rule above (512 with TRL 1.16's tiles: 256 MiB in bf16).
+TOKEN_CHUNK = _default_token_chunk()
 
 
 def chunked_logps_and_entropy(
@@ -54,27 +96,29 @@ def chunked_logps_and_entropy(
     """
     with maybe_gather_lm_head_ctx(weight, bias):
         outputs = ChunkedLogProbFunction.apply(
-            hidden, weight, bias, targets, temperature, _VOCAB_TILE, final_logit_softcapping, logit_scale, ("entropy",)
+            hidden, weight, bias, targets, temperature, VOCAB_TILE, final_logit_softcapping, logit_scale, ("entropy",)
         )
     return outputs[0], outputs[1]
 
 
 # Why not `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`: it gives the same per-token KL, but next to
 # TRL's log-prob kernel it projects the student a second time; one shared pass is ~30% less head work
-# (`python -m bench.head_kernels`). Its tile helpers are reused here.
+# (`python -m bench.head_kernels`). Why not its fp32 logits either: the log-prob must be GRPO's (see `VOCAB_TILE`).
 class _FusedPolicyDistillation(torch.autograd.Function):
-    """One pass over vocabulary tiles giving, per distilled token, everything SDPG needs from the LM head.
+    """One pass over vocabulary tiles giving, per token, everything SDPG needs from the LM head.
 
-    Forward: the student's sampled-token log-prob and entropy (what TRL's fused head gives GRPO), the teacher's
-    sampled-token log-prob and entropy (metrics), and the full-vocabulary reverse KL(p || SG[q]) (SPEC 2.2), from
-    online softmax statistics. Backward recomputes both tiles once and applies
+    Forward: the student's sampled-token log-prob and entropy (TRL's tile fold: GRPO's numbers, bit for bit), and for
+    the first `T` rows, which have a teacher, the teacher's sampled-token log-prob and entropy (metrics) and the
+    full-vocabulary reverse KL(p || SG[q]) (SPEC 2.2) of the same logits. Backward recomputes the tiles and applies
     `dL/dz = g_logp * (onehot(y) - p) + g_kl * p * (log p - log q - KL) - g_H * p * (log p + H)` to the student only
-    (the last term is the entropy's gradient, for GRPO's entropy bonus). Without a teacher (`teacher_hidden` None)
-    it is the student's pass alone: log-prob and entropy, both with gradients, and zeros for the rest.
+    (the last term is the entropy's gradient, for GRPO's entropy bonus); rows without a KL gradient take TRL's
+    backward fold. With `teacher_hidden` None or `(0, H)`, no row has a teacher: the KL and teacher outputs are 0.
 
     Tokens are processed `token_chunk` at a time inside one call, so that the heads are gathered once per forward and
-    once per backward (ZeRO-3) however many tokens this process has, none included.
-    Shapes: hiddens `(N, H)`, weights `(V, H)`, biases `(V,)` or None, labels `(N,)` -> five `(N,)` fp32 tensors.
+    once per backward (ZeRO-3) however many tokens this process has, none included, and the head's gradient is one
+    fp32 `(V, H)` buffer per call, none without tokens. No step of either loop waits on the device (no host sync).
+    Shapes: student `(N, H)`, teacher `(T, H)`, weights `(V, H)`, biases `(V,)` or None, labels `(N,)` -> five `(N,)`
+    fp32 tensors, 0 past row `T` for the teacher's three.
     """
 
     @staticmethod
@@ -82,17 +126,21 @@ class _FusedPolicyDistillation(torch.autograd.Function):
                 token_chunk, vocab_chunk):  # fmt: skip
         dtype = _compute_dtype(student_hidden)
         n = student_hidden.shape[0]
+        n_teacher = 0 if teacher_hidden is None else teacher_hidden.shape[0]
         f32 = {"device": student_hidden.device, "dtype": torch.float32}
         logps, entropy, kl, teacher_logps, teacher_entropy = (torch.zeros(n, **f32) for _ in range(5))
-        s_lse, t_lse = torch.zeros(n, **f32), torch.zeros(n, **f32)
+        s_lse, t_lse = torch.zeros(n, **f32), torch.zeros(n_teacher, **f32)
         with _gather_heads(weight, bias, teacher_weight, teacher_bias):
-            for start in range(0, n, token_chunk):
-                rows = slice(start, start + token_chunk)
-                h_t = None if teacher_hidden is None else teacher_hidden[rows].to(dtype)
-                out = _fused_forward_chunk(student_hidden[rows].to(dtype), h_t, weight, bias, teacher_weight,
-                                           teacher_bias, labels[rows], transform, vocab_chunk, dtype)  # fmt: skip
-                logps[rows], entropy[rows], kl[rows], teacher_logps[rows], teacher_entropy[rows] = out[:5]
-                s_lse[rows], t_lse[rows] = out[5:]
+            buffers = _TileBuffers(min(n, token_chunk), min(weight.shape[0], vocab_chunk), dtype, weight.device)
+            for rows in _row_chunks(n, n_teacher, token_chunk):
+                h_t = teacher_hidden[rows].to(dtype) if rows.stop <= n_teacher else None
+                out = _fused_forward_chunk(
+                    student_hidden[rows].to(dtype), h_t, weight, bias, teacher_weight, teacher_bias, labels[rows],
+                    transform, vocab_chunk, dtype, buffers,
+                )  # fmt: skip
+                logps[rows], entropy[rows], s_lse[rows] = out[:3]
+                if h_t is not None:
+                    kl[rows], teacher_logps[rows], teacher_entropy[rows], t_lse[rows] = out[3:]
         ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
                               s_lse, t_lse, kl, entropy)  # fmt: skip
         ctx.transform, ctx.token_chunk, ctx.vocab_chunk, ctx.dtype = transform, token_chunk, vocab_chunk, dtype
@@ -115,115 +163,214 @@ class _FusedPolicyDistillation(torch.autograd.Function):
             kl,
             entropy,
         ) = ctx.saved_tensors
-        dtype = ctx.dtype
-        grad_logps = torch.zeros_like(kl) if grad_logps is None else grad_logps.float()
-        with_kl, with_entropy = grad_kl is not None and teacher_hidden is not None, grad_entropy is not None
-        need_weight = ctx.needs_input_grad[2]
-        need_bias = bias is not None and ctx.needs_input_grad[3]
+        dtype, n = ctx.dtype, student_hidden.shape[0]
+        n_teacher = 0 if teacher_hidden is None else teacher_hidden.shape[0]
+        grads = _RowGrads.of(grad_logps, grad_entropy, grad_kl)
+        need_weight = ctx.needs_input_grad[2] and n > 0  # no tokens: no gradient buffer at all
+        need_bias = bias is not None and ctx.needs_input_grad[3] and n > 0
         grad_hidden = torch.zeros(student_hidden.shape, device=student_hidden.device, dtype=torch.float32)
         # The head's shape is read inside the gather: under ZeRO-3 a partitioned parameter is empty outside it.
         with _gather_heads(weight, bias, teacher_weight, teacher_bias):
-            f32 = {
-                "device": weight.device,
-                "dtype": torch.float32,
-            }  # gradients accumulate in fp32, as in TRL's kernels
+            f32 = {"device": weight.device, "dtype": torch.float32}  # gradients accumulate in fp32, as in TRL's
             grad_weight = torch.zeros(weight.shape, **f32) if need_weight else None
             grad_bias = torch.zeros(weight.shape[0], **f32) if need_bias else None
-            for start in range(0, student_hidden.shape[0], ctx.token_chunk):
-                rows = slice(start, start + ctx.token_chunk)
+            vocab = weight.shape[0]
+            buffers = _TileBuffers(min(n, ctx.token_chunk), min(vocab, ctx.vocab_chunk), dtype, weight.device)
+            for rows in _row_chunks(n, n_teacher, ctx.token_chunk):
+                with_kl = grads.kl is not None and rows.stop <= n_teacher
+                if grads.logps is None and grads.entropy is None and not with_kl:
+                    continue  # nothing this chunk's rows give has a gradient
                 h_s = student_hidden[rows].to(dtype)
-                for v_start in range(0, weight.shape[0], ctx.vocab_chunk):
-                    v_end = min(v_start + ctx.vocab_chunk, weight.shape[0])
-                    s, dz_draw = _logit_tile(h_s, weight, bias, v_start, v_end, ctx.transform, dtype)
-                    # Each step in place in a tile that is not read again (see `_fused_forward_chunk`).
-                    log_p = s.sub_(s_lse[rows].unsqueeze(1))
-                    p = log_p.exp()
-                    g_logps = grad_logps[rows]
-                    scale = -g_logps.unsqueeze(1)  # the softmax part of each term's gradient is p * scale
-                    if with_kl:
-                        h_t = teacher_hidden[rows].to(dtype)
-                        t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, v_start, v_end, ctx.transform, dtype)
-                        log_q = t.sub_(t_lse[rows].unsqueeze(1))
-                        # grad_kl * (log_p - log_q - kl) + scale, in log_q's tile
-                        gap = torch.sub(log_p, log_q, out=log_q).sub_(kl[rows].unsqueeze(1))
-                        scale = gap.mul_(grad_kl[rows].float().unsqueeze(1)).add_(scale)
-                    if with_entropy:  # scale - grad_entropy * (log_p + entropy), in log_p's tile
-                        term = log_p.add_(entropy[rows].unsqueeze(1)).mul_(grad_entropy[rows].float().unsqueeze(1))
-                        scale = torch.sub(scale, term, out=term)
-                    grad_z = p.mul_(scale)
-                    hit, cols = _labels_in_tile(labels[rows], v_start, v_end)
-                    grad_z[hit, cols] += g_logps[hit]
-                    grad_raw = _times(grad_z, dz_draw)
-                    grad_tile = grad_raw.to(dtype)
+                h_t = teacher_hidden[rows].to(dtype) if with_kl else None
+                for v_start in range(0, vocab, ctx.vocab_chunk):
+                    v_end = min(v_start + ctx.vocab_chunk, vocab)
+                    tile = _project(buffers.student, h_s, weight, bias, v_start, v_end, dtype)
+                    if h_t is None:  # TRL's backward fold: the tile becomes the logits' gradient, in place
+                        _fold_backward(tile, labels[rows], s_lse[rows], entropy[rows], grads, rows, v_start,
+                                       ctx.transform)  # fmt: skip
+                        grad_tile = grad_bias_rows = tile
+                    else:
+                        t = _project(buffers.teacher, h_t, teacher_weight, teacher_bias, v_start, v_end, dtype)
+                        grad_bias_rows = _distilled_logit_grad(tile, t, labels[rows], s_lse[rows], t_lse[rows],
+                                                               kl[rows], entropy[rows], grads, rows, v_start,
+                                                               ctx.transform)  # fmt: skip
+                        grad_tile = grad_bias_rows.to(dtype)
                     _addmm_fp32(grad_hidden[rows], grad_tile, weight[v_start:v_end].to(dtype))
-                    if need_weight:
+                    if grad_weight is not None:
                         _addmm_fp32(grad_weight[v_start:v_end], grad_tile.t(), h_s)
-                    if need_bias:
-                        grad_bias[v_start:v_end] += grad_raw.sum(0)
+                    if grad_bias is not None:
+                        grad_bias[v_start:v_end] += grad_bias_rows.sum(0, dtype=torch.float32)
+                    del grad_tile, grad_bias_rows  # freed before the next tile's: one gradient tile at a time
             grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
             grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden.to(student_hidden.dtype), None, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, labels, transform, vocab_chunk, dtype):
-    """The forward of `_FusedPolicyDistillation` for one chunk of tokens: online softmax statistics of both views,
-    rescaled whenever a tile raises the running max. Returns the five outputs and both log-normalisers; without a
-    teacher (`h_t` None) only the student's statistics are computed, and the KL and the teacher's outputs are 0."""
+class _RowGrads(NamedTuple):
+    """The upstream gradients of the student's outputs, `(N,)` fp32 each, None for an output the loss does not use."""
+
+    logps: torch.Tensor | None
+    entropy: torch.Tensor | None
+    kl: torch.Tensor | None
+
+    @classmethod
+    def of(cls, *grads: torch.Tensor | None) -> _RowGrads:
+        return cls(*(None if g is None else g.float().contiguous() for g in grads))
+
+
+class _TileBuffers:
+    """One logits tile per view in the compute dtype, `(rows, vocab_chunk)`, reused by every tile of a call (the
+    teacher's allocated on first use), as `ChunkedLogProbFunction` reuses its one."""
+
+    def __init__(self, rows: int, width: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (rows, width), dtype, device
+        self.student = torch.empty(self.shape, dtype=dtype, device=device)
+        self._teacher = None
+
+    @property
+    def teacher(self) -> torch.Tensor:
+        if self._teacher is None:
+            self._teacher = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self._teacher
+
+
+def _row_chunks(n: int, n_teacher: int, token_chunk: int):
+    """Slices of at most `token_chunk` rows, the rows with a teacher (`[0, n_teacher)`) first, none straddling."""
+    for first, last in ((0, n_teacher), (n_teacher, n)):
+        for start in range(first, last, token_chunk):
+            yield slice(start, min(start + token_chunk, last))
+
+
+def _project(buffer, hidden, weight, bias, start, end, dtype):
+    """Logits of vocabulary rows `start:end` in the compute dtype, into `buffer`: the projection of TRL's
+    `ChunkedLogProbFunction` (the body of its loop, which TRL does not expose as a function)."""
+    tile = buffer[: hidden.shape[0], : end - start]
+    torch.mm(hidden, weight[start:end].to(dtype).t(), out=tile)
+    if bias is not None:
+        tile.add_(bias[start:end].to(dtype))
+    return tile
+
+
+class _Stats(NamedTuple):
+    """TRL's online log-sum-exp statistics of one view, `(n,)` fp32 each."""
+
+    max: torch.Tensor
+    sum_exp: torch.Tensor
+    x_sum_exp: torch.Tensor
+    label_logit: torch.Tensor
+
+    @classmethod
+    def new(cls, n: int, device: torch.device) -> _Stats:
+        f32 = {"device": device, "dtype": torch.float32}
+        return cls(torch.full((n,), -math.inf, **f32), *(torch.zeros(n, **f32) for _ in range(3)))
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-prob of the label, entropy, log-normaliser), in `ChunkedLogProbFunction.forward`'s arithmetic."""
+        log_z = self.max + torch.log(self.sum_exp)
+        return self.label_logit - log_z, log_z - self.x_sum_exp / self.sum_exp, log_z
+
+
+def _kernel_args(transform) -> dict:
+    """The transform's arguments to TRL's folds, as `ChunkedLogProbFunction` passes them."""
+    scale, softcap, inv_t = transform
+    return {"logit_scale": scale, "softcap": softcap or 1.0, "inv_t": inv_t, "HAS_SOFTCAP": softcap is not None}
+
+
+def _fold_forward(tile, labels, stats: _Stats, start, transform):
+    """Fold one compute-dtype tile into `stats` with TRL's forward fold (Triton on CUDA/XPU, torch elsewhere)."""
+    n, width = tile.shape
+    fold = logprob_forward_kernel[(n,)] if use_triton(tile.device) else logprob_forward_tile
+    unused = torch.zeros(n, device=tile.device, dtype=torch.float32)  # statistics of outputs not requested
+    fold(tile, tile.stride(0), labels, stats.max, stats.sum_exp, stats.x_sum_exp, unused, unused, unused,
+         stats.label_logit, start, width, HAS_ENTROPY=True, HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False,
+         HAS_IS_TOP1=False, BLOCK_SIZE=LOGPROB_BLOCK_SIZE, **_kernel_args(transform))  # fmt: skip
+
+
+def _fold_backward(tile, labels, log_z, entropy, grads: _RowGrads, rows, start, transform):
+    """TRL's backward fold: `tile` (recomputed logits) becomes the gradient of the rows' log-probs and entropies with
+    respect to the projection, in place, in the compute dtype."""
+    n, width = tile.shape
+    if use_triton(tile.device):
+        fold = logprob_backward_kernel[(n, -(-width // LOGPROB_BLOCK_SIZE))]
+    else:
+        fold = logprob_backward_tile
+    g_logps = log_z if grads.logps is None else grads.logps[rows]  # the fold reads a tensor it does not use
+    g_entropy = log_z if grads.entropy is None else grads.entropy[rows]
+    fold(tile, tile.stride(0), labels, log_z, entropy, g_logps, g_entropy, start, width,
+         HAS_LOGPROB_GRAD=grads.logps is not None, HAS_ENTROPY_GRAD=grads.entropy is not None,
+         BLOCK_SIZE=LOGPROB_BLOCK_SIZE, **_kernel_args(transform))  # fmt: skip
+
+
+def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, labels, transform, vocab_chunk, dtype,
+                         buffers):  # fmt: skip
+    """The forward of `_FusedPolicyDistillation` for one chunk of tokens. The student's (and the teacher's) tiles go
+    through TRL's fold; the KL's sum `sum_v exp(s_v - m) (s_v - t_v)` follows the student's running max `m`,
+    rescaled whenever a tile raises it. Returns the student's log-prob, entropy and log-normaliser, then, with a
+    teacher (`h_t` not None), the KL and the teacher's log-prob, entropy and log-normaliser."""
     n, vocab = h_s.shape[0], weight.shape[0]
-    f32 = {"device": h_s.device, "dtype": torch.float32}
-    s_max, t_max = torch.full((n,), -math.inf, **f32), torch.full((n,), -math.inf, **f32)
-    s_sum, s_x_sum, s_gap, t_sum, t_x_sum, s_label, t_label = (torch.zeros(n, **f32) for _ in range(7))
+    student = _Stats.new(n, h_s.device)
+    teacher = None if h_t is None else _Stats.new(n, h_s.device)
+    s_gap = torch.zeros(n, device=h_s.device, dtype=torch.float32)
     for start in range(0, vocab, vocab_chunk):
         end = min(start + vocab_chunk, vocab)
-        s, _ = _logit_tile(h_s, weight, bias, start, end, transform, dtype)
-        rows, cols = _labels_in_tile(labels, start, end)
-        s_label[rows] = s[rows, cols]
-        new_s_max = torch.maximum(s_max, s.amax(-1))
-        s_rescale = torch.exp(s_max - new_s_max)
-        # In place wherever a tile is not read again: the values of out-of-place arithmetic, without allocating (and
-        # on CPU page-faulting) a fresh `(N, vocab_chunk)` tile per operation.
-        e_s = (s - new_s_max.unsqueeze(1)).exp_()
-        s_sum = s_sum * s_rescale + e_s.sum(-1)
-        if h_t is not None:  # the teacher's statistics and the KL's sum, which reads `e_s` before it is reused
-            t, _ = _logit_tile(h_t, teacher_weight, teacher_bias, start, end, transform, dtype)
-            t_label[rows] = t[rows, cols]
-            new_t_max = torch.maximum(t_max, t.amax(-1))
-            t_rescale = torch.exp(t_max - new_t_max)
-            e_t = (t - new_t_max.unsqueeze(1)).exp_()
-            t_sum = t_sum * t_rescale + e_t.sum(-1)
-            s_gap = s_gap * s_rescale + (s - t).mul_(e_s).sum(-1)
-            t_x_sum = t_x_sum * t_rescale + e_t.mul_(t).sum(-1)
-            t_max = new_t_max
-        s_x_sum = s_x_sum * s_rescale + e_s.mul_(s).sum(-1)
-        s_max = new_s_max
-    s_lse = s_max + s_sum.log()
-    logps, entropy = s_label - s_lse, s_lse - s_x_sum / s_sum
-    if h_t is None:
-        zeros = torch.zeros_like(s_lse)  # copied into the caller's buffers, so one tensor serves every output
-        return logps, entropy, zeros, zeros, zeros, s_lse, zeros
-    t_lse = t_max + t_sum.log()
-    kl = s_gap / s_sum - s_lse + t_lse
-    return logps, entropy, kl, t_label - t_lse, t_lse - t_x_sum / t_sum, s_lse, t_lse
+        s = _project(buffers.student, h_s, weight, bias, start, end, dtype)
+        if teacher is None:
+            _fold_forward(s, labels, student, start, transform)
+            continue
+        s_max = student.max.clone()
+        _fold_forward(s, labels, student, start, transform)
+        t = _project(buffers.teacher, h_t, teacher_weight, teacher_bias, start, end, dtype)
+        _fold_forward(t, labels, teacher, start, transform)
+        s_gap = s_gap * torch.exp(s_max - student.max) + _gap_sum(s, t, student.max, transform)
+    logps, entropy, s_lse = student.finish()
+    if teacher is None:
+        return logps, entropy, s_lse
+    teacher_logps, teacher_entropy, t_lse = teacher.finish()
+    kl = s_gap / student.sum_exp - s_lse + t_lse
+    return logps, entropy, s_lse, kl, teacher_logps, teacher_entropy, t_lse
 
 
-@contextmanager
-def _gather_heads(weight, bias, teacher_weight, teacher_bias):
-    """ZeRO-3 gathering of the student's head, and of the teacher's when it is another model's."""
-    with maybe_gather_lm_head_ctx(weight, bias):
-        if teacher_weight is weight:
-            yield
-        else:
-            with maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
-                yield
+def _gap_sum(s, t, s_max, transform):
+    """`sum_v exp(s_v - s_max) (s_v - t_v)` per row of one tile of both views, from their compute-dtype logits. Its
+    fp32 tiles are freed when it returns, before the next tile is projected."""
+    z_s, _ = _logits(s, transform)
+    z_t, _ = _logits(t, transform)
+    # In place wherever a tile is not read again: the values of out-of-place arithmetic, without allocating (and on
+    # CPU page-faulting) a fresh tile per operation.
+    e_s = (z_s - s_max.unsqueeze(1)).exp_()
+    return torch.sub(z_s, z_t, out=z_t).mul_(e_s).sum(-1)
 
 
-def _logit_tile(hidden, weight, bias, start, end, transform, dtype):
-    """fp32 logits `(N, end - start)` of one vocabulary tile after scale, softcap and temperature, and their
+def _distilled_logit_grad(s, t, labels, s_lse, t_lse, kl, entropy, grads: _RowGrads, rows, start, transform):
+    """The gradient of a distilled chunk's terms with respect to the raw projection of one tile, fp32 `(n, width)`,
+    from the recomputed compute-dtype tiles of both views."""
+    z_s, dz_draw = _logits(s, transform)
+    # Each step in place in a tile that is not read again (see `_fused_forward_chunk`).
+    log_p = z_s.sub_(s_lse.unsqueeze(1))
+    p = log_p.exp()
+    g_logps = torch.zeros_like(s_lse) if grads.logps is None else grads.logps[rows]
+    scale = -g_logps.unsqueeze(1)  # the softmax part of each term's gradient is p * scale
+    z_t, _ = _logits(t, transform)
+    log_q = z_t.sub_(t_lse.unsqueeze(1))
+    # grad_kl * (log_p - log_q - kl) + scale, in log_q's tile
+    gap = torch.sub(log_p, log_q, out=log_q).sub_(kl.unsqueeze(1))
+    scale = gap.mul_(grads.kl[rows].unsqueeze(1)).add_(scale)
+    if grads.entropy is not None:  # scale - grad_entropy * (log_p + entropy), in log_p's tile
+        term = log_p.add_(entropy.unsqueeze(1)).mul_(grads.entropy[rows].unsqueeze(1))
+        scale = torch.sub(scale, term, out=term)
+    grad_z = p.mul_(scale)
+    # + g_logp at each row's label, where it falls in this tile: a gather and a `where`, no host sync
+    local = labels - start
+    in_tile = (local >= 0) & (local < grad_z.shape[1])
+    grad_z.scatter_add_(1, local.clamp(0, grad_z.shape[1] - 1).unsqueeze(1), g_logps.where(in_tile, 0.0).unsqueeze(1))
+    return _times(grad_z, dz_draw)
+
+
+def _logits(tile, transform):
+    """fp32 logits of a compute-dtype tile after scale, softcap and temperature (TRL's `_torch_transform`), and their
     derivative with respect to the raw projection (a scalar, or a tile when softcapping)."""
     scale, softcap, inv_temperature = transform
-    z = torch.empty((hidden.shape[0], end - start), device=hidden.device, dtype=torch.float32)
-    _project(z, hidden, weight, bias, start, end, dtype)  # TRL's: fp32 output even from bf16 inputs
-    z = _times(z, scale)
+    z = _times(tile.float(), scale)
     if softcap is None:
         return _times(z, inv_temperature), scale * inv_temperature
     capped = torch.tanh(z / softcap)
@@ -236,10 +383,15 @@ def _times(tile, factor):
     return tile if isinstance(factor, int | float) and factor == 1 else tile * factor
 
 
-def _labels_in_tile(labels, start, end):
-    """(rows, columns within the tile) of the labels that fall in vocabulary tile [start, end)."""
-    rows = ((labels >= start) & (labels < end)).nonzero().squeeze(1)
-    return rows, labels[rows] - start
+@contextmanager
+def _gather_heads(weight, bias, teacher_weight, teacher_bias):
+    """ZeRO-3 gathering of the student's head, and of the teacher's when it is another model's."""
+    with maybe_gather_lm_head_ctx(weight, bias):
+        if teacher_weight is None or teacher_weight is weight:
+            yield
+        else:
+            with maybe_gather_lm_head_ctx(teacher_weight, teacher_bias):
+                yield
 
 
 def fused_policy_distillation(
@@ -252,8 +404,8 @@ def fused_policy_distillation(
     teacher_weight: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
-    vocab_chunk_size: int = 8192,
+    chunk_size: int = TOKEN_CHUNK,
+    vocab_chunk_size: int = VOCAB_TILE,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -262,7 +414,9 @@ def fused_policy_distillation(
 
     Sharing the student's vocabulary projection between the outcome term and the KL is the point: the LM head runs
     twice per view (forward, recompute in backward) instead of TRL's fused head plus a separate divergence pass.
-    Transient memory is a few `chunk_size x vocab_chunk_size` fp32 tiles.
+    At the default `vocab_chunk_size` (TRL's tile width) the log-probs and entropies are `chunked_logps_and_entropy`'s
+    bit for bit, in every dtype (see `VOCAB_TILE`); the KL is that of the same logits. Transient memory is
+    `chunk_transient_bytes(chunk_size)`, whatever the vocabulary size.
 
     Args:
         student_hidden: `(N, H)` student final hidden states, with grad. teacher_hidden: `(N, H)`, detached here;
@@ -270,7 +424,7 @@ def fused_policy_distillation(
         weight: `(V, H)` student LM-head weight. bias: `(V,)` or None. labels: `(N,)` sampled tokens.
         teacher_weight, teacher_bias: the teacher's head when it is another model (frozen or EMA teacher); default
             the student's (the live teacher shares the weights).
-        chunk_size: tokens per block of vocabulary tiles.
+        chunk_size: tokens per block of vocabulary tiles. vocab_chunk_size: the vocabulary tile width.
     Returns: `(logps, entropy, kl, teacher_logps, teacher_entropy)`, each `(N,)` fp32; `logps`, `entropy` and `kl`
         carry gradients (the student's only).
     """
@@ -333,53 +487,45 @@ def score_tokens(
     distill: bool,
     rlsd: bool,
     entropy_grad: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = TOKEN_CHUNK,
 ) -> HeadScores:
-    """The LM head on the tokens `selection` names, one kernel call per kind of token (SPEC 2, 3, 5):
+    """The LM head on the tokens `selection` names (SPEC 2, 3, 5), in two kernel calls at most:
 
-    - `selection.plain` (valid, not distilled): TRL's log-prob kernel gives the student's log-prob and entropy (with
-      `entropy_grad`, for GRPO's entropy bonus, the fused pass without a teacher: its entropy has a gradient);
-    - `selection.distilled`: the fused pass gives those, the KL and the teacher's view, from one projection each;
-    - `selection.teacher_only` (RLSD's rows that are not distilled): the teacher's log-prob and entropy, no grad.
+    - the student's tokens, `selection.distilled` then `selection.plain` (valid, not distilled), in one fused pass:
+      the student's log-prob and entropy of each, and for the distilled ones the KL and the teacher's view, from one
+      projection of each view; one call, so one head gradient per micro-batch;
+    - `selection.teacher_only` (RLSD's rows that are not distilled): the teacher's log-prob and entropy, no grad,
+      from TRL's log-prob kernel.
 
-    A kernel a term needs (`distill`, `rlsd`) is called even on an empty selection, so that every process makes the
-    same calls (ZeRO-3 gathers the head in each).
+    Every log-prob and entropy is TRL's (`VOCAB_TILE`), bit for bit. The calls a term needs (`distill`, `rlsd`) are
+    made even on empty selections, so that every process makes the same calls (ZeRO-3 gathers the heads in each).
 
     Args:
         hidden: `(B, T, H)` student hidden states predicting each completion token. teacher_hidden: `(R, T, H)`
             the teacher's, for the rows `selection.teacher_index` points to (`R` may be 0).
         completion_ids: `(B, T)`. head, teacher_head: the student's and the teacher's LM head (the same for a live
-            teacher).
+            teacher). entropy_grad: the student's entropy carries its gradient (GRPO's entropy bonus); otherwise it
+            is detached.
     Returns: `HeadScores`.
     """
-    transform = dict(temperature=head.temperature, logit_scale=head.logit_scale,
-                     final_logit_softcapping=head.final_logit_softcapping)  # fmt: skip
+    transform = (head.logit_scale, head.final_logit_softcapping, 1.0 / head.temperature)
     # Zeros attached to the graph, so a batch with no valid token still backpropagates (as TRL's fused head does).
     logps = hidden[..., 0].float() * 0.0
     entropy, kl, teacher_logps, teacher_entropy = (torch.zeros_like(logps) for _ in range(4))
 
-    where = selection.plain.nonzero(as_tuple=True)
-    if entropy_grad:
-        plain_logps, plain_entropy, *_ = fused_policy_distillation(
-            hidden[where], None, head.weight, head.bias, completion_ids[where], chunk_size=chunk_size, **transform
-        )
-    else:
-        plain_logps, plain_entropy = chunked_logps_and_entropy(
-            hidden[where], head.weight, head.bias, completion_ids[where], **transform
-        )
-    logps, entropy = logps.index_put(where, plain_logps), entropy.index_put(where, plain_entropy)
-    if distill:
-        where = selection.distilled.nonzero(as_tuple=True)
-        d_logps, d_entropy, d_kl, t_logps, t_entropy = fused_policy_distillation(
-            hidden[where], teacher_hidden[selection.teacher_index[where[0]], where[1]], head.weight, head.bias,
-            completion_ids[where], teacher_weight=teacher_head.weight, teacher_bias=teacher_head.bias,
-            chunk_size=chunk_size, **transform,
-        )  # fmt: skip
-        logps, entropy, kl = (
-            logps.index_put(where, d_logps),
-            entropy.index_put(where, d_entropy),
-            kl.index_put(where, d_kl),
-        )
+    distilled = selection.distilled.nonzero(as_tuple=True) if distill else (completion_ids.new_zeros(0),) * 2
+    plain = selection.plain.nonzero(as_tuple=True)
+    where = tuple(torch.cat(index) for index in zip(distilled, plain))  # the distilled tokens first
+    outputs = _FusedPolicyDistillation.apply(
+        hidden[where], teacher_hidden[selection.teacher_index[distilled[0]], distilled[1]] if distill else None,
+        head.weight, head.bias, teacher_head.weight if distill else None, teacher_head.bias if distill else None,
+        completion_ids[where], transform, chunk_size, VOCAB_TILE,
+    )  # fmt: skip
+    s_logps, s_entropy, s_kl, t_logps, t_entropy = outputs
+    logps = logps.index_put(where, s_logps)
+    entropy = entropy.index_put(where, s_entropy if entropy_grad else s_entropy.detach())
+    if distill:  # 0 past the distilled tokens
+        kl = kl.index_put(where, s_kl)
         teacher_logps = teacher_logps.index_put(where, t_logps)
         teacher_entropy = teacher_entropy.index_put(where, t_entropy)
     if rlsd:  # RLSD needs the teacher's sampled-token log-prob, not its KL
@@ -387,7 +533,8 @@ def score_tokens(
         with torch.no_grad():
             t_logps, t_entropy = chunked_logps_and_entropy(
                 teacher_hidden[selection.teacher_index[where[0]], where[1]], teacher_head.weight, teacher_head.bias,
-                completion_ids[where], **transform,
+                completion_ids[where], temperature=head.temperature, logit_scale=head.logit_scale,
+                final_logit_softcapping=head.final_logit_softcapping,
             )  # fmt: skip
         teacher_logps = teacher_logps.index_put(where, t_logps)
         teacher_entropy = teacher_entropy.index_put(where, t_entropy)

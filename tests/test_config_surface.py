@@ -138,7 +138,7 @@ def test_grpo_method_equals_grpo_config_on_every_shared_field(tmp_path):
 SDPG_DEFAULTS = {
     "method": "sdpg_urkl", "outcome_coef": 1.0, "distill_coef": 1e-3, "distill_warmup_steps": 50,
     "distill_decay_steps": 350, "distill_positive_only": True, "distill_exclude_eos": False,
-    "distill_teacher_confident_only": False, "distill_chunk_size": 1024, "rlsd_coef": 0.0, "rlsd_decay_steps": 50,
+    "distill_teacher_confident_only": False, "distill_chunk_size": 512, "rlsd_coef": 0.0, "rlsd_decay_steps": 50,
     "rlsd_clip": 0.2, "teacher_model_kind": "live", "teacher_update_rate": 0.05, "teacher_sync_steps": 1,
     "context_column": "privileged_context", "teacher_template": sdpg_trl.config.DEFAULT_TEACHER_TEMPLATE,
     "max_teacher_prompt_length": None, "teacher_context_truncation_side": "left",

@@ -80,9 +80,13 @@ def test_proposition_3_1_surrogate_gradient_and_zero_mean_advantage():
     assert grad_kl.abs().max() > 1e-3  # non-trivial case
 
 
-def _explicit_head(hidden, weight, bias, temperature, logit_scale, softcap):
-    """fp64 temperature-scaled logits `(N, V)` of an LM head with optional scale and softcap, written out."""
-    z = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) * logit_scale
+def _explicit_head(hidden, weight, bias, temperature, logit_scale, softcap, rounded_to=None):
+    """fp64 temperature-scaled logits `(N, V)` of an LM head with optional scale and softcap, written out; with
+    `rounded_to` (bf16, fp16), the projection and the bias's sum rounded to it, as a head projecting in that dtype
+    does (TRL's fused head, GRPO's log-probs)."""
+    rounded = (lambda x: x) if rounded_to is None else (lambda x: x.to(rounded_to).double())  # noqa: E731
+    z = rounded(hidden.double() @ weight.double().T)
+    z = rounded(z + (0 if bias is None else bias.double())) * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / temperature
@@ -93,28 +97,36 @@ def _explicit_head(hidden, weight, bias, temperature, logit_scale, softcap):
     [(1, 7, 1.0, 1.0, None), (4, 16, 0.7, 1.0, None), (64, 64, 1.0, 0.5, 5.0), (3, 50, 0.8, 1.0, 2.0)],
 )
 @pytest.mark.parametrize("teacher_head", ["shared", "own"])  # live teacher, or a frozen/EMA copy's head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_pass_matches_explicit_head_values_and_gradients(chunk_size, vocab_chunk, temperature, logit_scale,
-                                                               softcap, teacher_head):  # fmt: skip
+                                                               softcap, teacher_head, dtype):  # fmt: skip
     """SPEC 2.1 + 2.2 from hidden states in tiles (token chunks and vocabulary tiles that do and do not divide the
-    sizes) against the same quantities from explicit full fp64 logits: values and gradients."""
+    sizes) against the same quantities from explicit full fp64 logits: values and gradients. Under bf16 autocast the
+    logits are the bf16 projection's (GRPO's, see `head_kernels.VOCAB_TILE`) and every value keeps its fp32 bound;
+    the gradients pass through tiles rounded to bf16 before their GEMMs (as TRL's), hence their 1e-2."""
     torch.set_default_dtype(torch.float32)  # the kernel accumulates in fp32
     n, hidden, vocab = 10, 8, 50
-    weight = torch.randn(vocab, hidden, requires_grad=True)
-    bias = torch.randn(vocab, requires_grad=True)
-    h_s = torch.randn(n, hidden, requires_grad=True)
-    h_t = torch.randn(n, hidden, requires_grad=True)
+
+    def leaf(*shape):  # fp32 values representable in `dtype`
+        return torch.randn(*shape).to(dtype).float().requires_grad_()
+
+    weight, bias, h_s, h_t = leaf(vocab, hidden), leaf(vocab), leaf(n, hidden), leaf(n, hidden)
     labels = torch.randint(0, vocab, (n,))
     head = dict(temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=softcap)
-    t_weight, t_bias = (weight, bias) if teacher_head == "shared" else (torch.randn(vocab, hidden), torch.randn(vocab))
-    teacher = {} if teacher_head == "shared" else dict(teacher_weight=t_weight, teacher_bias=t_bias)
-    logps, entropy, kl, teacher_logps, teacher_entropy = fused_policy_distillation(
-        h_s, h_t, weight, bias, labels, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk, **head, **teacher
-    )
+    own = teacher_head == "own"
+    t_weight, t_bias = (leaf(vocab, hidden).detach(), leaf(vocab).detach()) if own else (weight, bias)
+    teacher = dict(teacher_weight=t_weight, teacher_bias=t_bias) if own else {}
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logps, entropy, kl, teacher_logps, teacher_entropy = fused_policy_distillation(
+            h_s, h_t, weight, bias, labels, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk, **head, **teacher
+        )
     c_logp, c_kl = torch.linspace(-1.0, 1.0, n), torch.arange(1.0, n + 1)  # arbitrary upstream gradients
     g_fused = torch.autograd.grad((c_logp * logps + c_kl * kl).sum(), (h_s, weight, bias))
 
-    z_s = _explicit_head(h_s, weight, bias, temperature, logit_scale, softcap)
-    z_t = _explicit_head(h_t.detach(), t_weight.detach(), t_bias.detach(), temperature, logit_scale, softcap)
+    rounded_to = None if dtype == torch.float32 else dtype
+    z_s = _explicit_head(h_s, weight, bias, temperature, logit_scale, softcap, rounded_to)
+    z_t = _explicit_head(h_t.detach(), t_weight.detach(), t_bias.detach(), temperature, logit_scale, softcap,
+                         rounded_to)  # fmt: skip
     log_p, log_q = z_s.log_softmax(-1), z_t.log_softmax(-1)
     e_logps = log_p.gather(-1, labels[:, None]).squeeze(-1)
     e_kl = full_vocab_reverse_kl(z_s, z_t)
@@ -126,8 +138,9 @@ def test_fused_pass_matches_explicit_head_values_and_gradients(chunk_size, vocab
     torch.testing.assert_close(teacher_logps.double(), log_q.gather(-1, labels[:, None]).squeeze(-1), rtol=1e-5,
                                atol=1e-4)  # fmt: skip
     torch.testing.assert_close(teacher_entropy.double(), -(log_q.exp() * log_q).sum(-1), rtol=1e-5, atol=1e-5)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-2
     for a, b in zip(g_fused, g_explicit):  # fp32 gradients of fp32 leaves; the explicit ones went through fp64
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
     assert h_t.grad is None and kl.min() > 0
 
 
@@ -136,7 +149,7 @@ def test_fused_pass_matches_explicit_head_values_and_gradients(chunk_size, vocab
 def test_fused_pass_entropy_gradient_matches_explicit_full_vocabulary(dtype, with_teacher):
     """The entropy's gradient (GRPO's entropy bonus) from the tiled pass, with and without a teacher, against
     autograd through explicit fp64 logits of the same inputs; the kernel projects in fp32 at most (bf16 inputs: in
-    bf16, into fp32 logits), hence the tolerances."""
+    bf16, its logits rounded to bf16 as GRPO's are), hence the tolerances."""
     n, hidden, vocab, softcap = 9, 8, 50, 5.0
     weight = torch.randn(vocab, hidden, dtype=dtype, requires_grad=True)
     h_s = torch.randn(n, hidden, dtype=dtype, requires_grad=True)

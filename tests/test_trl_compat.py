@@ -30,7 +30,21 @@ SIGNATURES = {
     "ChunkedLogProbFunction": ["ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size",
                                "final_logit_softcapping", "logit_scale", "outputs"],
     "compute_dtype": ["hidden"],
-    "project_tile": ["tile", "hidden_chunk", "weight", "bias", "start", "end", "dtype"],
+    "logprob_forward_kernel": ["mm_ptr", "mm_stride", "targets_ptr", "max_ptr", "sum_exp_ptr", "x_sum_exp_ptr",
+                               "sq_sum_exp_ptr", "z_sum_ptr", "max_before_target_ptr", "target_logit_ptr",
+                               "vocab_start", "n_cols", "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP",
+                               "HAS_ENTROPY", "HAS_LOG_SUM_SQ_PROBS", "HAS_MEAN_LOGITS", "HAS_IS_TOP1", "BLOCK_SIZE"],
+    "logprob_forward_tile": ["tile", "tile_stride", "targets", "running_max", "sum_exp", "x_sum_exp", "sq_sum_exp",
+                             "z_sum", "max_before_target", "target_logit", "vocab_start", "n_cols", "logit_scale",
+                             "softcap", "inv_t", "HAS_SOFTCAP", "HAS_ENTROPY", "HAS_LOG_SUM_SQ_PROBS",
+                             "HAS_MEAN_LOGITS", "HAS_IS_TOP1", "BLOCK_SIZE"],
+    "logprob_backward_kernel": ["mm_ptr", "mm_stride", "targets_ptr", "log_z_ptr", "entropy_ptr", "grad_logprobs_ptr",
+                                "grad_entropy_ptr", "vocab_start", "n_cols", "logit_scale", "softcap", "inv_t",
+                                "HAS_SOFTCAP", "HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD", "BLOCK_SIZE"],
+    "logprob_backward_tile": ["tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy",
+                              "vocab_start", "n_cols", "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP",
+                              "HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD", "BLOCK_SIZE"],
+    "use_triton": ["device"],
     "addmm_fp32": ["acc", "a", "b"],
     "maybe_gather_lm_head_ctx": ["params"],
     "unwrap_model_for_generation": ["model", "accelerator", "gather_deepspeed3_params"],
@@ -55,7 +69,7 @@ SIGNATURES = {
 }  # fmt: skip
 CONSTANTS = {
     "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES", "SUPPORTED_TRL", "TESTED_TRL", "VLLM_SAMPLING_ATTRIBUTES",
-    "TRL_ACCELERATE_CONFIGS",
+    "TRL_ACCELERATE_CONFIGS", "LOGPROB_BLOCK_SIZE", "LOGPROB_TOKEN_CHUNK", "LOGPROB_VOCAB_TILE",
 }  # fmt: skip
 # Defined in the compat module, checked below.
 OWN_HELPERS = {"installed_trl_version", "tokenize_prompts", "vllm_generate"}
@@ -63,6 +77,7 @@ OWN_HELPERS = {"installed_trl_version", "tokenize_prompts", "vllm_generate"}
 
 def _parameters(obj) -> list[str]:
     target = obj.forward if hasattr(obj, "apply") and hasattr(obj, "forward") else obj
+    target = getattr(target, "fn", target)  # a Triton kernel (`triton.jit`, where Triton is installed): its function
     return list(inspect.signature(target).parameters)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.util
+import logging
 import math
 import numbers
 import os
@@ -24,6 +25,8 @@ from transformers.integrations import integration_utils
 from trl import GRPOConfig
 
 from .losses import CLIPPED_LOSS_TYPES, LOSS_TYPES
+
+logger = logging.getLogger(__name__)
 
 KL_ESTIMATORS = ("k3", "urkl", "ufkl", "rkl", "fkl")
 TEACHER_MODEL_KINDS = ("live", "base", "ema")  # TRL SDPOTrainer's names
@@ -397,7 +400,8 @@ class SDPGConfig(GRPOConfig):
             GRPO's bias-corrected KL (DeepSeek-V3.2): the anchor times the importance ratio at
             `importance_sampling_level`, with its gradient, so it changes the gradient even on-policy. Off by default,
             as SPEC 2.4 weighs the anchor by the detached ratio instead (`anchor_ratio_weighted`); turning it on needs
-            `anchor_ratio_weighted=False`, since both would weigh the anchor by the ratio. The `"grpo"` method fills
+            `anchor_ratio_weighted=False`, since both would weigh the anchor by the ratio: left unset, it is turned off
+            with a warning (set both explicitly and the contradiction is refused). The `"grpo"` method fills
             GRPOConfig's `True`.
 
         > The outcome term: GRPO's options (SPEC 2.1)
@@ -425,7 +429,8 @@ class SDPGConfig(GRPOConfig):
             Dual-clip constant `c` for negative advantages in the off-policy surrogate (SPEC 2.1; Ye et al., 2020).
             Only used when old log-probs differ from the current ones (`num_iterations > 1`, stale batches, vLLM).
             `None` turns it off (GRPO). It floors PPO's clipped ratio, so it must be `None` for `"cispo"`, `"sapo"`
-            and `"vespo"`, which bound the ratio their own way. TRL's `delta` keeps its own meaning (the two-sided
+            and `"vespo"`, which bound the ratio their own way: left unset, it becomes `None` there with a warning
+            (set explicitly, it is refused). TRL's `delta` keeps its own meaning (the two-sided
             upper clip, default off).
 
     SDPG's terms stay SDPG's whatever the outcome options: off-policy the distillation term (and the anchor, with
@@ -571,6 +576,8 @@ class SDPGConfig(GRPOConfig):
         """nan/inf anywhere (Python, numpy or torch numbers, also inside lists) would silently poison the loss."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0:
+                value = value.tolist()
             values = value if isinstance(value, (list, tuple)) else [value]  # e.g. reward_weights
             if any(real_value(v) is not None and not math.isfinite(real_value(v)) for v in values):
                 raise ValueError(f"SDPGConfig.{f.name} must hold finite numbers only, got {value}.")
@@ -616,6 +623,11 @@ class SDPGConfig(GRPOConfig):
             )
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"SDPGConfig.top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}.")
+        # A value SDPG only filled gives way to the option the user chose; two values the user wrote are refused.
+        if self.dual_clip is not None and self.loss_type not in CLIPPED_LOSS_TYPES:
+            self._give_way("dual_clip", None, f"loss_type={self.loss_type!r} has no clipped ratio to floor")
+        if self.use_bias_correction_kl and self.anchor_ratio_weighted:
+            self._give_way("anchor_ratio_weighted", False, "use_bias_correction_kl weighs the anchor by the ratio")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
         if self.dual_clip is not None and self.loss_type not in CLIPPED_LOSS_TYPES:
@@ -633,6 +645,15 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(
                 f"SDPGConfig.on_policy_surrogate must be 'reinforce' or 'ratio', got {self.on_policy_surrogate!r}."
             )
+
+    def _give_way(self, name: str, value: Any, why: str) -> None:
+        """Set `name`, a field the user did not set, to `value`, and say so; one the user set is left for the check
+        that follows to refuse."""
+        if name in self.explicit_fields:
+            return
+        logger.warning("SDPGConfig.%s=%r is set to %r: %s (set %s to silence this).", name, getattr(self, name), value,
+                       why, name)  # fmt: skip
+        setattr(self, name, value)
 
     def __post_init__(self):
         self._check_types()

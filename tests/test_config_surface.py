@@ -98,6 +98,31 @@ def test_the_issues_examples(tmp_path):
 
 
 @pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(
+    ("chosen", "filled", "adapted"),
+    [({"loss_type": "cispo"}, "dual_clip", None), ({"use_bias_correction_kl": True}, "anchor_ratio_weighted", False)],
+)
+def test_a_value_sdpg_only_filled_gives_way_to_the_users_choice_and_says_so(
+    tmp_path, caplog, source, chosen, filled, adapted
+):
+    with caplog.at_level("WARNING", logger="sdpg_trl.config"):
+        config = build(source, tmp_path, method="sdpg_urkl", **chosen)
+    assert getattr(config, filled) == adapted
+    said = [r.getMessage() for r in caplog.records if f"SDPGConfig.{filled}=" in r.getMessage()]
+    assert len(said) == 1 and f"is set to {adapted!r}" in said[0], said
+    # Both written by the user: the contradiction is refused.
+    both = {**chosen, filled: 2.0 if filled == "dual_clip" else True}
+    with pytest.raises(ValueError, match=rf"SDPGConfig\.{filled if filled == 'dual_clip' else 'use_bias'}"):
+        build(source, tmp_path, **both)
+
+
+def test_non_finite_reward_weights_in_an_array_are_refused(tmp_path):
+    for value in (np.array([float("nan")]), torch.tensor([1.0, float("inf")])):
+        with pytest.raises(ValueError, match=r"SDPGConfig\.reward_weights must hold finite numbers only"):
+            make_args(tmp_path, reward_weights=value)
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_rlsd_needs_its_teacher_weight(tmp_path, source):
     with pytest.raises(ValueError, match=r"rlsd_coef=0\.0 contradicts method='rlsd', which needs rlsd_coef > 0"):
         build(source, tmp_path, method="rlsd", rlsd_coef=0.0)

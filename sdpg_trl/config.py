@@ -160,7 +160,12 @@ def _type_check(kind: Any) -> Callable[[Any], bool] | None:
         return lambda v: v in args
     if origin is list:
         item = _type_check(args[0]) if args else (lambda v: True)
-        return None if item is None else lambda v: isinstance(v, (list, tuple)) and all(item(x) for x in v)
+        sequence = (list, tuple, np.ndarray, torch.Tensor)  # an array or tensor of one dimension, e.g. reward_weights
+        return (
+            None
+            if item is None
+            else lambda v: isinstance(v, sequence) and getattr(v, "ndim", 1) == 1 and all(item(x) for x in v)
+        )
     if origin in (typing.Union, types.UnionType):
         checks = [_type_check(arg) for arg in args]
         return None if None in checks else lambda v: any(check(v) for check in checks)
@@ -555,9 +560,10 @@ class SDPGConfig(GRPOConfig):
 
     def _check_types(self) -> None:
         """Refuse a value of the wrong type (e.g. a list or None for a float, a float for an int), naming the field:
-        SDPG's fields, and GRPO's and TrainingArguments' numbers and switches. Numbers of numpy or torch become
+        SDPG's and GRPO's fields, and TrainingArguments' numbers and switches. Numbers of numpy or torch become
         Python's."""
-        own = SDPGConfig.__dict__["__annotations__"]
+        # GRPOConfig's own fields too (reward_weights, generation_kwargs): a recipe's YAML reaches them unconverted.
+        own = {**GRPOConfig.__dict__["__annotations__"], **SDPGConfig.__dict__["__annotations__"]}
         for f in dataclasses.fields(self):
             kind = _FIELD_TYPES[f.name]
             if not f.init or f.name not in own and not set(typing.get_args(kind) or [kind]) <= _NUMBERS:

@@ -329,3 +329,27 @@ def test_every_declared_field_has_its_docstring_entry_as_help():
 def test_fields_are_declared_in_the_order_of_the_docstring():
     entries = list(docstring_entries(SDPGConfig.__doc__))
     assert list(SDPGConfig.__dict__["__annotations__"]) == entries
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"reward_weights": ["x"]}, r"SDPGConfig\.reward_weights must be list of float or None, got \['x'\]"),
+        ({"generation_kwargs": [1]}, r"SDPGConfig\.generation_kwargs must be dict or str or None, got \[1\]"),
+        ({"use_peft": True, "lora_r": 2.5}, r"lora_r \(ModelConfig\) must be int, got 2\.5 of type float"),
+        ({"eval_k": "four"}, r"eval_k \(SDPGScriptArguments\) must be int, got 'four'"),
+    ],
+)
+def test_recipe_fields_outside_sdpg_config_are_type_checked_by_key(tmp_path, settings, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "use_cpu": True, **settings}))
+    with pytest.raises(TypeError, match=message):
+        make_parser().parse_args_and_config(args=["--config", str(path)])
+
+
+def test_a_recipe_may_give_one_text_for_a_list_of_texts(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "use_cpu": True, "lora_target_modules": "all-linear",
+                                    "reward_weights": [1.0], "eval_dataset_name": "aime24"}))  # fmt: skip
+    script_args, config, model_args = make_parser().parse_args_and_config(args=["--config", str(path)])[:3]
+    assert model_args.lora_target_modules == "all-linear" and config.reward_weights == [1.0]

@@ -41,7 +41,7 @@ from .checkpoints import (
     EMA_ADAPTER_NAME,
     EMA_TEACHER_NAME,
     check_resumable,
-    last_complete_checkpoint,
+    resolve_checkpoint,
     write_settings,
 )
 from .config import SDPGConfig
@@ -370,18 +370,13 @@ class SDPGTrainer(GRPOTrainer):
         """`Trainer.train`, with a resume that continues the same run or says why it cannot.
 
         `resume_from_checkpoint=True` takes the last *complete* checkpoint in `output_dir`, skipping (with a warning)
-        any newer folder a stopped run left half-written; a checkpoint that is incomplete, or was trained with other
-        loss settings than `args` (`checkpoints.loss_settings`), is refused with an error naming what differs.
+        any newer folder a stopped run left half-written, and a run folder its last complete checkpoint
+        (`checkpoints.resolve_checkpoint`); a checkpoint that is incomplete, has an unreadable file, or was trained
+        with other loss settings than `args` (`checkpoints.loss_settings`), is refused with an error naming what.
         """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True, but output_dir ({self.args.output_dir}) has no completely written "
-                    "checkpoint folder."
-                )
-        if isinstance(resume_from_checkpoint, str | os.PathLike):
-            check_resumable(os.fspath(resume_from_checkpoint), self.args)
+        resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None:
+            check_resumable(resume_from_checkpoint, self.args)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _save_ema_teacher(self, folder: str) -> None:

@@ -25,6 +25,7 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .._trl_compat import GRPOScriptArguments, resolve_accelerate_config_argument
+from ..checkpoints import check_resumable, hold_output_dir, is_finished, resolve_checkpoint
 from ..config import SDPGConfig
 from ..data import DataArguments, held_out_dataset, train_dataset
 from ..distributed import end_training
@@ -86,13 +87,33 @@ def make_parser() -> SDPGParser:
     return SDPGParser((SDPGScriptArguments, SDPGConfig, ModelConfig))
 
 
-def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig) -> SDPGTrainer:
-    """Build the data, rewards and `SDPGTrainer` from parsed arguments, train, save, and return the trainer."""
+def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig) -> SDPGTrainer | None:
+    """Build the data, rewards and `SDPGTrainer` from parsed arguments, train, save, and return the trainer; None
+    when `resume_from_checkpoint` names a checkpoint at the end of the run (nothing to train).
+
+    While it runs, the run holds `output_dir` (`checkpoints.hold_output_dir`): a second run into it is refused, as is
+    an `output_dir` it cannot write to, before any model loads."""
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub id or a local directory).")
     # Everything that can be wrong with the inputs is checked before the model is loaded (the model source by
     # SDPGTrainer, before GRPOTrainer loads it), and a missing package before the data is.
     training_args.check_installed()
+    # `resume_from_checkpoint`: `true` from the command line as from YAML, a run folder as its last checkpoint.
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if checkpoint is not None:
+        check_resumable(checkpoint, training_args)
+        if is_finished(checkpoint, training_args):  # Trainer would train one more step past the end
+            if training_args.process_index == 0:
+                print(f"{checkpoint} is the end of this run (max_steps {training_args.max_steps}, num_train_epochs "
+                      f"{training_args.num_train_epochs}): the run is complete, nothing to train. Raise max_steps to "
+                      "train on.")  # fmt: skip
+            return None
+    training_args.resume_from_checkpoint = checkpoint
+    with hold_output_dir(training_args.output_dir):
+        return _train(script_args, training_args, model_args)
+
+
+def _train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig) -> SDPGTrainer:
     # As `trl grpo`: the reward model (a path or Hub id, loaded by GRPOTrainer) first, then the reward functions.
     reward_funcs = get_reward_funcs(script_args.reward_funcs) if script_args.reward_funcs else []
     if script_args.reward_model_name_or_path:
@@ -173,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     # Returns None: console scripts pass the return value to sys.exit, which treats an object as a failure.
     trainer = train(*parsed)
     # TRL's scripts end with `trainer.end()`, which leaves the process group to the DDP wrapper until the exit.
-    end_training(trainer)
+    if trainer is not None:
+        end_training(trainer)
 
 
 def launch(launch_args: list[str], training_args: list[str]) -> None:

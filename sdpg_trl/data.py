@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,23 @@ def _answer_text(value) -> str:
     return str(value).strip()
 
 
+@contextmanager
+def reading(name: str) -> Iterator[None]:
+    """Name the data set `name` and its size when `datasets` finds no rows in it, which it reports as a bare
+    `StopIteration` (an empty JSON Lines file) or `Instruction "train" corresponds to no data!` (a CSV file with a
+    header only, an empty split)."""
+    try:
+        yield
+    except StopIteration as err:  # datasets' JSON builder reads the first line of each file
+        raise ValueError(f"{name} has no rows: a data file is empty (0 bytes). Give a file with rows.") from err
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        raise ValueError(
+            f"{name} has no rows (0 rows, e.g. a CSV file with a header only). Give a file with rows."
+        ) from err
+
+
 def _resolve(name_or_path: str, source: str | None) -> tuple[MathSource, str | None]:
     """The column spec to use and, for local files, the file's `datasets` builder name."""
     if source is not None and source not in SOURCES:
@@ -254,11 +272,13 @@ def load_math_dataset(
     solution_column = solution_column or spec.solution
     if builder is not None:
         where = str(Path(name_or_path).expanduser())
-        raw = load_dataset(builder, data_files=where, split="train")
+        with reading(where):
+            raw = load_dataset(builder, data_files=where, split="train")
     else:
         where = spec.hub_id if name_or_path in SOURCES else name_or_path
         config = config or (spec.config if where == spec.hub_id else None)  # another repo's configs are its own
-        raw = load_dataset(where, config, split=split or spec.split)
+        with reading(where):
+            raw = load_dataset(where, config, split=split or spec.split)
     # A source's worked solutions are optional (a local copy may lack them); a column the caller named is not.
     if not explicit_solution and solution_column not in raw.column_names:
         solution_column = None
@@ -299,8 +319,10 @@ def load_splits(name_or_path: str, config: str | None = None) -> DatasetDict:
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise FileNotFoundError(f"Data file {path} does not exist.")
-        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path))
-    return load_dataset(name_or_path, config)
+        with reading(str(path)):
+            return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path))
+    with reading(name_or_path):
+        return load_dataset(name_or_path, config)
 
 
 def check_columns(dataset: Dataset, where: str, context_column: str | None = None, rename_flag: str = "") -> None:
@@ -506,14 +528,16 @@ class DataArguments(DatasetMixtureConfig):
 def data_name(args: DataArguments) -> str:
     """The training data's name in messages: `dataset_name`, or the mixture's paths."""
     if args.datasets:
-        return f"the datasets: mixture ({', '.join(d.path for d in args.datasets)})"
+        paths = [d.path if not d.data_files else f"{d.path} {d.data_files}" for d in args.datasets]
+        return f"the datasets: mixture ({', '.join(paths)})"
     return args.dataset_name
 
 
 def load_mixture(args: DataArguments) -> DatasetDict:
     """TRL's dataset mixture (`trl.get_dataset`) as a `train` split, plus a seeded `test` split when
     `test_split_size` is set (see `MIXTURE_SPLIT_SEED`)."""
-    mixture = get_dataset(DatasetMixtureConfig(datasets=args.datasets, streaming=args.streaming))
+    with reading(data_name(args)):
+        mixture = get_dataset(DatasetMixtureConfig(datasets=args.datasets, streaming=args.streaming))
     if args.test_split_size is None:
         return mixture
     if args.streaming:

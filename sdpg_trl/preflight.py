@@ -8,9 +8,11 @@ from collections.abc import Sized
 from typing import Any
 
 from accelerate.utils import is_peft_model
+from datasets import IterableDataset
 from peft import PeftConfig
 
 from .config import SDPGConfig
+from .data import reading
 
 # What the error on a missing context column adds when `SDPGTrainer` was given no `args`.
 DEFAULT_ARGS_NEED_CONTEXT = (
@@ -59,15 +61,22 @@ def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | N
         )
 
 
-def check_train_size(dataset: Any, args: SDPGConfig) -> None:
+def check_train_size(dataset: Any, args: SDPGConfig, name: str = "train_dataset") -> None:
     """Refuse a training set with fewer rows than one generation batch takes, which GRPO's sampler would drop
-    whole: the run would take 0 steps and save the untrained model. A streamed set (no length) is not checked."""
-    if not isinstance(dataset, Sized):
-        return
+    whole: the run would take 0 steps and save the untrained model. Of a streamed set (no length) only the first
+    rows are read, up to one generation batch. `name` is how the error names the set."""
     prompts = args.generation_batch_size // args.num_generations
-    if len(dataset) < prompts:
+    if isinstance(dataset, Sized):
+        rows = len(dataset)
+    elif isinstance(dataset, IterableDataset):
+        with reading(name):
+            rows = sum(1 for _ in dataset.take(prompts))
+        name = f"{name} (streamed)"
+    else:
+        return
+    if rows < prompts:
         raise ValueError(
-            f"train_dataset has {len(dataset)} rows, fewer than one generation batch takes: {prompts} prompts "
+            f"{name} has {rows} rows, fewer than one generation batch takes: {prompts} prompts "
             f"(generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}; "
             f"generation_batch_size = per_device_train_batch_size {args.per_device_train_batch_size} x "
             f"{args.world_size} processes x steps_per_generation {args.steps_per_generation}). It would train 0 "

@@ -27,10 +27,11 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 from .._trl_compat import GRPOScriptArguments, resolve_accelerate_config_argument
 from ..checkpoints import check_resumable, hold_output_dir, is_finished, resolve_checkpoint
 from ..config import SDPGConfig
-from ..data import DataArguments, held_out_dataset, train_dataset
+from ..data import DataArguments, data_name, held_out_dataset, train_dataset
 from ..distributed import end_training
 from ..evaluation import MeanAtKArguments, MeanAtKCallback
 from ..parser import SDPGParser
+from ..preflight import check_train_size
 from ..rewards import get_reward_funcs
 from ..trainer import SDPGTrainer
 
@@ -120,6 +121,7 @@ def _train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_ar
         reward_funcs.insert(0, script_args.reward_model_name_or_path)
     context_column = training_args.teacher_context_column
     dataset = train_dataset(script_args, context_column)
+    check_train_size(dataset, training_args, data_name(script_args))  # a streamed set's first rows are read here
     # `eval_strategy` is TRL's evaluation (the trainer's loss and rewards on the held-out set, which then needs the
     # teacher's context column too); `eval_every_steps` the project's mean@k (the student's prompts only).
     trl_eval = training_args.eval_strategy != "no"

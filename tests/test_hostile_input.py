@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from datasets import Dataset
 from test_train_script import _argv
 
 from sdpg_trl.scripts.train import main
+from sdpg_trl.teacher import check_dataset
 
 
 def no_model(tmp_path) -> str:
@@ -47,3 +49,21 @@ def test_a_data_file_without_rows_is_named(tmp_path, name, text, message):
     recipe.write_text(f"datasets:\n  - {{path: {'json' if name.endswith('l') else 'csv'}, data_files: {path}}}\n")
     with pytest.raises(ValueError, match=rf"the datasets: mixture \(\w+ {path}\) has no rows"):
         main(_argv(no_model(tmp_path), str(tmp_path / "out"), "--config", str(recipe)))
+
+
+def test_a_context_of_another_type_says_the_type_and_how_to_convert():
+    data = Dataset.from_list([{"prompt": "What is 0 + 1?", "answer": 1}])
+    message = (
+        r"train_dataset row 0 has a privileged context of type int in column 'answer' .*: 1; the context is text\. "
+        r"Convert the column first, e\.g\. dataset\.map\(lambda row: \{'answer': str\(row\['answer'\]\)\}\)"
+    )
+    with pytest.raises(TypeError, match=message):
+        check_dataset(data, "train_dataset", "answer")
+
+
+@pytest.mark.parametrize("context_column", ["privileged_context", None])  # with a teacher, and without (GRPO)
+def test_a_prompt_that_is_none_names_the_row(context_column):
+    rows = _rows(3)
+    rows[1]["prompt"] = None
+    with pytest.raises(TypeError, match=r"train_dataset row 1 has a prompt of type NoneType \(None\)"):
+        check_dataset(Dataset.from_list(rows), "train_dataset", context_column)

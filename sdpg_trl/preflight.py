@@ -25,8 +25,20 @@ DEFAULT_ARGS_NEED_CONTEXT = (
 
 def looks_like_local_path(name: str) -> bool:
     """Whether a model name can only be a local path: absolute, `./`, `../` or `~`, or more than one `/` (a Hub id
-    is `name` or `org/name`)."""
-    return os.path.isabs(name) or name.startswith(("./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+    is `name` or `org/name`), or `folder/name` where `folder` is a local folder (`outputs/run`)."""
+    if os.path.isabs(name) or name.startswith(("./", "../", "~")) or name in (".", "..") or name.count("/") > 1:
+        return True
+    return name.count("/") == 1 and os.path.isdir(name.split("/")[0])
+
+
+def check_model_path(name: str) -> None:
+    """Refuse a model name that is a local path (`looks_like_local_path`) to nothing, which transformers would take
+    for a malformed Hub id or look up on the Hub."""
+    if looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"The model path {name!r} does not exist. Give an existing model directory, or a Hub id ('name' or "
+            "'org/name')."
+        )
 
 
 def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | None) -> None:
@@ -38,11 +50,7 @@ def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | N
       checkpoint: the reference model (`beta > 0`, no PEFT) or a `base`/`ema` teacher without PEFT.
     """
     if isinstance(model, str):
-        if looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):
-            raise FileNotFoundError(
-                f"The model path {model!r} does not exist. Give an existing model directory, or a Hub id "
-                "('name' or 'org/name')."
-            )
+        check_model_path(model)
         return
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     loadable = bool(source) and (not looks_like_local_path(source) or os.path.exists(os.path.expanduser(source)))

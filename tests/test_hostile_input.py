@@ -4,11 +4,13 @@ contexts of the wrong type, a prompt that is None, and model paths that do not e
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from datasets import Dataset
 from test_train_script import _argv
 
+from sdpg_trl.scripts import evaluate as evaluate_script
 from sdpg_trl.scripts.train import main
 from sdpg_trl.teacher import check_dataset
 
@@ -67,3 +69,14 @@ def test_a_prompt_that_is_none_names_the_row(context_column):
     rows[1]["prompt"] = None
     with pytest.raises(TypeError, match=r"train_dataset row 1 has a prompt of type NoneType \(None\)"):
         check_dataset(Dataset.from_list(rows), "train_dataset", context_column)
+
+
+@pytest.mark.parametrize("path", ["./no/such", "outputs/x"])
+def test_sdpg_evaluate_and_sdpg_train_say_a_local_model_path_does_not_exist(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # `outputs/x` is a path into a local folder, not the Hub id of org "outputs"
+    message = rf"The model path '{re.escape(path)}' does not exist"
+    with pytest.raises(FileNotFoundError, match=message):
+        evaluate_script.main(["--model_name_or_path", path, "--output_file", str(tmp_path / "r.json")])
+    with pytest.raises(FileNotFoundError, match=message):
+        main(_argv(path, str(tmp_path / "out")))

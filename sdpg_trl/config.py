@@ -725,6 +725,17 @@ class SDPGConfig(GRPOConfig):
                 f"SDPGConfig.teacher_template has unknown placeholders {sorted(fields - {'context'})}; "
                 "only {context} is filled (write literal braces as {{ and }})."
             )
+        unused = sorted(self.explicit_fields & set(_TEACHER_FIELDS)) if not self.needs_teacher else []
+        if unused:
+            logger.warning(
+                "SDPGConfig.%s has no effect: method=%r has no teacher here (distill_coef and rlsd_coef are 0).",
+                ", ".join(unused), self.method,
+            )  # fmt: skip
 
 
+# The settings of the teacher, which a method without one (no distillation, no RLSD) does not read.
+_TEACHER_FIELDS = (
+    "teacher_model_kind", "teacher_update_rate", "teacher_sync_steps", "teacher_template", "max_teacher_prompt_length",
+    "teacher_context_truncation_side",
+)  # fmt: skip
 _FIELD_TYPES = typing.get_type_hints(SDPGConfig)  # the annotations resolved, for `_check_types`

@@ -17,6 +17,7 @@ from its Hub id or from a local parquet/json/jsonl/csv file with the same column
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from trl import DatasetMixtureConfig, get_dataset
 
 from .rewards import GOLD_COLUMNS
 from .teacher import missing_column
+
+logger = logging.getLogger(__name__)
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 FEATURES = Features(
@@ -490,9 +493,11 @@ class DataArguments(DatasetMixtureConfig):
 
     def __post_init__(self):
         DatasetMixtureConfig.__post_init__(self)
-        if self.datasets and self.dataset_name != ARITHMETIC:
-            raise ValueError(
-                f"Both dataset_name ({self.dataset_name!r}) and a datasets: mixture name the training data; give one."
+        if self.datasets and self.dataset_name != ARITHMETIC:  # as TRL's scripts: the mixture is used
+            logger.warning(
+                "Both dataset_name (%r) and a datasets: mixture name the training data: the datasets: mixture is used "
+                "and dataset_name is ignored.",
+                self.dataset_name,
             )
         if self.test_split_size is not None and not self.datasets:
             raise ValueError("test_split_size splits a datasets: mixture; without one, use dataset_test_split.")

@@ -7,11 +7,12 @@ import os
 from collections.abc import Sized
 from typing import Any
 
+import yaml
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from peft import PeftConfig
 
-from .config import SDPGConfig
+from .config import SDPGConfig, is_installed
 from .data import reading
 
 # What the error on a missing context column adds when `SDPGTrainer` was given no `args`.
@@ -90,4 +91,20 @@ def check_train_size(dataset: Any, args: SDPGConfig, name: str = "train_dataset"
             f"{args.world_size} processes x steps_per_generation {args.steps_per_generation}). It would train 0 "
             "steps. Give it more rows (e.g. a larger arithmetic_num_train), or lower per_device_train_batch_size or "
             "steps_per_generation."
+        )
+
+
+def check_accelerate_config(launch_args: list[str]) -> None:
+    """Refuse to launch with an accelerate config (`--config_file`, as `--accelerate_config` resolves to) that needs a
+    package that is not installed, naming the extra that installs it: accelerate itself would say so only in every
+    launched process, with its own install line."""
+    if "--config_file" not in launch_args:
+        return
+    path = launch_args[launch_args.index("--config_file") + 1]
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if config.get("distributed_type") == "DEEPSPEED" and not is_installed("deepspeed"):
+        raise ImportError(
+            f"The accelerate config {path} runs DeepSpeed, and the deepspeed package is not installed: pip install "
+            '"sdpg-trl[deepspeed]" (or choose a config without DeepSpeed, e.g. multi_gpu or fsdp2).'
         )

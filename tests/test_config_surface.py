@@ -353,3 +353,15 @@ def test_a_recipe_may_give_one_text_for_a_list_of_texts(tmp_path):
                                     "reward_weights": [1.0], "eval_dataset_name": "aime24"}))  # fmt: skip
     script_args, config, model_args = make_parser().parse_args_and_config(args=["--config", str(path)])[:3]
     assert model_args.lora_target_modules == "all-linear" and config.reward_weights == [1.0]
+
+
+def test_teacher_settings_under_a_method_without_a_teacher_warn_that_they_have_no_effect(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="sdpg_trl.config"):
+        SDPGConfig(str(tmp_path), use_cpu=True, method="grpo", teacher_model_kind="ema", teacher_update_rate=0.1)
+    assert (
+        "SDPGConfig.teacher_model_kind, teacher_update_rate has no effect: method='grpo' has no teacher" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdpg_trl.config"):
+        SDPGConfig(str(tmp_path), use_cpu=True, teacher_model_kind="ema")  # SDPG reads it: no warning
+    assert "no effect" not in caplog.text

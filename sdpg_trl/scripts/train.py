@@ -17,6 +17,7 @@ dtype, LoRA).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,9 +32,11 @@ from ..data import DataArguments, data_name, held_out_dataset, train_dataset
 from ..distributed import end_training
 from ..evaluation import MeanAtKArguments, MeanAtKCallback
 from ..parser import SDPGParser
-from ..preflight import check_train_size
+from ..preflight import check_accelerate_config, check_train_size
 from ..rewards import get_reward_funcs
 from ..trainer import SDPGTrainer
+
+logger = logging.getLogger(__name__)
 
 # The reward when a recipe names neither reward_funcs nor reward_model_name_or_path.
 DEFAULT_REWARD = "math_accuracy_reward"
@@ -185,13 +188,23 @@ def main(argv: list[str] | None = None) -> None:
     *parsed, config_rest, cli_rest = parser.parse_args_and_config(
         args=argv, return_remaining_strings=True, separate_remaining_strings=True
     )
-    if os.environ.get(LAUNCHED) != "1" and (config_rest or cli_rest):
-        if "--accelerate_config" not in config_rest + cli_rest:
-            unknown = [arg for arg in config_rest + cli_rest if arg.startswith("--")]
+    rest = config_rest + cli_rest
+    # The processes `launch` starts train; so does one the user started with `accelerate launch` (never a launch
+    # inside a launch), without the recipe's accelerate_config.
+    own_launch = os.environ.get(LAUNCHED) == "1"
+    users_launch = not own_launch and launched_by_accelerate() and "--accelerate_config" in rest
+    if users_launch:
+        logger.warning(
+            "accelerate_config is not applied: this process was started by `accelerate launch`, whose own settings "
+            "apply. Start the run with sdpg-train to launch it with accelerate_config."
+        )
+    if rest and not (own_launch or users_launch):
+        if "--accelerate_config" not in rest:
+            unknown = [arg for arg in rest if arg.startswith("--")]
             parser.error(
                 f"unknown arguments {unknown}; `accelerate launch` flags are taken only with --accelerate_config."
             )
-        launch(config_rest + cli_rest, _without(argv, cli_rest))
+        launch(rest, _without(argv, cli_rest))
         return
     # Returns None: console scripts pass the return value to sys.exit, which treats an object as a failure.
     trainer = train(*parsed)
@@ -200,10 +213,16 @@ def main(argv: list[str] | None = None) -> None:
         end_training(trainer)
 
 
+def launched_by_accelerate() -> bool:
+    """Whether this process was started by `accelerate launch`, which sets these variables in every launcher."""
+    return {"ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"} <= set(os.environ)
+
+
 def launch(launch_args: list[str], training_args: list[str]) -> None:
     """`accelerate launch <launch_args> -m sdpg_trl.scripts.train <training_args>`, with `--accelerate_config`
     resolved as `trl`'s CLI resolves it (a file, or a config TRL ships, by name)."""
     launch_args = resolve_accelerate_config_argument(launch_args)
+    check_accelerate_config(launch_args)  # a missing DeepSpeed is named before anything is launched
     os.environ[LAUNCHED] = "1"  # the launched processes parse the same recipe, `accelerate_config:` included
     module = "sdpg_trl.scripts.train"
     launch_command(launch_command_parser().parse_args([*launch_args, "--module", module, *training_args]))

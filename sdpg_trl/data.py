@@ -342,9 +342,9 @@ def check_columns(dataset: Dataset, where: str, context_column: str | None = Non
     for role, column in required:
         if column not in columns:
             if role == "privileged-context":  # e.g. a `trl grpo` recipe moved over as it is
-                hint = (
-                    f" The teacher reads its privileged context from this column: set context_column: <column> to "
-                    f"read it from another one, or method: grpo to train plain GRPO without a teacher.{hint}"
+                hint += (
+                    " The teacher reads its privileged context from this column: set context_column: <column> to read "
+                    "it from another one, or method: grpo to train plain GRPO without a teacher."
                 )
             raise missing_column(where, role, column, columns, hint)
     if not any(column in columns for column in GOLD_COLUMNS):

@@ -108,3 +108,27 @@ def check_accelerate_config(launch_args: list[str]) -> None:
             f"The accelerate config {path} runs DeepSpeed, and the deepspeed package is not installed: pip install "
             '"sdpg-trl[deepspeed]" (or choose a config without DeepSpeed, e.g. multi_gpu or fsdp2).'
         )
+
+
+def emulated_bf16_warning(args: SDPGConfig, mixed_precision: str) -> str | None:
+    """The warning for a run on a CPU without native bf16 whose effective precision (`mixed_precision`, the
+    accelerator's) is bf16, naming the setting that turned it on; None when it is not bf16.
+
+    bf16 comes from `bf16: true` (GRPOConfig's default), or, with `bf16: false`, from the accelerate config the run was
+    launched with (`mixed_precision: bf16` in TRL's `multi_gpu`, `zero2`, ... configs), which `accelerate launch`
+    passes as `ACCELERATE_MIXED_PRECISION` and transformers applies.
+    """
+    if mixed_precision != "bf16":
+        return None
+    if args.bf16:
+        setting, fix = "SDPGConfig.bf16 is on", "Set bf16=False (`--bf16 false`) to train in float32."
+    else:
+        setting = (
+            "bf16 is off, but the accelerate config this run was launched with sets mixed_precision: bf16 "
+            f"(ACCELERATE_MIXED_PRECISION={os.environ.get('ACCELERATE_MIXED_PRECISION')!r}), so the run is bf16"
+        )
+        fix = "Launch with an accelerate config that sets mixed_precision: 'no' (or --mixed_precision no)."
+    return (
+        f"{setting}, but this CPU has no native bf16: autocast matmuls are emulated and training runs about 10x "
+        f"slower. {fix}"
+    )

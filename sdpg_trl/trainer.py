@@ -69,7 +69,12 @@ from .losses import (
 )
 from .model_card import method_card
 from .plotting import CurvesCallback
-from .preflight import DEFAULT_ARGS_NEED_CONTEXT, check_model_source, check_train_size
+from .preflight import (
+    DEFAULT_ARGS_NEED_CONTEXT,
+    check_model_source,
+    check_train_size,
+    emulated_bf16_warning,
+)
 from .run_report import DistillScheduleReport
 from .teacher import (
     build_teacher_prompt,
@@ -242,12 +247,11 @@ class SDPGTrainer(GRPOTrainer):
         for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
             if getattr(text_config, name, None) is not None:
                 raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
-        if self.args.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+        if self.accelerator.device.type == "cpu" and not cpu_has_native_bf16():
             # GRPOConfig turns bf16 on by default; emulated bf16 made a SmolLM2-135M step 11x slower (283 s vs 25 s).
-            logger.warning(
-                "SDPGConfig.bf16 is on, but this CPU has no native bf16: autocast matmuls are emulated and training "
-                "runs about 10x slower. Set bf16=False (`--bf16 false`) to train in float32."
-            )
+            warning = emulated_bf16_warning(self.args, self.accelerator.mixed_precision)  # the effective precision
+            if warning:
+                logger.warning(warning)
         return text_config
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -411,9 +411,11 @@ def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_
         ({"loss_type": "ppo"}, "loss_type"),
         ({"importance_sampling_level": "batch"}, "importance_sampling_level"),
         ({"dual_clip": 0.5}, "dual_clip"),
-        ({"loss_type": "sapo"}, "dual_clip"),  # the dual clip floors PPO's clipped ratio, which sapo does not have
+        # The dual clip floors PPO's clipped ratio, which sapo does not have (SDPG's default gives way; a set one not).
+        ({"loss_type": "sapo", "dual_clip": 3.0}, "dual_clip"),
         ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
-        ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),  # with anchor_ratio_weighted: weighed twice
+        # With anchor_ratio_weighted set too: the anchor would be weighed twice.
+        ({"use_bias_correction_kl": True, "anchor_ratio_weighted": True}, "use_bias_correction_kl"),
         ({"on_policy_surrogate": "clipped"}, "on_policy_surrogate"),
     ],
 )

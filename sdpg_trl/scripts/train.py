@@ -17,6 +17,7 @@ dtype, LoRA).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -95,8 +96,8 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
     """Build the data, rewards and `SDPGTrainer` from parsed arguments, train, save, and return the trainer; None
     when `resume_from_checkpoint` names a checkpoint at the end of the run (nothing to train).
 
-    While it runs, the run holds `output_dir` (`checkpoints.hold_output_dir`): a second run into it is refused, as is
-    an `output_dir` it cannot write to, before any model loads."""
+    From when its inputs are checked until it ends, the run holds `output_dir` (`checkpoints.hold_output_dir`): a
+    second run into it is refused, as is an `output_dir` it cannot write to, before any model loads."""
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub id or a local directory).")
     # Everything that can be wrong with the inputs is checked before the model is loaded (the model source by
@@ -113,11 +114,13 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
                       "train on.")  # fmt: skip
             return None
     training_args.resume_from_checkpoint = checkpoint
-    with hold_output_dir(training_args.output_dir):
-        return _train(script_args, training_args, model_args)
+    with contextlib.ExitStack() as held:
+        return _train(script_args, training_args, model_args, held)
 
 
-def _train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig) -> SDPGTrainer:
+def _train(
+    script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig, held: contextlib.ExitStack
+) -> SDPGTrainer:
     # As `trl grpo`: the reward model (a path or Hub id, loaded by GRPOTrainer) first, then the reward functions.
     reward_funcs = get_reward_funcs(script_args.reward_funcs) if script_args.reward_funcs else []
     if script_args.reward_model_name_or_path:
@@ -147,6 +150,8 @@ def _train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_ar
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
 
+    # After the inputs are checked (a refused run leaves no folder behind), before the model loads.
+    held.enter_context(hold_output_dir(training_args.output_dir))
     trainer = SDPGTrainer(
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,

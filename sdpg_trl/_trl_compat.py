@@ -26,6 +26,8 @@ import importlib
 import importlib.metadata
 from typing import Any
 
+import torch
+
 # The TRL the test suite ran against, and the range setup.cfg allows (tests/test_packaging.py keeps them equal).
 TESTED_TRL = "1.16.0"
 SUPPORTED_TRL = "~=1.16.0"
@@ -110,7 +112,8 @@ off_policy_sequence_mask = _load("trl.trainer.grpo_trainer", "GRPOTrainer.get_of
 vespo_gamma_weights = _load("trl.trainer.grpo_trainer", "GRPOTrainer.get_gamma_weights")
 
 # --- EMA-teacher callbacks (trl.experimental.sdpo), loaded on first use --------------------------------------------
-# `PEFTAdapterEMACallback(model, teacher_adapter_name, update_rate, sync_steps, accelerator)`,
+# `PEFTAdapterEMACallback(model, teacher_adapter_name, update_rate, sync_steps, accelerator)` (its teacher adapter
+# created without drawing from the global generators, `_keeping_the_global_rng`),
 # `SyncTeacherModelCallback(teacher_model, accelerator)`, `is_pure_lora_training(model, accelerator=None)`.
 _LAZY = {
     "PEFTAdapterEMACallback": "trl.experimental.sdpo.teacher_sync",
@@ -119,9 +122,28 @@ _LAZY = {
 }
 
 
+def _keeping_the_global_rng(callback: type) -> type:
+    """TRL's `PEFTAdapterEMACallback` with its teacher adapter created without drawing from the global generators.
+
+    PEFT's `add_adapter` draws the new adapter's LoRA initialisation (which TRL then zeroes) from torch's global
+    generators, so an `ema` run's rollouts would differ from a `live` run's on the same seed; under `fork_rng` the
+    generators are left as they were, and teacher kinds compare on the same rollouts.
+    """
+    _load(_LAZY["PEFTAdapterEMACallback"], "PEFTAdapterEMACallback._initialize_teacher_adapter")
+
+    class PEFTAdapterEMACallback(callback):
+        def _initialize_teacher_adapter(self) -> None:
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                super()._initialize_teacher_adapter()
+
+    return PEFTAdapterEMACallback
+
+
 def __getattr__(name: str) -> Any:  # PEP 562: `from sdpg_trl._trl_compat import SyncTeacherModelCallback`
     if name in _LAZY:
         value = _load(_LAZY[name], name)
+        if name == "PEFTAdapterEMACallback":
+            value = _keeping_the_global_rng(value)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

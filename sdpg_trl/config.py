@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.util
+import logging
 import math
 import numbers
 import os
@@ -26,6 +27,8 @@ from trl import GRPOConfig
 from .head_kernels import TOKEN_CHUNK
 from .losses import ANCHOR_ESTIMATORS, LOSS_TYPES, LossTerms, clipped_loss_types, loss_terms
 from .teachers import TEACHER_KINDS
+
+logger = logging.getLogger(__name__)
 
 # The registries themselves (`losses.py`), so that an estimator or loss type registered later is allowed too.
 KL_ESTIMATORS = ANCHOR_ESTIMATORS
@@ -160,7 +163,12 @@ def _type_check(kind: Any) -> Callable[[Any], bool] | None:
         return lambda v: v in args
     if origin is list:
         item = _type_check(args[0]) if args else (lambda v: True)
-        return None if item is None else lambda v: isinstance(v, (list, tuple)) and all(item(x) for x in v)
+        sequence = (list, tuple, np.ndarray, torch.Tensor)  # an array or tensor of one dimension, e.g. reward_weights
+        return (
+            None
+            if item is None
+            else lambda v: isinstance(v, sequence) and getattr(v, "ndim", 1) == 1 and all(item(x) for x in v)
+        )
     if origin in (typing.Union, types.UnionType):
         checks = [_type_check(arg) for arg in args]
         return None if None in checks else lambda v: any(check(v) for check in checks)
@@ -405,7 +413,8 @@ class SDPGConfig(GRPOConfig):
             GRPO's bias-corrected KL (DeepSeek-V3.2): the anchor times the importance ratio at
             `importance_sampling_level`, with its gradient, so it changes the gradient even on-policy. Off by default,
             as SPEC 2.4 weighs the anchor by the detached ratio instead (`anchor_ratio_weighted`); turning it on needs
-            `anchor_ratio_weighted=False`, since both would weigh the anchor by the ratio. The `"grpo"` method fills
+            `anchor_ratio_weighted=False`, since both would weigh the anchor by the ratio: left unset, it is turned off
+            with a warning (set both explicitly and the contradiction is refused). The `"grpo"` method fills
             GRPOConfig's `True`.
 
         > The outcome term: GRPO's options (SPEC 2.1)
@@ -434,7 +443,8 @@ class SDPGConfig(GRPOConfig):
             Dual-clip constant `c` for negative advantages in the off-policy surrogate (SPEC 2.1; Ye et al., 2020).
             Only used when old log-probs differ from the current ones (`num_iterations > 1`, stale batches, vLLM).
             `None` turns it off (GRPO). It floors PPO's clipped ratio, so it must be `None` for `"cispo"`, `"sapo"`
-            and `"vespo"`, which bound the ratio their own way. TRL's `delta` keeps its own meaning (the two-sided
+            and `"vespo"`, which bound the ratio their own way: left unset, it becomes `None` there with a warning
+            (set explicitly, it is refused). TRL's `delta` keeps its own meaning (the two-sided
             upper clip, default off).
 
     SDPG's terms stay SDPG's whatever the outcome options: off-policy the distillation term (and the anchor, with
@@ -567,9 +577,10 @@ class SDPGConfig(GRPOConfig):
 
     def _check_types(self) -> None:
         """Refuse a value of the wrong type (e.g. a list or None for a float, a float for an int), naming the field:
-        SDPG's fields, and GRPO's and TrainingArguments' numbers and switches. Numbers of numpy or torch become
+        SDPG's and GRPO's fields, and TrainingArguments' numbers and switches. Numbers of numpy or torch become
         Python's."""
-        own = SDPGConfig.__dict__["__annotations__"]
+        # GRPOConfig's own fields too (reward_weights, generation_kwargs): a recipe's YAML reaches them unconverted.
+        own = {**GRPOConfig.__dict__["__annotations__"], **SDPGConfig.__dict__["__annotations__"]}
         for f in dataclasses.fields(self):
             kind = _FIELD_TYPES[f.name]
             if not f.init or f.name not in own and not set(typing.get_args(kind) or [kind]) <= _NUMBERS:
@@ -588,6 +599,8 @@ class SDPGConfig(GRPOConfig):
         """nan/inf anywhere (Python, numpy or torch numbers, also inside lists) would silently poison the loss."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0:
+                value = value.tolist()
             values = value if isinstance(value, (list, tuple)) else [value]  # e.g. reward_weights
             if any(real_value(v) is not None and not math.isfinite(real_value(v)) for v in values):
                 raise ValueError(f"SDPGConfig.{f.name} must hold finite numbers only, got {value}.")
@@ -633,6 +646,11 @@ class SDPGConfig(GRPOConfig):
             )
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"SDPGConfig.top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}.")
+        # A value SDPG only filled gives way to the option the user chose; two values the user wrote are refused.
+        if self.dual_clip is not None and self.loss_type not in clipped_loss_types():
+            self._give_way("dual_clip", None, f"loss_type={self.loss_type!r} has no clipped ratio to floor")
+        if self.use_bias_correction_kl and self.anchor_ratio_weighted:
+            self._give_way("anchor_ratio_weighted", False, "use_bias_correction_kl weighs the anchor by the ratio")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"SDPGConfig.dual_clip (c) must be > 1, got {self.dual_clip}.")
         if self.dual_clip is not None and self.loss_type not in clipped_loss_types():
@@ -651,6 +669,15 @@ class SDPGConfig(GRPOConfig):
             raise ValueError(
                 f"SDPGConfig.on_policy_surrogate must be 'reinforce' or 'ratio', got {self.on_policy_surrogate!r}."
             )
+
+    def _give_way(self, name: str, value: Any, why: str) -> None:
+        """Set `name`, a field the user did not set, to `value`, and say so; one the user set is left for the check
+        that follows to refuse."""
+        if name in self.explicit_fields:
+            return
+        logger.warning("SDPGConfig.%s=%r is set to %r: %s (set %s to silence this).", name, getattr(self, name), value,
+                       why, name)  # fmt: skip
+        setattr(self, name, value)
 
     def __post_init__(self):
         self._check_types()
@@ -719,6 +746,17 @@ class SDPGConfig(GRPOConfig):
                 f"SDPGConfig.teacher_template has unknown placeholders {sorted(fields - {'context'})}; "
                 "only {context} is filled (write literal braces as {{ and }})."
             )
+        unused = sorted(self.explicit_fields & set(_TEACHER_FIELDS)) if not self.needs_teacher else []
+        if unused:
+            logger.warning(
+                "SDPGConfig.%s has no effect: method=%r has no teacher here (distill_coef and rlsd_coef are 0).",
+                ", ".join(unused), self.method,
+            )  # fmt: skip
 
 
+# The settings of the teacher, which a method without one (no distillation, no RLSD) does not read.
+_TEACHER_FIELDS = (
+    "teacher_model_kind", "teacher_update_rate", "teacher_sync_steps", "teacher_template", "max_teacher_prompt_length",
+    "teacher_context_truncation_side",
+)  # fmt: skip
 _FIELD_TYPES = typing.get_type_hints(SDPGConfig)  # the annotations resolved, for `_check_types`

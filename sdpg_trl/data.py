@@ -17,8 +17,10 @@ from its Hub id or from a local parquet/json/jsonl/csv file with the same column
 from __future__ import annotations
 
 import json
+import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from trl import DatasetMixtureConfig, get_dataset
 
 from .rewards import GOLD_COLUMNS
 from .teacher import missing_column
+
+logger = logging.getLogger(__name__)
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 FEATURES = Features(
@@ -201,6 +205,23 @@ def _answer_text(value) -> str:
     return str(value).strip()
 
 
+@contextmanager
+def reading(name: str) -> Iterator[None]:
+    """Name the data set `name` and its size when `datasets` finds no rows in it, which it reports as a bare
+    `StopIteration` (an empty JSON Lines file) or `Instruction "train" corresponds to no data!` (a CSV file with a
+    header only, an empty split)."""
+    try:
+        yield
+    except StopIteration as err:  # datasets' JSON builder reads the first line of each file
+        raise ValueError(f"{name} has no rows: a data file is empty (0 bytes). Give a file with rows.") from err
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        raise ValueError(
+            f"{name} has no rows (0 rows, e.g. a CSV file with a header only). Give a file with rows."
+        ) from err
+
+
 def _resolve(name_or_path: str, source: str | None) -> tuple[MathSource, str | None]:
     """The column spec to use and, for local files, the file's `datasets` builder name."""
     if source is not None and source not in SOURCES:
@@ -254,11 +275,13 @@ def load_math_dataset(
     solution_column = solution_column or spec.solution
     if builder is not None:
         where = str(Path(name_or_path).expanduser())
-        raw = load_dataset(builder, data_files=where, split="train")
+        with reading(where):
+            raw = load_dataset(builder, data_files=where, split="train")
     else:
         where = spec.hub_id if name_or_path in SOURCES else name_or_path
         config = config or (spec.config if where == spec.hub_id else None)  # another repo's configs are its own
-        raw = load_dataset(where, config, split=split or spec.split)
+        with reading(where):
+            raw = load_dataset(where, config, split=split or spec.split)
     # A source's worked solutions are optional (a local copy may lack them); a column the caller named is not.
     if not explicit_solution and solution_column not in raw.column_names:
         solution_column = None
@@ -299,8 +322,10 @@ def load_splits(name_or_path: str, config: str | None = None) -> DatasetDict:
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise FileNotFoundError(f"Data file {path} does not exist.")
-        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path))
-    return load_dataset(name_or_path, config)
+        with reading(str(path)):
+            return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path))
+    with reading(name_or_path):
+        return load_dataset(name_or_path, config)
 
 
 def check_columns(dataset: Dataset, where: str, context_column: str | None = None, rename_flag: str = "") -> None:
@@ -316,6 +341,11 @@ def check_columns(dataset: Dataset, where: str, context_column: str | None = Non
     required = [("prompt", "prompt")] + ([("privileged-context", context_column)] if context_column else [])
     for role, column in required:
         if column not in columns:
+            if role == "privileged-context":  # e.g. a `trl grpo` recipe moved over as it is
+                hint += (
+                    " The teacher reads its privileged context from this column: set context_column: <column> to read "
+                    "it from another one, or method: grpo to train plain GRPO without a teacher."
+                )
             raise missing_column(where, role, column, columns, hint)
     if not any(column in columns for column in GOLD_COLUMNS):
         raise ValueError(
@@ -468,9 +498,11 @@ class DataArguments(DatasetMixtureConfig):
 
     def __post_init__(self):
         DatasetMixtureConfig.__post_init__(self)
-        if self.datasets and self.dataset_name != ARITHMETIC:
-            raise ValueError(
-                f"Both dataset_name ({self.dataset_name!r}) and a datasets: mixture name the training data; give one."
+        if self.datasets and self.dataset_name != ARITHMETIC:  # as TRL's scripts: the mixture is used
+            logger.warning(
+                "Both dataset_name (%r) and a datasets: mixture name the training data: the datasets: mixture is used "
+                "and dataset_name is ignored.",
+                self.dataset_name,
             )
         if self.test_split_size is not None and not self.datasets:
             raise ValueError("test_split_size splits a datasets: mixture; without one, use dataset_test_split.")
@@ -506,14 +538,16 @@ class DataArguments(DatasetMixtureConfig):
 def data_name(args: DataArguments) -> str:
     """The training data's name in messages: `dataset_name`, or the mixture's paths."""
     if args.datasets:
-        return f"the datasets: mixture ({', '.join(d.path for d in args.datasets)})"
+        paths = [d.path if not d.data_files else f"{d.path} {d.data_files}" for d in args.datasets]
+        return f"the datasets: mixture ({', '.join(paths)})"
     return args.dataset_name
 
 
 def load_mixture(args: DataArguments) -> DatasetDict:
     """TRL's dataset mixture (`trl.get_dataset`) as a `train` split, plus a seeded `test` split when
     `test_split_size` is set (see `MIXTURE_SPLIT_SEED`)."""
-    mixture = get_dataset(DatasetMixtureConfig(datasets=args.datasets, streaming=args.streaming))
+    with reading(data_name(args)):
+        mixture = get_dataset(DatasetMixtureConfig(datasets=args.datasets, streaming=args.streaming))
     if args.test_split_size is None:
         return mixture
     if args.streaming:

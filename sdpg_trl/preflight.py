@@ -10,11 +10,14 @@ from collections.abc import Sized
 from typing import Any
 
 import torch
+import yaml
 from accelerate.utils import is_peft_model
+from datasets import IterableDataset
 from peft import PeftConfig
 from transformers import ProcessorMixin
 
-from .config import SDPGConfig
+from .config import SDPGConfig, is_installed
+from .data import reading
 from .teachers import TEACHER_KINDS
 
 logger = logging.getLogger(__name__)
@@ -34,8 +37,20 @@ DEFAULT_ARGS_NEED_CONTEXT = (
 
 def looks_like_local_path(name: str) -> bool:
     """Whether a model name can only be a local path: absolute, `./`, `../` or `~`, or more than one `/` (a Hub id
-    is `name` or `org/name`)."""
-    return os.path.isabs(name) or name.startswith(("./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+    is `name` or `org/name`), or `folder/name` where `folder` is a local folder (`outputs/run`)."""
+    if os.path.isabs(name) or name.startswith(("./", "../", "~")) or name in (".", "..") or name.count("/") > 1:
+        return True
+    return name.count("/") == 1 and os.path.isdir(name.split("/")[0])
+
+
+def check_model_path(name: str) -> None:
+    """Refuse a model name that is a local path (`looks_like_local_path`) to nothing, which transformers would take
+    for a malformed Hub id or look up on the Hub."""
+    if looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"The model path {name!r} does not exist. Give an existing model directory, or a Hub id ('name' or "
+            "'org/name')."
+        )
 
 
 def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | None) -> None:
@@ -47,11 +62,7 @@ def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | N
       checkpoint: the reference model (`beta > 0`, no PEFT) or a `base`/`ema` teacher without PEFT.
     """
     if isinstance(model, str):
-        if looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):
-            raise FileNotFoundError(
-                f"The model path {model!r} does not exist. Give an existing model directory, or a Hub id "
-                "('name' or 'org/name')."
-            )
+        check_model_path(model)
         return
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     loadable = bool(source) and (not looks_like_local_path(source) or os.path.exists(os.path.expanduser(source)))
@@ -70,15 +81,22 @@ def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | N
         )
 
 
-def check_train_size(dataset: Any, args: SDPGConfig) -> None:
+def check_train_size(dataset: Any, args: SDPGConfig, name: str = "train_dataset") -> None:
     """Refuse a training set with fewer rows than one generation batch takes, which GRPO's sampler would drop
-    whole: the run would take 0 steps and save the untrained model. A streamed set (no length) is not checked."""
-    if not isinstance(dataset, Sized):
-        return
+    whole: the run would take 0 steps and save the untrained model. Of a streamed set (no length) only the first
+    rows are read, up to one generation batch. `name` is how the error names the set."""
     prompts = args.generation_batch_size // args.num_generations
-    if len(dataset) < prompts:
+    if isinstance(dataset, Sized):
+        rows = len(dataset)
+    elif isinstance(dataset, IterableDataset):
+        with reading(name):
+            rows = sum(1 for _ in dataset.take(prompts))
+        name = f"{name} (streamed)"
+    else:
+        return
+    if rows < prompts:
         raise ValueError(
-            f"train_dataset has {len(dataset)} rows, fewer than one generation batch takes: {prompts} prompts "
+            f"{name} has {rows} rows, fewer than one generation batch takes: {prompts} prompts "
             f"(generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}; "
             f"generation_batch_size = per_device_train_batch_size {args.per_device_train_batch_size} x "
             f"{args.world_size} processes x steps_per_generation {args.steps_per_generation}). It would train 0 "
@@ -108,9 +126,12 @@ def vision_language_signs(processing_class: Any, model_config: Any) -> list[str]
     return signs
 
 
-def check_loaded_model(config: Any, processing_class: Any, args: SDPGConfig, device: torch.device) -> Any:
+def check_loaded_model(
+    config: Any, processing_class: Any, args: SDPGConfig, device: torch.device, mixed_precision: str
+) -> Any:
     """Refuse what SDPG's loss cannot train (a vision-language model, an LM-head output transform the kernels do
-    not apply), warn about emulated bf16, and return the model's text config. `config`: the CausalLM's config."""
+    not apply), warn about emulated bf16, and return the model's text config. `config`: the CausalLM's config;
+    `mixed_precision`: the accelerator's, the precision the run really has (`emulated_bf16_warning`)."""
     vision = vision_language_signs(processing_class, config)
     if vision:
         teacher = ", and the teacher prompts would be tokenised without their images" if args.needs_teacher else ""
@@ -124,10 +145,49 @@ def check_loaded_model(config: Any, processing_class: Any, args: SDPGConfig, dev
     for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
         if getattr(text_config, name, None) is not None:
             raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
-    if args.bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+    if device.type == "cpu" and not cpu_has_native_bf16():
         # GRPOConfig turns bf16 on by default; emulated bf16 made a SmolLM2-135M step 11x slower (283 s vs 25 s).
-        logger.warning(
-            "SDPGConfig.bf16 is on, but this CPU has no native bf16: autocast matmuls are emulated and training "
-            "runs about 10x slower. Set bf16=False (`--bf16 false`) to train in float32."
-        )
+        warning = emulated_bf16_warning(args, mixed_precision)
+        if warning:
+            logger.warning(warning)
     return text_config
+
+
+def check_accelerate_config(launch_args: list[str]) -> None:
+    """Refuse to launch with an accelerate config (`--config_file`, as `--accelerate_config` resolves to) that needs a
+    package that is not installed, naming the extra that installs it: accelerate itself would say so only in every
+    launched process, with its own install line."""
+    if "--config_file" not in launch_args:
+        return
+    path = launch_args[launch_args.index("--config_file") + 1]
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if config.get("distributed_type") == "DEEPSPEED" and not is_installed("deepspeed"):
+        raise ImportError(
+            f"The accelerate config {path} runs DeepSpeed, and the deepspeed package is not installed: pip install "
+            '"sdpg-trl[deepspeed]" (or choose a config without DeepSpeed, e.g. multi_gpu or fsdp2).'
+        )
+
+
+def emulated_bf16_warning(args: SDPGConfig, mixed_precision: str) -> str | None:
+    """The warning for a run on a CPU without native bf16 whose effective precision (`mixed_precision`, the
+    accelerator's) is bf16, naming the setting that turned it on; None when it is not bf16.
+
+    bf16 comes from `bf16: true` (GRPOConfig's default), or, with `bf16: false`, from the accelerate config the run was
+    launched with (`mixed_precision: bf16` in TRL's `multi_gpu`, `zero2`, ... configs), which `accelerate launch`
+    passes as `ACCELERATE_MIXED_PRECISION` and transformers applies.
+    """
+    if mixed_precision != "bf16":
+        return None
+    if args.bf16:
+        setting, fix = "SDPGConfig.bf16 is on", "Set bf16=False (`--bf16 false`) to train in float32."
+    else:
+        setting = (
+            "bf16 is off, but the accelerate config this run was launched with sets mixed_precision: bf16 "
+            f"(ACCELERATE_MIXED_PRECISION={os.environ.get('ACCELERATE_MIXED_PRECISION')!r}), so the run is bf16"
+        )
+        fix = "Launch with an accelerate config that sets mixed_precision: 'no' (or --mixed_precision no)."
+    return (
+        f"{setting}, but this CPU has no native bf16: autocast matmuls are emulated and training runs about 10x "
+        f"slower. {fix}"
+    )

@@ -32,7 +32,14 @@ def build_teacher_prompt(
         column: the context column's name, for the error message.
         row: which row this is, for the error message (e.g. "train_dataset row 3").
     """
-    if not isinstance(context, str) or not context.strip():
+    check_prompt_type(prompt, row)
+    if context is not None and not isinstance(context, str):
+        raise TypeError(
+            f"{row} has a privileged context of type {type(context).__name__} in column {column!r} "
+            f"(SDPGConfig.context_column): {_preview(context)}; the context is text. Convert the column first, e.g. "
+            f"dataset.map(lambda row: {{{column!r}: str(row[{column!r}])}}), or name a text column as context_column."
+        )
+    if context is None or not context.strip():
         raise ValueError(
             f"{row} has no privileged context in column {column!r} (SDPGConfig.context_column): {context!r}."
         )
@@ -72,6 +79,15 @@ def missing_column(where: str, role: str, column: str, columns: Any, hint: str =
     """The one wording of a missing column, for datasets, splits and rows alike: the place, the column's role and
     name, and the columns there are."""
     return ValueError(f"{where} has no {role} column {column!r}; its columns are {list(columns)}.{hint}")
+
+
+def check_prompt_type(prompt: Any, row: str) -> None:
+    """Refuse a prompt that is neither text nor a list of chat messages (e.g. None), naming the row."""
+    if not isinstance(prompt, (str, list)):
+        raise TypeError(
+            f"{row} has a prompt of type {type(prompt).__name__} ({_preview(prompt)}): a prompt is text or a list of "
+            "chat messages. Fix or drop the row (e.g. dataset.filter(lambda row: row['prompt'] is not None))."
+        )
 
 
 def check_prompt_column(row: dict[str, Any], row_name: str) -> None:
@@ -196,6 +212,9 @@ def check_dataset(
     if columns is not None and "prompt" not in columns:
         raise missing_column(name, "prompt", "prompt", columns)
     if context_column is None:
+        if isinstance(dataset, Dataset):
+            for index, prompt in enumerate(dataset["prompt"]):
+                check_prompt_type(prompt, f"{name} row {index}")
         return
     if columns is not None and context_column not in columns:
         why = why or "The column is named by SDPGConfig.context_column (sdpg-evaluate: --context_column)"

@@ -109,7 +109,9 @@ class SDPGTrainer(GRPOTrainer):
             **kwargs,
         )
         config = causal_lm(self.accelerator, self.model).config
-        text_config = check_loaded_model(config, self.processing_class, self.args, self.accelerator.device)
+        text_config = check_loaded_model(
+            config, self.processing_class, self.args, self.accelerator.device, self.accelerator.mixed_precision
+        )
         keep_one_input_grad_hook(causal_lm(self.accelerator, self.model))  # TRL's checkpointing toggles add none
         self.teacher = build_teacher(self)  # the kind's name is looked up here, once
         self.add_callback(DistillScheduleReport())  # warns when beta(k) never reaches distill_coef in the run
@@ -250,8 +252,9 @@ class SDPGTrainer(GRPOTrainer):
         """`Trainer.train`, with a resume that continues the same run or says why it cannot.
 
         `resume_from_checkpoint=True` takes the last *complete* checkpoint in `output_dir`, skipping (with a warning)
-        any newer folder a stopped run left half-written; a checkpoint that is incomplete, or was trained with other
-        loss settings than `args` (`checkpoints.loss_settings`), is refused with an error naming what differs.
+        any newer folder a stopped run left half-written, and a run folder its last complete checkpoint
+        (`checkpoints.resolve_resume`); a checkpoint that is incomplete, has an unreadable file, or was trained
+        with other loss settings than `args` (`checkpoints.loss_settings`), is refused with an error naming what.
         """
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)

@@ -98,6 +98,31 @@ def test_the_issues_examples(tmp_path):
 
 
 @pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(
+    ("chosen", "filled", "adapted"),
+    [({"loss_type": "cispo"}, "dual_clip", None), ({"use_bias_correction_kl": True}, "anchor_ratio_weighted", False)],
+)
+def test_a_value_sdpg_only_filled_gives_way_to_the_users_choice_and_says_so(
+    tmp_path, caplog, source, chosen, filled, adapted
+):
+    with caplog.at_level("WARNING", logger="sdpg_trl.config"):
+        config = build(source, tmp_path, method="sdpg_urkl", **chosen)
+    assert getattr(config, filled) == adapted
+    said = [r.getMessage() for r in caplog.records if f"SDPGConfig.{filled}=" in r.getMessage()]
+    assert len(said) == 1 and f"is set to {adapted!r}" in said[0], said
+    # Both written by the user: the contradiction is refused.
+    both = {**chosen, filled: 2.0 if filled == "dual_clip" else True}
+    with pytest.raises(ValueError, match=rf"SDPGConfig\.{filled if filled == 'dual_clip' else 'use_bias'}"):
+        build(source, tmp_path, **both)
+
+
+def test_non_finite_reward_weights_in_an_array_are_refused(tmp_path):
+    for value in (np.array([float("nan")]), torch.tensor([1.0, float("inf")])):
+        with pytest.raises(ValueError, match=r"SDPGConfig\.reward_weights must hold finite numbers only"):
+            make_args(tmp_path, reward_weights=value)
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_rlsd_needs_its_teacher_weight(tmp_path, source):
     with pytest.raises(ValueError, match=r"rlsd_coef=0\.0 contradicts method='rlsd', which needs rlsd_coef > 0"):
         build(source, tmp_path, method="rlsd", rlsd_coef=0.0)
@@ -304,3 +329,39 @@ def test_every_declared_field_has_its_docstring_entry_as_help():
 def test_fields_are_declared_in_the_order_of_the_docstring():
     entries = list(docstring_entries(SDPGConfig.__doc__))
     assert list(SDPGConfig.__dict__["__annotations__"]) == entries
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"reward_weights": ["x"]}, r"SDPGConfig\.reward_weights must be list of float or None, got \['x'\]"),
+        ({"generation_kwargs": [1]}, r"SDPGConfig\.generation_kwargs must be dict or str or None, got \[1\]"),
+        ({"use_peft": True, "lora_r": 2.5}, r"lora_r \(ModelConfig\) must be int, got 2\.5 of type float"),
+        ({"eval_k": "four"}, r"eval_k \(SDPGScriptArguments\) must be int, got 'four'"),
+    ],
+)
+def test_recipe_fields_outside_sdpg_config_are_type_checked_by_key(tmp_path, settings, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "use_cpu": True, **settings}))
+    with pytest.raises(TypeError, match=message):
+        make_parser().parse_args_and_config(args=["--config", str(path)])
+
+
+def test_a_recipe_may_give_one_text_for_a_list_of_texts(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "use_cpu": True, "lora_target_modules": "all-linear",
+                                    "reward_weights": [1.0], "eval_dataset_name": "aime24"}))  # fmt: skip
+    script_args, config, model_args = make_parser().parse_args_and_config(args=["--config", str(path)])[:3]
+    assert model_args.lora_target_modules == "all-linear" and config.reward_weights == [1.0]
+
+
+def test_teacher_settings_under_a_method_without_a_teacher_warn_that_they_have_no_effect(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="sdpg_trl.config"):
+        SDPGConfig(str(tmp_path), use_cpu=True, method="grpo", teacher_model_kind="ema", teacher_update_rate=0.1)
+    assert (
+        "SDPGConfig.teacher_model_kind, teacher_update_rate has no effect: method='grpo' has no teacher" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdpg_trl.config"):
+        SDPGConfig(str(tmp_path), use_cpu=True, teacher_model_kind="ema")  # SDPG reads it: no warning
+    assert "no effect" not in caplog.text

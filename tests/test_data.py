@@ -291,7 +291,7 @@ def test_a_trl_dataset_mixture_from_a_recipe_is_trained_on_and_split_the_same_ev
     assert len(train_dataset(whole, "c")) == 3 and held_out_dataset(whole) is None
 
 
-def test_a_trl_dataset_mixture_is_checked_and_refused_with_conflicting_settings(tmp_path):
+def test_a_trl_dataset_mixture_is_checked_and_refused_with_conflicting_settings(tmp_path, caplog):
     folder = _hub_folder(tmp_path)
     mixture = DataArguments(datasets=[{"path": folder, "name": "chat"}])
     message = rf"the datasets: mixture \({re.escape(folder)}\) \(split 'train'\) has no privileged-context column"
@@ -304,8 +304,10 @@ def test_a_trl_dataset_mixture_is_checked_and_refused_with_conflicting_settings(
     assert len(rows) == 1 and name == f"the datasets: mixture ({folder}) (held-out split)"
     rows, name = evaluation_dataset(dataclasses.replace(args, eval_split="train"))
     assert len(rows) == 2 and name == f"the datasets: mixture ({folder})"
-    with pytest.raises(ValueError, match="Both dataset_name .'aime24'. and a datasets: mixture"):
-        DataArguments(dataset_name="aime24", datasets=[{"path": folder}])
+    with caplog.at_level("WARNING", logger="sdpg_trl.data"):  # as TRL's scripts: the mixture is used
+        both = DataArguments(dataset_name="aime24", datasets=[{"path": folder, "name": "chat"}])
+    assert "Both dataset_name ('aime24') and a datasets: mixture name the training data" in caplog.text
+    assert train_dataset(both)["prompt"] == train_dataset(mixture)["prompt"]
     with pytest.raises(ValueError, match="test_split_size splits a datasets: mixture"):
         DataArguments(dataset_name=folder, test_split_size=0.1)
     with pytest.raises(ValueError, match="answer_column apply to the built-in layouts.*the datasets: mixture"):

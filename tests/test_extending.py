@@ -78,8 +78,10 @@ def test_an_outcome_loss_type_added_from_outside(tmp_path, tokenizer, tiny_model
         weight = x.ratio.clamp(1 - options.epsilon_low, 1 + options.epsilon_high).detach()
         return -weight * x.advantages * x.logps, None
 
+    # Not registered as PPO's clipped ratio: SDPG's filled dual_clip gives way, and one the user wrote is refused.
+    assert make_args(tmp_path, loss_type="clipped_reinforce").dual_clip is None
     with pytest.raises(ValueError, match="dual_clip must be None with loss_type='clipped_reinforce'"):
-        make_args(tmp_path, loss_type="clipped_reinforce")  # not registered as PPO's clipped ratio
+        make_args(tmp_path, loss_type="clipped_reinforce", dual_clip=3.0)
     args = dict(loss_type="clipped_reinforce", dual_clip=None, epsilon=0.1, max_steps=1)
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, **args)
     assert {"epsilon", "epsilon_high"} <= set(loss_shaping_fields())

@@ -244,3 +244,50 @@ def test_the_readme_installs_what_its_example_loads_and_says_how_to_get_the_cpu_
     cpu = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
     assert f"pip install {cpu}" in install
     assert cpu in makefile.split("$(VENV)/.installed", 1)[0]  # the comment above the install rule
+
+
+def _closure(reqs: list[Requirement]) -> set[str]:
+    """The installed distributions `reqs` pull in, transitively (extras followed, environment markers ignored)."""
+    seen: set[str] = set()
+    pending = [(r.name, frozenset(r.extras)) for r in reqs]
+    while pending:
+        name, extras = pending.pop()
+        if canonicalize_name(name) == "sdpg-trl":
+            pending += [(r.name, frozenset(r.extras)) for extra in extras for r in requirements()[extra]]
+            continue
+        key = canonicalize_name(name)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            required = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in required:
+            req = Requirement(line)
+            marker = str(req.marker or "")
+            if "extra ==" in marker and not any(f'extra == "{e}"' in marker for e in extras):
+                continue
+            pending.append((req.name, frozenset(req.extras)))
+    return seen
+
+
+def test_the_test_extra_installs_every_module_the_tests_and_bench_import():
+    # `pip install -e ".[test]"` then `pytest` must collect: every third-party module the tests and the bench import
+    # at their top level comes from the core install or the test extra (matplotlib through the plots extra).
+    import ast
+
+    modules = set()
+    for path in [*ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py")]:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    local = {p.stem for p in ROOT.glob("tests/*.py")} | {"bench", "sdpg_trl", "conftest"}
+    distributions = importlib.metadata.packages_distributions()
+    third_party = {m for m in modules - local if m not in sys.stdlib_module_names}
+    installed = _closure(requirements()[""] + requirements()["test"])
+    missing = {m: distributions.get(m) for m in third_party
+               if not {canonicalize_name(d) for d in distributions.get(m, [m])} & installed}  # fmt: skip
+    assert not missing, f"imported by tests/ or bench/ but not installed by sdpg-trl[test]: {missing}"

@@ -153,3 +153,31 @@ def test_resume_refuses_a_change_of_a_field_a_registered_loss_type_reads(tmp_pat
     check_resumable(str(tmp_path), make_args(tmp_path, **loss_type))  # the same settings resume
     with pytest.raises(ValueError, match=rf"with other settings than it was trained with.*{message}"):
         check_resumable(str(tmp_path), make_args(tmp_path, **changed))
+
+
+def test_the_lora_ema_teacher_adapter_is_created_without_drawing_from_the_global_generator(tokenizer):
+    # So that an `ema` run's rollouts are a `live` run's on the same seed: teacher kinds compare on the same data.
+    model = get_peft_model(make_model(tokenizer), LORA)
+    callback = _trl_compat.PEFTAdapterEMACallback(model, teacher_adapter_name=EMA_ADAPTER_NAME)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    callback._initialize_teacher_adapter()
+    assert torch.equal(torch.rand(4), expected)
+    teacher = {k: v for k, v in model.state_dict().items() if EMA_ADAPTER_NAME in k}
+    assert teacher and all(not v.any() for v in teacher.values())  # TRL's zero adapter, as before
+
+
+def test_lora_ema_and_live_teachers_train_on_the_same_first_rollouts(tmp_path, tokenizer, tiny_model_dir):
+    rollouts = {}
+    for kind in ("live", "ema"):
+        trainer = make_trainer(tmp_path / kind, tiny_model_dir, tokenizer, peft_config=LORA, max_steps=1,
+                               teacher_model_kind=kind)  # fmt: skip
+        seen = rollouts.setdefault(kind, [])
+        original = trainer._generate_and_score_completions
+        trainer._generate_and_score_completions = lambda inputs, seen=seen, original=original: (
+            seen.append(out := original(inputs)) or out
+        )
+        trainer.train()
+    [live], [ema] = rollouts["live"], rollouts["ema"]
+    assert torch.equal(live["completion_ids"], ema["completion_ids"])

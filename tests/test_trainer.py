@@ -364,6 +364,18 @@ def test_cpu_bf16_without_hardware_support_warns(tmp_path, tokenizer, tiny_model
     assert "SDPGConfig.bf16" not in caplog.text
 
 
+def test_cpu_bf16_from_the_accelerate_config_warns_naming_it(tmp_path, tokenizer, tiny_model_dir, monkeypatch, caplog):
+    # TRL's accelerate configs set mixed_precision: bf16; with bf16: false in the recipe the run is still bf16.
+    monkeypatch.setattr("sdpg_trl.preflight.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch --config_file zero2.yaml`
+    with caplog.at_level(logging.WARNING, logger="sdpg_trl.preflight"):
+        trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, bf16=False)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert (
+        "bf16 is off, but the accelerate config this run was launched with sets mixed_precision: bf16" in caplog.text
+    )
+
+
 def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_model_dir):
     with pytest.raises(ValueError, match="'privileged_context'"):
         SDPGTrainer(
@@ -395,9 +407,11 @@ def test_missing_context_column_fails_before_training(tmp_path, tokenizer, tiny_
         ({"loss_type": "ppo"}, "loss_type"),
         ({"importance_sampling_level": "batch"}, "importance_sampling_level"),
         ({"dual_clip": 0.5}, "dual_clip"),
-        ({"loss_type": "sapo"}, "dual_clip"),  # the dual clip floors PPO's clipped ratio, which sapo does not have
+        # The dual clip floors PPO's clipped ratio, which sapo does not have (SDPG's default gives way; a set one not).
+        ({"loss_type": "sapo", "dual_clip": 3.0}, "dual_clip"),
         ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
-        ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),  # with anchor_ratio_weighted: weighed twice
+        # With anchor_ratio_weighted set too: the anchor would be weighed twice.
+        ({"use_bias_correction_kl": True, "anchor_ratio_weighted": True}, "use_bias_correction_kl"),
         ({"on_policy_surrogate": "clipped"}, "on_policy_surrogate"),
     ],
 )

@@ -21,6 +21,7 @@ from conftest import make_tokenizer
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+import sdpg_trl.preflight
 from sdpg_trl.rewards import REWARD_FUNCS, TRL_OVERLONG_PUNISHMENT, get_reward_funcs, trl_reward_funcs
 from sdpg_trl.scripts import recipes
 from sdpg_trl.scripts import train as train_script
@@ -111,6 +112,14 @@ def test_a_trl_grpo_recipe_logs_the_same_loss_under_both_clis(both_clis):
         for key in ("loss", "eval_loss"):
             if key in trl_entry:
                 assert sdpg_entry[key] == pytest.approx(trl_entry[key], rel=1e-5, abs=1e-7), (trl_entry["step"], key)
+
+
+def test_a_trl_grpo_recipe_without_a_method_says_how_to_name_the_context_or_run_grpo(trl_recipe):
+    message = (r"has no privileged-context column 'privileged_context'; its columns are \['prompt', 'solution'\]\. .*"
+               r"The teacher reads its privileged context from this column: set context_column: <column> to read it "
+               r"from another one, or method: grpo to train plain GRPO without a teacher\.")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        train_script.main(["--config", str(trl_recipe)])
 
 
 def test_a_trl_grpo_recipe_trains_an_sdpg_method_on_its_solution_column(trl_recipe, tmp_path):
@@ -245,6 +254,34 @@ def test_accelerate_config_in_the_recipe_launches_and_the_launched_process_train
     monkeypatch.setattr(train_script, "end_training", lambda trainer: None)
     train_script.main(["--config", str(recipe)])
     assert len(trained) == 1 and len(launches) == 1
+
+
+def test_under_the_users_accelerate_launch_a_recipes_accelerate_config_does_not_launch_again(
+    trl_recipe, launches, monkeypatch, caplog
+):
+    # `accelerate launch -m sdpg_trl.scripts.train --config recipe.yaml`, the recipe setting accelerate_config.
+    recipe = trl_recipe.with_name("with_accelerate_config.yaml")
+    recipe.write_text(trl_recipe.read_text() + "accelerate_config: multi_gpu\n")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what every accelerate launcher sets
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    trained = []
+    monkeypatch.setattr(train_script, "train", lambda *parsed: trained.append(parsed))
+    with caplog.at_level("WARNING", logger="sdpg_trl.scripts.train"):
+        train_script.main(["--config", str(recipe)])
+    assert len(trained) == 1 and not launches
+    assert "accelerate_config is not applied: this process was started by `accelerate launch`" in caplog.text
+
+
+def test_a_deepspeed_accelerate_config_without_deepspeed_names_the_extra_before_launching(
+    trl_recipe, launches, monkeypatch
+):
+    monkeypatch.setattr(sdpg_trl.preflight, "is_installed", lambda name: name != "deepspeed")
+    with pytest.raises(ImportError, match=r'runs DeepSpeed, and the deepspeed package is not installed: pip install '
+                                          r'"sdpg-trl\[deepspeed\]"'):  # fmt: skip
+        train_script.main(["--config", str(trl_recipe), "--method", "grpo", "--accelerate_config", "zero2"])
+    assert not launches
+    train_script.main(["--config", str(trl_recipe), "--method", "grpo", "--accelerate_config", "multi_gpu"])
+    assert len(launches) == 1  # a config without DeepSpeed launches
 
 
 def test_unknown_flags_are_still_refused_without_accelerate_config(trl_recipe, launches, capsys):

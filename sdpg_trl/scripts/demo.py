@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     trainer = train(script_args, training_args, model_args)
+    if trainer is None:  # resumed from a checkpoint at the end of the run: `train` said so, nothing new to report
+        raise SystemExit(0)
     history = trainer.state.log_history
     write_metrics(history, output_dir)
     plots = plot_curves(history, output_dir)

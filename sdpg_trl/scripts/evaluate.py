@@ -42,6 +42,7 @@ from ..evaluation import (
     format_headroom,
 )
 from ..models import adapter_base_model, load_model_and_tokenizer, merge_adapter
+from ..preflight import check_model_path
 
 DEFAULT_CONTEXT_COLUMN = next(f.default for f in dataclasses.fields(SDPGConfig) if f.name == "context_column")
 SPLITS = ("held_out", "train")
@@ -160,6 +161,7 @@ def vllm_model_path(model_name_or_path: str, dtype: str, cleanup: contextlib.Exi
 
 def run(args: EvaluateArguments) -> dict:
     """Evaluate `args.model_name_or_path` as configured, write `args.output_file`, and return the report."""
+    check_model_path(args.model_name_or_path)  # as sdpg-train: a local path to nothing is named, not looked up
     dataset, name = evaluation_dataset(args)
     loaded: dict = {}  # the model or engine, loaded at the first evaluation and shared by both views
     cleanup = contextlib.ExitStack()  # a merged adapter's temporary folder

@@ -17,6 +17,8 @@ dtype, LoRA).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,13 +27,17 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .._trl_compat import GRPOScriptArguments, resolve_accelerate_config_argument
+from ..checkpoints import hold_output_dir, is_finished, resolve_resume
 from ..config import SDPGConfig
-from ..data import DataArguments, held_out_dataset, train_dataset
+from ..data import DataArguments, data_name, held_out_dataset, train_dataset
 from ..distributed import end_training
 from ..evaluation import MeanAtKArguments, MeanAtKCallback
 from ..parser import SDPGParser
+from ..preflight import check_accelerate_config, check_train_size
 from ..rewards import get_reward_funcs
 from ..trainer import SDPGTrainer
+
+logger = logging.getLogger(__name__)
 
 # The reward when a recipe names neither reward_funcs nor reward_model_name_or_path.
 DEFAULT_REWARD = "math_accuracy_reward"
@@ -86,19 +92,41 @@ def make_parser() -> SDPGParser:
     return SDPGParser((SDPGScriptArguments, SDPGConfig, ModelConfig))
 
 
-def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig) -> SDPGTrainer:
-    """Build the data, rewards and `SDPGTrainer` from parsed arguments, train, save, and return the trainer."""
+def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig) -> SDPGTrainer | None:
+    """Build the data, rewards and `SDPGTrainer` from parsed arguments, train, save, and return the trainer; None
+    when `resume_from_checkpoint` names a checkpoint at the end of the run (nothing to train).
+
+    From when its inputs are checked until it ends, the run holds `output_dir` (`checkpoints.hold_output_dir`): a
+    second run into it is refused, as is an `output_dir` it cannot write to, before any model loads."""
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub id or a local directory).")
     # Everything that can be wrong with the inputs is checked before the model is loaded (the model source by
     # SDPGTrainer, before GRPOTrainer loads it), and a missing package before the data is.
     training_args.check_installed()
+    # `resume_from_checkpoint`: `true` from the command line as from YAML, a run folder as its last checkpoint.
+    checkpoint = resolve_resume(training_args.resume_from_checkpoint, training_args)
+    if checkpoint is not None:
+        if is_finished(checkpoint, training_args):  # Trainer would train one more step past the end
+            if training_args.process_index == 0:
+                print(f"{checkpoint} is the end of this run (max_steps {training_args.max_steps}, num_train_epochs "
+                      f"{training_args.num_train_epochs}): the run is complete, nothing to train. Raise max_steps to "
+                      "train on.")  # fmt: skip
+            return None
+    training_args.resume_from_checkpoint = checkpoint
+    with contextlib.ExitStack() as held:
+        return _train(script_args, training_args, model_args, held)
+
+
+def _train(
+    script_args: SDPGScriptArguments, training_args: SDPGConfig, model_args: ModelConfig, held: contextlib.ExitStack
+) -> SDPGTrainer:
     # As `trl grpo`: the reward model (a path or Hub id, loaded by GRPOTrainer) first, then the reward functions.
     reward_funcs = get_reward_funcs(script_args.reward_funcs) if script_args.reward_funcs else []
     if script_args.reward_model_name_or_path:
         reward_funcs.insert(0, script_args.reward_model_name_or_path)
     context_column = training_args.teacher_context_column
     dataset = train_dataset(script_args, context_column)
+    check_train_size(dataset, training_args, data_name(script_args))  # a streamed set's first rows are read here
     # `eval_strategy` is TRL's evaluation (the trainer's loss and rewards on the held-out set, which then needs the
     # teacher's context column too); `eval_every_steps` the project's mean@k (the student's prompts only).
     trl_eval = training_args.eval_strategy != "no"
@@ -121,6 +149,8 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
 
+    # After the inputs are checked (a refused run leaves no folder behind), before the model loads.
+    held.enter_context(hold_output_dir(training_args.output_dir))
     trainer = SDPGTrainer(
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,
@@ -162,24 +192,41 @@ def main(argv: list[str] | None = None) -> None:
     *parsed, config_rest, cli_rest = parser.parse_args_and_config(
         args=argv, return_remaining_strings=True, separate_remaining_strings=True
     )
-    if os.environ.get(LAUNCHED) != "1" and (config_rest or cli_rest):
-        if "--accelerate_config" not in config_rest + cli_rest:
-            unknown = [arg for arg in config_rest + cli_rest if arg.startswith("--")]
+    rest = config_rest + cli_rest
+    # The processes `launch` starts train; so does one the user started with `accelerate launch` (never a launch
+    # inside a launch), without the recipe's accelerate_config.
+    own_launch = os.environ.get(LAUNCHED) == "1"
+    users_launch = not own_launch and launched_by_accelerate() and "--accelerate_config" in rest
+    if users_launch:
+        logger.warning(
+            "accelerate_config is not applied: this process was started by `accelerate launch`, whose own settings "
+            "apply. Start the run with sdpg-train to launch it with accelerate_config."
+        )
+    if rest and not (own_launch or users_launch):
+        if "--accelerate_config" not in rest:
+            unknown = [arg for arg in rest if arg.startswith("--")]
             parser.error(
                 f"unknown arguments {unknown}; `accelerate launch` flags are taken only with --accelerate_config."
             )
-        launch(config_rest + cli_rest, _without(argv, cli_rest))
+        launch(rest, _without(argv, cli_rest))
         return
     # Returns None: console scripts pass the return value to sys.exit, which treats an object as a failure.
     trainer = train(*parsed)
     # TRL's scripts end with `trainer.end()`, which leaves the process group to the DDP wrapper until the exit.
-    end_training(trainer)
+    if trainer is not None:
+        end_training(trainer)
+
+
+def launched_by_accelerate() -> bool:
+    """Whether this process was started by `accelerate launch`, which sets these variables in every launcher."""
+    return {"ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"} <= set(os.environ)
 
 
 def launch(launch_args: list[str], training_args: list[str]) -> None:
     """`accelerate launch <launch_args> -m sdpg_trl.scripts.train <training_args>`, with `--accelerate_config`
     resolved as `trl`'s CLI resolves it (a file, or a config TRL ships, by name)."""
     launch_args = resolve_accelerate_config_argument(launch_args)
+    check_accelerate_config(launch_args)  # a missing DeepSpeed is named before anything is launched
     os.environ[LAUNCHED] = "1"  # the launched processes parse the same recipe, `accelerate_config:` included
     module = "sdpg_trl.scripts.train"
     launch_command(launch_command_parser().parse_args([*launch_args, "--module", module, *training_args]))

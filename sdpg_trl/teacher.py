@@ -91,8 +91,10 @@ def check_prompt_type(prompt: Any, row: str) -> None:
 
 
 def check_prompt_column(row: dict[str, Any], row_name: str) -> None:
+    """Refuse a row without a `prompt`, or whose prompt is not text or chat messages, naming it."""
     if "prompt" not in row:
         raise missing_column(row_name, "prompt", "prompt", sorted(row))
+    check_prompt_type(row["prompt"], row_name)
 
 
 def default_teacher_prompt_length(

@@ -210,3 +210,14 @@ def test_bad_streamed_row_fails_when_it_arrives(tmp_path, tokenizer, tiny_model_
         trainer.train()
     step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
     assert trainer.state.global_step == step - 1
+
+
+@pytest.mark.parametrize("method", ["sdpg_urkl", "grpo"])  # with a teacher, and without one
+def test_a_streamed_prompt_that_is_none_names_its_row_when_it_arrives(tmp_path, tokenizer, tiny_model_dir, method):
+    rows = data_rows()
+    rows[2]["prompt"] = None
+    stream = Dataset.from_list(rows).to_iterable_dataset()
+    trainer = SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, processing_class=tokenizer,
+                          args=make_args(tmp_path, max_steps=4, method=method), train_dataset=stream)  # fmt: skip
+    with pytest.raises(TypeError, match=r"Row \d+ of the generation batch at step \d+ .*a prompt of type NoneType"):
+        trainer.train()

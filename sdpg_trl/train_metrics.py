@@ -68,6 +68,7 @@ class LossMetrics:
         return masked_mean(values, mask, reduce=self.reduce).item()
 
     def reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        """`totals` summed over every process."""
         return self.accelerator.reduce(totals, reduction="sum")
 
     def log(
@@ -165,8 +166,9 @@ class LossMetrics:
 
     def term_grad_norms(self, metrics: dict, objective: Callable[[str], torch.Tensor], hidden: torch.Tensor) -> None:
         """`grad_norm/{outcome,distill,anchor}`: each term's gradient norm at the final hidden states, over all
-        processes; one extra LM-head backward per term (`log_term_grad_norms`). `objective(name)` is the loss of
-        that term alone."""
+        processes, per micro-batch (the norm of its contribution: the window's would need every micro-batch's
+        gradient kept); one extra LM-head backward per term (`log_term_grad_norms`). `objective(name)` is the loss
+        of that term alone."""
         for name in ("outcome", "distill", "anchor"):
             part = objective(name)
             grad = None

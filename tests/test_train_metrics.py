@@ -41,12 +41,25 @@ def batch(tokenizer):
     return batch
 
 
-@pytest.mark.parametrize("method", ["sdpg_urkl", "rlsd"])
-@pytest.mark.parametrize("split", [[[0, 1], [2, 3]], [[1, 3], [0, 2]], [[1], [3], [0, 2]]], ids=str)
-def test_accumulated_step_logs_the_ratio_of_its_sums(tmp_path, tokenizer, tiny_model_dir, batch, method, split):
+@pytest.mark.parametrize(
+    "method, split, bf16",
+    [
+        ("sdpg_urkl", [[0, 1], [2, 3]], False),
+        ("sdpg_urkl", [[1, 3], [0, 2]], False),
+        ("sdpg_urkl", [[1], [3], [0, 2]], False),
+        ("sdpg_urkl", [[0, 1], [2, 3]], True),
+        ("rlsd", [[0, 1], [2, 3]], False),
+        ("rlsd", [[1], [3], [0, 2]], False),
+    ],
+    ids=str,
+)
+def test_accumulated_step_logs_the_ratio_of_its_sums(tmp_path, tokenizer, tiny_model_dir, batch, method, split, bf16):
     """gradient_accumulation over micro-batches of unequal token counts (in `[1, 3], [0, 2]` the first distils
-    nothing) logs what one micro-batch holding them all logs, once per step."""
-    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, method=method, gradient_accumulation_steps=len(split))
+    nothing) logs what one micro-batch holding them all logs, once per step; also in bf16."""
+    trainer = make_trainer(
+        tmp_path, tiny_model_dir, tokenizer, method=method, gradient_accumulation_steps=len(split), bf16=bf16
+    )
+    assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
     whole = run_step(trainer, [batch])
     accumulated = run_step(trainer, [rows(batch, index) for index in split])
     own = sorted(k for k in whole if k.startswith(OWN))

@@ -27,10 +27,12 @@ def run_step(trainer, micro_batches: list[dict], mode: str = "train") -> dict[st
     trainer.model.train(mode == "train")
     trainer.current_gradient_accumulation_steps = len(micro_batches)
     before = {k: len(v) for k, v in trainer._metrics[mode].items()}
-    for i, batch in enumerate(micro_batches):
-        trainer.accelerator.gradient_state._set_sync_gradients(i == len(micro_batches) - 1)
-        trainer.compute_loss(trainer.model, batch)
-    trainer.accelerator.gradient_state._set_sync_gradients(True)
+    try:
+        for i, batch in enumerate(micro_batches):
+            trainer.accelerator.gradient_state._set_sync_gradients(i == len(micro_batches) - 1)
+            trainer.compute_loss(trainer.model, batch)
+    finally:  # the gradient state is shared by every accelerator of the process
+        trainer.accelerator.gradient_state._set_sync_gradients(True)
     return {k: v[before.get(k, 0) :] for k, v in trainer._metrics[mode].items()}
 
 
@@ -104,11 +106,13 @@ def test_a_step_that_distilled_nothing_is_left_out_of_the_logging_window(tmp_pat
 def test_eval_logs_each_call(tmp_path, tokenizer, tiny_model_dir, batch):
     """In evaluation there is no accumulation window: each `compute_loss` call is one value."""
     trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, gradient_accumulation_steps=2)
-    trainer.accelerator.gradient_state._set_sync_gradients(False)
+    trainer.accelerator.gradient_state._set_sync_gradients(False)  # as in the middle of a training window
     trainer.model.eval()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, batch)
-    trainer.accelerator.gradient_state._set_sync_gradients(True)
+    try:
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+    finally:
+        trainer.accelerator.gradient_state._set_sync_gradients(True)
     assert len(trainer._metrics["eval"]["sdpg/distill_kl"]) == 1 and "sdpg/distill_kl" not in trainer._metrics["train"]
 
 

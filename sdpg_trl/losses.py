@@ -710,13 +710,18 @@ def sdpg_objective(
     return (policy * aggregation.policy_weights).sum() + (distill * mask).sum() / aggregation.normalizer
 
 
+def masked_totals(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`(2,)`: the sum of `values` where `mask` is set, and how many places that is (the parts of `masked_mean`)."""
+    mask = _float_mask(mask)
+    return torch.stack([(values * mask).sum(), mask.sum()])
+
+
 def masked_mean(
     values: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Mean of `values` where `mask` is set (0 when nothing is); `reduce` sums the total and the count over processes
     (e.g. `accelerator.reduce`), so that the mean is over every process's tokens."""
-    mask = _float_mask(mask)
-    totals = torch.stack([(values * mask).sum(), mask.sum()])
+    totals = masked_totals(values, mask)
     if reduce is not None:
         totals = reduce(totals)
     return totals[0] / totals[1].clamp(min=1.0)

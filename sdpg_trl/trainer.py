@@ -326,7 +326,7 @@ class SDPGTrainer(GRPOTrainer):
             term_loss = lambda name: self._objective(terms, mask, tokens, step, only=name)  # noqa: E731
             self._loss_metrics.term_grad_norms(self._metrics[mode], term_loss, hidden)
         with torch.no_grad():
-            self._loss_metrics.log(self._metrics[mode], inputs, mask, scores, selection, terms, step)
+            self._loss_metrics.log(self._metrics[mode], mode, inputs, mask, scores, selection, terms, step)
         if self.is_deepspeed_enabled and training:  # DeepSpeed steps in the backward: skip a bad batch there
             loss = self._step_guard.deepspeed_loss(loss, self._reward_fault)
         return loss

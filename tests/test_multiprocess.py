@@ -66,7 +66,7 @@ SCRIPT = textwrap.dedent(
     # SGD, not Adam: Adam's first step is about lr * sign(grad), which would turn float noise in a near-zero gradient
     # into a full-size parameter difference between the two runs.
     args = SDPGConfig(
-        output_dir={out!r}, per_device_train_batch_size={batch} // state.num_processes, num_generations={batch},
+        output_dir={out!r}, per_device_train_batch_size={per_device}, num_generations={batch},
         max_completion_length=6, max_steps={steps}, logging_steps=1, report_to="none", save_strategy="no", bf16=False,
         use_cpu=True, distill_warmup_steps=0, distill_decay_steps=0, distill_coef=0.5, beta=0.1, optim="sgd",
         learning_rate=0.5, seed=0, {settings}
@@ -122,17 +122,18 @@ FSDP2 = ["--config_file", str(recipe_path("accelerate/fsdp2"))]
 
 def start_run(
     out, tiny_model_dir, launch: list[str] | None, *, steps: int = 2, settings: str = "", prelude: str = "",
-    before_train: str = "", after_train: str = "",
+    before_train: str = "", after_train: str = "", per_device: str = f"{GLOBAL_BATCH} // state.num_processes",
 ) -> subprocess.Popen:  # fmt: skip
     """The script in the background, in one process or under `accelerate launch` with `launch` on two; its files and
     its output land in `out`. `settings` are extra `SDPGConfig` arguments; `prelude`, `before_train` and
-    `after_train` are code run before the accelerator starts, before training and after it."""
+    `after_train` are code run before the accelerator starts, before training and after it; `per_device` is the
+    micro-batch size (an expression of the script; by default one group of rollouts per step over the processes)."""
     out.mkdir()
     script = out / "run.py"
     tests_dir = os.path.dirname(__file__)
     script.write_text(SCRIPT.format(
         tests_dir=tests_dir, out=str(out), model=tiny_model_dir, batch=GLOBAL_BATCH, steps=steps, settings=settings,
-        prelude=prelude, before_train=before_train, after_train=after_train,
+        prelude=prelude, before_train=before_train, after_train=after_train, per_device=per_device,
     ))  # fmt: skip
     cmd = [sys.executable, str(script)]
     if launch is not None:
@@ -240,6 +241,43 @@ def test_two_process_fsdp2_training_matches_one_process(runs):
     assert all(r["distributed_type"] == "FSDP" for r in ranks)
     (single,) = finish_run(*runs["one"])
     assert_matches_one_process(single, *ranks)
+
+
+# Two groups of rollouts per optimizer step in micro-batches of 2: 4 micro-batches in one process, 2 in each of two.
+ACCUMULATION = {"one": (None, "gradient_accumulation_steps=4"), "ddp": (DDP, "gradient_accumulation_steps=2")}
+OWN_METRICS = ("sdpg/", "rlsd/")  # GRPOTrainer's own metrics (entropy, kl, clip_ratio/*) are per micro-batch
+
+
+@pytest.fixture(scope="module")
+def accumulated_runs(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("accumulated")
+    started = {name: (start_run(root / name, tiny_model_dir, launch, settings=settings, per_device="2"), root / name)
+               for name, (launch, settings) in ACCUMULATION.items()}  # fmt: skip
+    yield started
+    for run, _ in started.values():
+        run.wait(timeout=300)
+
+
+def test_sdpg_metrics_over_processes_and_accumulation_match_one_process(accumulated_runs):
+    """The same optimizer steps, split into 4 micro-batches in one process or 2 in each of two (gradient
+    accumulation over DDP): the same weights and the same `sdpg/*` metrics, each the ratio of the step's global sums
+    (`train_metrics.StepSums`), not a mean of per-micro-batch ratios."""
+    (single,), ranks = finish_run(*accumulated_runs["one"]), finish_run(*accumulated_runs["ddp"])
+    assert (single["world"], *(r["world"] for r in ranks)) == (1, 2, 2)
+    assert all(not r["group_alive"] and r["ddp_alive"] == 0 for r in ranks)  # `end_training` tore the group down
+    for batch, *split in zip(single["batches"], *(r["batches"] for r in ranks), strict=True):
+        assert batch["completions"] == split[0]["completions"] + split[1]["completions"]
+    logs, logs0 = ([h for h in run["logs"] if "loss" in h] for run in (single, ranks[0]))
+    assert len(logs) == len(logs0) == 2
+    for step, (one, two) in enumerate(zip(logs, logs0), start=1):
+        own = sorted(key for key in one if key.startswith(OWN_METRICS))
+        assert own == sorted(key for key in two if key.startswith(OWN_METRICS))
+        assert {"sdpg/kl_share_on_context_tokens", "sdpg/context_token_share", "sdpg/distill_kl"} <= set(own)
+        assert 0 < one["sdpg/gate_ratio"] < 1 and one["sdpg/distill_kl"] > 0, one
+        different = {key: (one[key], two[key]) for key in own if two[key] != pytest.approx(one[key], rel=1e-4)}
+        assert not different, f"step {step}: {different}"
+    torch.testing.assert_close(ranks[0]["weights"]["after"], ranks[1]["weights"]["after"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["weights"]["after"], single["weights"]["after"], rtol=1e-5, atol=1e-6)
 
 
 def zero_reward(completions, **kwargs):

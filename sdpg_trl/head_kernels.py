@@ -51,8 +51,9 @@ VOCAB_TILE = LOGPROB_VOCAB_TILE
 
 # Memory of one token chunk of the fused pass, per logit of its `(token_chunk, VOCAB_TILE)` tiles, at its largest (a
 # distilled chunk): the student's and the teacher's projections in the compute dtype, and three fp32 tiles, `log p`,
-# `p` and `log q` in the backward (the forward's KL sum holds as many). Without a softcap, which adds fp32 tiles, and
-# on a GPU: on CPU, TRL's torch folds and fp32 GEMMs add their own upcasts (tests/test_head_kernels.py measures both).
+# `p` and `log q` in the backward (the forward's folds and KL sum share as many). Without a softcap, which adds fp32
+# tiles, and on a GPU: on CPU, TRL's torch backward fold and fp32 GEMMs add their own upcasts
+# (tests/test_head_kernels.py measures both).
 COMPUTE_DTYPE_TILES, FP32_TILES = 2, 3
 # The rule for the default token chunk: the largest power of two whose tiles take no more memory than the tile of
 # TRL's own chunked log-prob kernel (GRPO's LM head), `LOGPROB_TOKEN_CHUNK x VOCAB_TILE` in bf16 (256 MiB). Then

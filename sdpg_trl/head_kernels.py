@@ -35,7 +35,6 @@ from ._trl_compat import (
     logprob_backward_kernel,
     logprob_backward_tile,
     logprob_forward_kernel,
-    logprob_forward_tile,
     maybe_gather_lm_head_ctx,
     use_triton,
 )
@@ -52,8 +51,9 @@ VOCAB_TILE = LOGPROB_VOCAB_TILE
 
 # Memory of one token chunk of the fused pass, per logit of its `(token_chunk, VOCAB_TILE)` tiles, at its largest (a
 # distilled chunk): the student's and the teacher's projections in the compute dtype, and three fp32 tiles, `log p`,
-# `p` and `log q` in the backward (the forward's KL sum holds as many). Without a softcap, which adds fp32 tiles, and
-# on a GPU: on CPU, TRL's torch folds and fp32 GEMMs add their own upcasts (tests/test_head_kernels.py measures both).
+# `p` and `log q` in the backward (the forward's folds and KL sum share as many). Without a softcap, which adds fp32
+# tiles, and on a GPU: on CPU, TRL's torch backward fold and fp32 GEMMs add their own upcasts
+# (tests/test_head_kernels.py measures both).
 COMPUTE_DTYPE_TILES, FP32_TILES = 2, 3
 # The rule for the default token chunk: the largest power of two whose tiles take no more memory than the tile of
 # TRL's own chunked log-prob kernel (GRPO's LM head), `LOGPROB_TOKEN_CHUNK x VOCAB_TILE` in bf16 (256 MiB). Then
@@ -220,18 +220,27 @@ class _RowGrads(NamedTuple):
 
 class _TileBuffers:
     """One logits tile per view in the compute dtype, `(rows, vocab_chunk)`, reused by every tile of a call (the
-    teacher's allocated on first use), as `ChunkedLogProbFunction` reuses its one."""
+    teacher's allocated on first use), as `ChunkedLogProbFunction` reuses its one; and the fp32 tiles of the forward's
+    folds and KL sum, also reused (on CPU a fresh tile per operation is an `mmap` and a page fault per 4 KiB)."""
 
     def __init__(self, rows: int, width: int, dtype: torch.dtype, device: torch.device):
         self.shape, self.dtype, self.device = (rows, width), dtype, device
         self.student = torch.empty(self.shape, dtype=dtype, device=device)
         self._teacher = None
+        self._fp32: list[torch.Tensor] = []
 
     @property
     def teacher(self) -> torch.Tensor:
         if self._teacher is None:
             self._teacher = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return self._teacher
+
+    def fp32(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        """The `i`-th fp32 scratch tile (allocated on first use), as a contiguous tile of `like`'s shape: laid out as
+        the fresh tile an out-of-place operation makes, so a sum over it adds in the same order."""
+        while len(self._fp32) <= i:
+            self._fp32.append(torch.empty(self.shape[0] * self.shape[1], dtype=torch.float32, device=self.device))
+        return self._fp32[i][: like.numel()].view(like.shape)
 
 
 def _row_chunks(n: int, n_teacher: int, token_chunk: int):
@@ -276,14 +285,30 @@ def _kernel_args(transform) -> dict:
     return {"logit_scale": scale, "softcap": softcap or 1.0, "inv_t": inv_t, "HAS_SOFTCAP": softcap is not None}
 
 
-def _fold_forward(tile, labels, stats: _Stats, start, transform):
-    """Fold one compute-dtype tile into `stats` with TRL's forward fold (Triton on CUDA/XPU, torch elsewhere)."""
+def _fold_forward(tile, labels, stats: _Stats, start, transform, buffers: _TileBuffers):
+    """Fold one compute-dtype tile into `stats` with TRL's forward fold: its Triton kernel on CUDA/XPU; elsewhere
+    the operations of its torch fold (`logprob_forward_tile`, with entropy), on the same values in the same order,
+    so the same bits, but into two reused fp32 tiles instead of five fresh ones per tile."""
     n, width = tile.shape
-    fold = logprob_forward_kernel[(n,)] if use_triton(tile.device) else logprob_forward_tile
-    unused = torch.zeros(n, device=tile.device, dtype=torch.float32)  # statistics of outputs not requested
-    fold(tile, tile.stride(0), labels, stats.max, stats.sum_exp, stats.x_sum_exp, unused, unused, unused,
-         stats.label_logit, start, width, HAS_ENTROPY=True, HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False,
-         HAS_IS_TOP1=False, BLOCK_SIZE=LOGPROB_BLOCK_SIZE, **_kernel_args(transform))  # fmt: skip
+    if use_triton(tile.device):
+        unused = torch.zeros(n, device=tile.device, dtype=torch.float32)  # statistics of outputs not requested
+        logprob_forward_kernel[(n,)](
+            tile, tile.stride(0), labels, stats.max, stats.sum_exp, stats.x_sum_exp, unused, unused, unused,
+            stats.label_logit, start, width, HAS_ENTROPY=True, HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False,
+            HAS_IS_TOP1=False, BLOCK_SIZE=LOGPROB_BLOCK_SIZE, **_kernel_args(transform),
+        )  # fmt: skip
+        return
+    z = _logits_into(tile, transform, buffers, 0)
+    new_max = torch.maximum(stats.max, z.amax(-1))
+    rescale = torch.exp(stats.max - new_max)
+    e = torch.sub(z, new_max.unsqueeze(-1), out=buffers.fp32(int(z is not tile), tile)).exp_()
+    stats.sum_exp.mul_(rescale).add_(e.sum(-1))
+    stats.x_sum_exp.mul_(rescale).add_(e.mul_(z).sum(-1))
+    stats.max.copy_(new_max)
+    local = labels - start
+    in_tile = (local >= 0) & (local < width)
+    label_z = z.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    stats.label_logit.copy_(torch.where(in_tile, label_z, stats.label_logit))
 
 
 def _fold_backward(tile, labels, log_z, entropy, grads: _RowGrads, rows, start, transform):
@@ -315,13 +340,13 @@ def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, l
         end = min(start + vocab_chunk, vocab)
         s = _project(buffers.student, h_s, weight, bias, start, end, dtype)
         if teacher is None:
-            _fold_forward(s, labels, student, start, transform)
+            _fold_forward(s, labels, student, start, transform, buffers)
             continue
         s_max = student.max.clone()
-        _fold_forward(s, labels, student, start, transform)
+        _fold_forward(s, labels, student, start, transform, buffers)
         t = _project(buffers.teacher, h_t, teacher_weight, teacher_bias, start, end, dtype)
-        _fold_forward(t, labels, teacher, start, transform)
-        s_gap = s_gap * torch.exp(s_max - student.max) + _gap_sum(s, t, student.max, transform)
+        _fold_forward(t, labels, teacher, start, transform, buffers)
+        s_gap = s_gap * torch.exp(s_max - student.max) + _gap_sum(s, t, student.max, transform, buffers)
     logps, entropy, s_lse = student.finish()
     if teacher is None:
         return logps, entropy, s_lse
@@ -330,14 +355,12 @@ def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, l
     return logps, entropy, s_lse, kl, teacher_logps, teacher_entropy, t_lse
 
 
-def _gap_sum(s, t, s_max, transform):
-    """`sum_v exp(s_v - s_max) (s_v - t_v)` per row of one tile of both views, from their compute-dtype logits. Its
-    fp32 tiles are freed when it returns, before the next tile is projected."""
-    z_s, _ = _logits(s, transform)
-    z_t, _ = _logits(t, transform)
-    # In place wherever a tile is not read again: the values of out-of-place arithmetic, without allocating (and on
-    # CPU page-faulting) a fresh tile per operation.
-    e_s = (z_s - s_max.unsqueeze(1)).exp_()
+def _gap_sum(s, t, s_max, transform, buffers: _TileBuffers):
+    """`sum_v exp(s_v - s_max) (s_v - t_v)` per row of one tile of both views, from their compute-dtype logits, in the
+    reused fp32 tiles (and the teacher's tile, which is not read again)."""
+    z_s = _logits_into(s, transform, buffers, 0)
+    z_t = _logits_into(t, transform, buffers, int(z_s is not s))
+    e_s = torch.sub(z_s, s_max.unsqueeze(1), out=buffers.fp32(int(z_s is not s) + int(z_t is not t), s)).exp_()
     return torch.sub(z_s, z_t, out=z_t).mul_(e_s).sum(-1)
 
 
@@ -381,6 +404,20 @@ def _times(tile, factor):
     """`tile * factor`, without a pass over the tile when `factor` is the number 1 (the usual scale and temperature):
     multiplying by 1 changes no value."""
     return tile if isinstance(factor, int | float) and factor == 1 else tile * factor
+
+
+def _logits_into(tile, transform, buffers: _TileBuffers, i: int):
+    """`_logits(tile, transform)[0]` (TRL's `_torch_transform` of the tile in fp32), computed in the `i`-th fp32
+    scratch tile; the compute-dtype tile itself when it is fp32 and the transform changes nothing."""
+    scale, softcap, inv_temperature = transform
+    if tile.dtype == torch.float32 and softcap is None and scale == 1 and inv_temperature == 1:
+        return tile
+    z = buffers.fp32(i, tile).copy_(tile)  # `tile.float()`, exact
+    if scale != 1:
+        z.mul_(scale)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z if inv_temperature == 1 else z.mul_(inv_temperature)
 
 
 @contextmanager

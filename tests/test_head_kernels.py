@@ -13,10 +13,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdpg_trl.trainer
 from bench.harness import alternating_reward
+from sdpg_trl._trl_compat import logprob_forward_tile
 from sdpg_trl.head_kernels import (
     TOKEN_CHUNK,
     VOCAB_TILE,
     LMHead,
+    _fold_forward,
+    _Stats,
+    _TileBuffers,
     chunk_transient_bytes,
     chunked_logps_and_entropy,
     fused_policy_distillation,
@@ -73,6 +77,33 @@ def test_a_token_gets_the_same_log_prob_from_every_kernel(dtype, softcap, chunk_
             if with_teacher:
                 assert same(t_logps, teacher_logps) and same(t_entropy, teacher_entropy)
                 assert (kl > 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transform", [(1.0, None, 1.0), (1.3, None, 1 / 0.7), (1.3, 4.0, 1 / 0.7)])
+def test_the_in_place_cpu_fold_is_trls_fold(dtype, transform):
+    """The fused pass's CPU fold (into reused fp32 tiles) leaves the same bits in the running statistics as TRL's
+    torch fold, on the last, partial tile of a buffer (a view with a row stride wider than its width), for labels in
+    and out of the tile, from statistics a previous tile left."""
+    g = torch.Generator().manual_seed(0)
+    n, width, start = 6, 40, 64
+    buffers = _TileBuffers(n, 64, dtype, torch.device("cpu"))
+    tile = buffers.student[:, :width]
+    tile.copy_(torch.randn(n, width, generator=g) * 3)
+    labels = torch.tensor([64, 70, 103, 5, 104, 130])  # in the tile [64, 104) or not
+    stats = _Stats(torch.randn(n, generator=g), torch.rand(n, generator=g) + 1, torch.randn(n, generator=g),
+                   torch.randn(n, generator=g))  # fmt: skip
+    expected = _Stats(*(x.clone() for x in stats))
+    unused = torch.zeros(n)
+    scale, softcap, inv_t = transform
+    logprob_forward_tile(tile, tile.stride(0), labels, expected.max, expected.sum_exp, expected.x_sum_exp, unused,
+                         unused, unused, expected.label_logit, start, width, logit_scale=scale, softcap=softcap or 1.0,
+                         inv_t=inv_t, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=True, HAS_LOG_SUM_SQ_PROBS=False,
+                         HAS_MEAN_LOGITS=False, HAS_IS_TOP1=False, BLOCK_SIZE=1024)  # fmt: skip
+    before = tile.clone()
+    _fold_forward(tile, labels, stats, start, transform, buffers)
+    assert all(torch.equal(a, b) for a, b in zip(stats, expected)), (stats, expected)
+    assert torch.equal(tile, before)  # the logits tile is read, not written: the KL's sum reads it next
 
 
 def test_score_tokens_gives_every_token_trls_log_prob_in_bf16():
@@ -257,7 +288,8 @@ def test_a_distilled_chunk_takes_the_memory_chunk_transient_bytes_counts():
     """The model behind the chunk rule and the memory table, measured: over 4 distilled chunks of 16 tokens x 3
     tiles 512 wide in bf16, forward and backward each peak at `chunk_transient_bytes` beyond what they keep (outputs
     and statistics; the fp32 gradient buffers), up to per-row vectors: one chunk's tiles at a time, each tile freed
-    before the next is made. (On CPU, the peaks fall where neither TRL's torch fold nor its fp32 GEMM upcasts.)"""
+    before the next is made. (On CPU, the peaks fall where neither TRL's torch backward fold nor its fp32 GEMM
+    upcasts.)"""
     n, chunk, tile, vocab, hidden = 64, 16, 512, 1536, 8
     student, teacher, weight, _, labels = head_inputs(n, hidden, torch.bfloat16, vocab=vocab)
     student, teacher, weight = student.detach().bfloat16(), teacher.bfloat16(), weight.detach().bfloat16()
@@ -267,8 +299,8 @@ def test_a_distilled_chunk_takes_the_memory_chunk_transient_bytes_counts():
         logps, entropy, kl, _, _ = fused_policy_distillation(student, teacher, weight, None, labels, chunk_size=chunk,
                                                              vocab_chunk_size=tile)  # fmt: skip
     small = 4096  # per-row statistics and gradients, a few `(chunk,)` and `(n,)` fp32 vectors
-    # The outputs and saved statistics are kept; TRL's CPU fold (the tile in fp32, its exponentials and their product)
-    # peaks at the same 2 + 3 tiles as the KL's sum, and is freed before it.
+    # The outputs and saved statistics are kept; the folds (the tile in fp32, its exponentials and their product) and
+    # the KL's sum share the same 3 fp32 tiles, freed when the forward returns.
     assert counted <= forward.peak - forward.now <= counted + small, (forward.peak, forward.now, counted)
     with LiveBytes() as backward:
         (logps + entropy + kl).sum().backward()

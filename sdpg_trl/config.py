@@ -141,6 +141,19 @@ def real_value(value: Any) -> float | None:
     return float(value)
 
 
+def _plain(value: Any) -> Any:
+    """`value` with numpy and torch numbers, arrays and tensors (also inside lists) as Python's; `value` itself when it
+    has none."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item) for item in value]
+        return type(value)(items) if any(a is not b for a, b in zip(items, value)) else value
+    return value
+
+
 def _type_check(kind: Any) -> Callable[[Any], bool] | None:
     """A test that a value is of the annotated type `kind`, for plain data (numbers, text, lists, dicts, enums);
     None for a type it does not know, which is then not checked."""
@@ -577,8 +590,8 @@ class SDPGConfig(GRPOConfig):
 
     def _check_types(self) -> None:
         """Refuse a value of the wrong type (e.g. a list or None for a float, a float for an int), naming the field:
-        SDPG's and GRPO's fields, and TrainingArguments' numbers and switches. Numbers of numpy or torch become
-        Python's."""
+        SDPG's and GRPO's fields, and TrainingArguments' numbers and switches. Numbers, arrays and tensors of numpy or
+        torch become Python's numbers and lists (`_plain`)."""
         # GRPOConfig's own fields too (reward_weights, generation_kwargs): a recipe's YAML reaches them unconverted.
         own = {**GRPOConfig.__dict__["__annotations__"], **SDPGConfig.__dict__["__annotations__"]}
         for f in dataclasses.fields(self):
@@ -587,9 +600,13 @@ class SDPGConfig(GRPOConfig):
                 continue  # TrainingArguments' richer fields (enums, dicts, ...) are checked by transformers
             accepts = _type_check(kind)
             value = getattr(self, f.name)
-            if accepts is None or accepts(value):
+            if accepts is None:
+                continue
+            if accepts(value):
                 if kind in (float, int) and not isinstance(value, (int, float)):  # np.float32(0.1), a 0-d tensor
                     setattr(self, f.name, kind(real_value(value)))
+                elif _plain(value) is not value:  # checkpoints write the settings as JSON
+                    setattr(self, f.name, _plain(value))
                 continue
             raise TypeError(
                 f"SDPGConfig.{f.name} must be {_type_name(kind)}, got {value!r} of type {type(value).__name__}."

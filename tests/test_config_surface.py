@@ -4,6 +4,7 @@ wrong type, value, package, model or data set is refused before any model is loa
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import numpy as np
@@ -17,6 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import sdpg_trl.config
 from sdpg_trl import SDPGConfig, SDPGTrainer
+from sdpg_trl.checkpoints import SETTINGS_NAME, write_settings
 from sdpg_trl.config import KL_ESTIMATORS, METHODS, docstring_entries
 from sdpg_trl.parser import SDPGParser
 from sdpg_trl.scripts.train import make_parser
@@ -231,6 +233,30 @@ def test_numpy_and_tensor_numbers_become_python_numbers(tmp_path):
     assert (config.beta, config.distill_coef, config.max_steps) == (0.5, 0.25, 3)
     assert (type(config.beta), type(config.distill_coef), type(config.max_steps)) == (float, float, int)
     assert type(make_args(tmp_path, warmup_steps=10).warmup_steps) is int  # Python's own numbers stay as given
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"reward_weights": np.array([1.0, 2.0])},
+        {"reward_weights": torch.tensor([1.0, 2.0])},
+        {"reward_weights": [np.float32(1.0), 2.0]},
+        {"dual_clip": np.float32(2.0)},
+        {"dual_clip": torch.tensor(2.0)},
+        {"max_teacher_prompt_length": np.int64(100)},
+    ],
+    ids=["array", "tensor", "list-of-numpy", "optional-float", "optional-tensor", "optional-int"],
+)
+def test_numpy_and_torch_values_are_written_into_a_checkpoints_settings(tmp_path, settings):
+    # The loss settings are written as JSON at every checkpoint: a numpy or torch value would fail there, hours in.
+    config = make_args(tmp_path, **settings)
+    ((name, value),) = settings.items()
+    plain = getattr(config, name)
+    assert plain == (value.tolist() if hasattr(value, "tolist") else [float(x) for x in value])
+    write_settings(str(tmp_path), config)
+    written = json.loads((tmp_path / SETTINGS_NAME).read_text())
+    assert written.get(name, plain) == plain
+    json.dumps(config.to_dict())  # and the whole config, as transformers logs and saves it
 
 
 @pytest.fixture

@@ -608,15 +608,18 @@ def seeds_needed(difference: float, sd: float) -> int | None:
     return high
 
 
+def no_spread(diffs: np.ndarray) -> bool:
+    """Whether the per-seed differences are equal (up to float rounding, which would give an SD of ~1e-17)."""
+    return bool(np.ptp(diffs) <= 1e-12 * max(1.0, float(np.abs(diffs).max())))
+
+
 def paired_t(base: np.ndarray, other: np.ndarray, levels: tuple[float, ...] = (1 - ALPHA, 1 - 2 * ALPHA)) -> dict:
     """The paired t test of `other - base` (2 or more pairs): two-sided `p` and the intervals at `levels` (`ci95`,
-    `ci90` at the default ones; `ci` for one other level). Equal differences on every seed have no spread to test
-    against: p is 1 when they are 0, else 0, and every interval is that difference."""
-    diffs = other - base
+    `ci90` at the default ones; `ci` for one other level). Equal differences on every seed (`no_spread`) leave the
+    test nothing to measure the noise by: p and the intervals are None (no test), not a p of 0 from 2 seeds."""
     names = ("ci95", "ci90") if levels == (1 - ALPHA, 1 - 2 * ALPHA) else ("ci",)
-    if np.all(diffs == diffs[0]):
-        mean = float(diffs[0])
-        return {"p": 1.0 if mean == 0 else 0.0, **{name: [mean, mean] for name in names}}
+    if no_spread(other - base):
+        return {"p": None, **{name: None for name in names}}
     test = stats.ttest_rel(other, base)
     intervals = {name: [float(x) for x in test.confidence_interval(level)] for name, level in zip(names, levels)}
     return {"p": float(test.pvalue), **intervals}
@@ -643,6 +646,7 @@ def paired_comparison(
         "baseline_only": sorted(set(baseline) - set(method)),
         "method_only": sorted(set(method) - set(baseline)),
         "n": n,
+        "no_spread": False,
         "differences": diffs.tolist(),
         "wins": int((diffs > 0).sum()),
         "losses": int((diffs < 0).sum()),
@@ -656,7 +660,8 @@ def paired_comparison(
         out[key] = None
     if n < 2:
         return out
-    sd = float(diffs.std(ddof=1))
+    out["no_spread"] = no_spread(diffs)
+    sd = 0.0 if out["no_spread"] else float(diffs.std(ddof=1))
     out["sd"] = sd
     out.update(paired_t(base, other))
     if n >= 3 and base.std() > 0 and other.std() > 0:
@@ -669,6 +674,8 @@ def paired_comparison(
         out["seeds_needed_without_eval_noise"] = seeds_needed(min_effect, out["sd_without_eval_noise"])
         out["sd_with_4x_eval_samples"] = math.sqrt(max(sd**2 - 0.75 * variance, 0.0))  # its variance falls as 1/N
         out["seeds_needed_with_4x_eval_samples"] = seeds_needed(min_effect, out["sd_with_4x_eval_samples"])
+    if out["no_spread"]:  # no SD to plan with: power and seeds needed stay unknown
+        return out
     out["detectable"] = detectable_difference(sd, n)
     out["seeds_needed"] = seeds_needed(min_effect, sd)
     out["sd_upper"] = sd * math.sqrt((n - 1) / stats.chi2.ppf(1 - SD_UPPER_LEVEL, n - 1))
@@ -819,6 +826,10 @@ def _share(share: float | None) -> str:
     return "—" if share is None else ("> 100%" if share > 1 else f"{share:.0%}")
 
 
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def _seed_list(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in seeds)
 
@@ -835,6 +846,12 @@ def describe_comparison(
     if c["n"] == 1:
         return (f"- **{method}: UNRESOLVED.** One shared seed ({c['seeds'][0]}){left_out}: difference "
                 f"{_signed(c['mean'])}; one pair gives no interval.")  # fmt: skip
+    if c["no_spread"]:
+        return (
+            f"- **{method}: UNRESOLVED.** Paired on seeds {_seed_list(c['seeds'])}{left_out}: the difference is "
+            f"{_signed(c['mean'])} on every seed. With no spread between seeds a paired test has nothing to measure "
+            "the noise by (each evaluation alone is noisy), so there is no interval, verdict or power: run more seeds."
+        )
     text = (
         f"- **{method}: {c['verdict']}.** Paired on seeds {_seed_list(c['seeds'])}{left_out}: differences "
         f"{', '.join(_signed(d) for d in c['differences'])}; mean {_signed(c['mean'])}, SD {c['sd']:.3f}, 95% CI "
@@ -899,9 +916,10 @@ def render_comparisons(results: dict[str, Any]) -> str:
                          f"{c['wins']}/{c['losses']}/{c['ties']} | UNRESOLVED | — | — |")  # fmt: skip
             continue
         lines.append(
-            f"| {method} | {c['n']} | {_signed(c['mean'])} | {_interval(c['ci95'])} | {c['p_holm']:.3f} | "
-            f"{c['wins']}/{c['losses']}/{c['ties']} | {c['verdict']} | {c['detectable']:.3f} | "
-            f"{_seeds(c['seeds_needed'])} / {_seeds(c['seeds_needed_pessimistic'])} |"
+            f"| {method} | {c['n']} | {_signed(c['mean'])} | {_interval(c['ci95'])} | {_number(c['p_holm'])} | "
+            f"{c['wins']}/{c['losses']}/{c['ties']} | {c['verdict']} | {_number(c['detectable'])} | "
+            f"{'—' if c['no_spread'] else _seeds(c['seeds_needed'])} / "
+            f"{'—' if c['no_spread'] else _seeds(c['seeds_needed_pessimistic'])} |"
         )
     lines += [
         "",

@@ -153,3 +153,20 @@ def test_when_evaluation_noise_dominates_the_report_says_more_samples_help_more(
         "more evaluation samples per run (cheap) help more than more seeds. With 4x the evaluation samples (256"
         in text
     )
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"grpo": {0: 0.50, 1: 0.60}, "x": {0: 0.51, 1: 0.61}},  # equal up to float rounding (SD ~1e-17)
+        {"grpo": {0: 0.5, 1: 0.625}, "x": {0: 0.75, 1: 0.875}},  # exactly equal, as k/N accuracies often are
+    ],
+)
+def test_equal_differences_on_every_seed_give_no_verdict(table, tmp_path):
+    # With no spread between seeds a t test measures no noise: 2 seeds must not make a method BETTER.
+    results = analyse({"runs": runs_of(table), "eval_samples_per_run": 200})
+    c = results["comparisons"]["methods"]["x"]
+    assert c["no_spread"] and c["verdict"] == "UNRESOLVED"
+    assert c["p"] is None and c["ci95"] is None and c["detectable"] is None and c["seeds_needed"] is None
+    assert "on every seed. With no spread between seeds" in render_report(results)
+    write_report(results, tmp_path)  # the table and figures draw a comparison without an interval

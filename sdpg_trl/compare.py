@@ -517,6 +517,7 @@ def merge_runs(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                     )
                 here[seed] = summary
                 source.setdefault((method, seed), label)
+    merged["warnings"] = list(dict.fromkeys(merged["warnings"]))  # a source merged again adds no copies
     return {**merged, "runs": {m: dict(sorted(by_seed.items())) for m, by_seed in runs.items()}}
 
 

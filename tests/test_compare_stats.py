@@ -134,6 +134,9 @@ def test_merging_runs_refuses_the_same_run_with_other_numbers():
         merge_runs([("a", first), ("c", {"runs": runs_of({"grpo": {0: 0.31}})})])
     other_base = merge_runs([("a", first), ("d", {"runs": {}, "base_accuracy": 0.2})])
     assert other_base["warnings"] == ["d: base_accuracy is 0.2, not 0.1 as in a."]
+    # A re-render that merges a folder again: its warnings, already in the report's results.json, are not doubled.
+    again = merge_runs([("report", other_base), ("d", {"runs": {}, "warnings": other_base["warnings"]})])
+    assert again["warnings"] == ["d: base_accuracy is 0.2, not 0.1 as in a."]
 
 
 def test_without_a_baseline_there_is_no_comparison_and_the_report_says_so():

@@ -14,7 +14,7 @@ import yaml
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from peft import PeftConfig
-from transformers import ProcessorMixin
+from transformers import AutoConfig, ProcessorMixin
 
 from .config import SDPGConfig, is_installed
 from .data import reading
@@ -126,12 +126,9 @@ def vision_language_signs(processing_class: Any, model_config: Any) -> list[str]
     return signs
 
 
-def check_loaded_model(
-    config: Any, processing_class: Any, args: SDPGConfig, device: torch.device, mixed_precision: str
-) -> Any:
+def check_model_config(config: Any, processing_class: Any, args: SDPGConfig) -> Any:
     """Refuse what SDPG's loss cannot train (a vision-language model, an LM-head output transform the kernels do
-    not apply), warn about emulated bf16, and return the model's text config. `config`: the CausalLM's config;
-    `mixed_precision`: the accelerator's, the precision the run really has (`emulated_bf16_warning`)."""
+    not apply) and return the model's text config. `config`: the model's config."""
     vision = vision_language_signs(processing_class, config)
     if vision:
         teacher = ", and the teacher prompts would be tokenised without their images" if args.needs_teacher else ""
@@ -145,6 +142,28 @@ def check_loaded_model(
     for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
         if getattr(text_config, name, None) is not None:
             raise NotImplementedError(f"SDPGTrainer does not support models whose config sets {name!r}.")
+    return text_config
+
+
+def model_config_before_loading(model: Any, args: SDPGConfig) -> Any:
+    """The config of `model` without loading its weights: a model object's own, a local checkpoint's `config.json`;
+    None for a Hub id (reading it would need the network: the loaded model is checked instead)."""
+    if not isinstance(model, str):
+        return getattr(model, "config", None)
+    path = os.path.expanduser(model)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    trust = (args.model_init_kwargs or {}).get("trust_remote_code", False)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust)
+
+
+def check_loaded_model(
+    config: Any, processing_class: Any, args: SDPGConfig, device: torch.device, mixed_precision: str
+) -> Any:
+    """`check_model_config` on the loaded model, a warning about emulated bf16, and the model's text config.
+    `config`: the CausalLM's config; `mixed_precision`: the accelerator's, the precision the run really has
+    (`emulated_bf16_warning`)."""
+    text_config = check_model_config(config, processing_class, args)
     if device.type == "cpu" and not cpu_has_native_bf16():
         # GRPOConfig turns bf16 on by default; emulated bf16 made a SmolLM2-135M step 11x slower (283 s vs 25 s).
         warning = emulated_bf16_warning(args, mixed_precision)

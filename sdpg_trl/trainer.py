@@ -34,7 +34,14 @@ from .losses import Aggregation, TokenSelection, loss_aggregation, sdpg_objectiv
 from .model_card import method_card
 from .modes import keep_one_input_grad_hook
 from .plotting import CurvesCallback
-from .preflight import DEFAULT_ARGS_NEED_CONTEXT, check_loaded_model, check_model_source, check_train_size
+from .preflight import (
+    DEFAULT_ARGS_NEED_CONTEXT,
+    check_loaded_model,
+    check_model_config,
+    check_model_source,
+    check_train_size,
+    model_config_before_loading,
+)
 from .run_report import DistillScheduleReport
 from .step_terms import PerTokenTerms, StepCoefficients, per_token_terms, step_coefficients
 from .teacher import (
@@ -94,7 +101,7 @@ class SDPGTrainer(GRPOTrainer):
         """Same arguments as [`trl.GRPOTrainer`]; those not named here (`quantization_config`, `tools`, ...) are passed
         through unchanged. `args` must be an [`SDPGConfig`]; when the method has a teacher, the datasets need the
         privileged-context column `args.context_column`."""
-        args = self._check_inputs(model, args, train_dataset, eval_dataset, peft_config)
+        args = self._check_inputs(model, args, train_dataset, eval_dataset, peft_config, processing_class)
         super().__init__(
             model,
             reward_funcs,
@@ -127,7 +134,7 @@ class SDPGTrainer(GRPOTrainer):
         self._forward_redirection = ForwardRedirection()
 
     @staticmethod
-    def _check_inputs(model, args, train_dataset, eval_dataset, peft_config) -> SDPGConfig:
+    def _check_inputs(model, args, train_dataset, eval_dataset, peft_config, processing_class) -> SDPGConfig:
         """The config to train with (`SDPGConfig`'s defaults when `args` is None); everything that can be wrong with
         the inputs is checked here, before GRPOTrainer loads a model."""
         default_args = args is None
@@ -138,6 +145,9 @@ class SDPGTrainer(GRPOTrainer):
             raise TypeError(f"SDPGTrainer needs args of type SDPGConfig, got {type(args).__name__}.")
         args.check_installed()
         check_model_source(model, args, peft_config)
+        config = model_config_before_loading(model, args)
+        if config is not None:  # a VLM or an unsupported logit transform, refused before the weights load
+            check_model_config(config, processing_class, args)
         why = DEFAULT_ARGS_NEED_CONTEXT if default_args else None
         for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
             check_dataset(dataset, name, args.teacher_context_column, args.teacher_template, why)

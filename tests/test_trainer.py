@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -448,6 +449,24 @@ def test_vision_language_models_are_refused(tmp_path, tokenizer, method):
         SDPGTrainer(model=model, reward_funcs=parity_reward, train_dataset=make_dataset(), processing_class=tokenizer,
                     args=make_args(tmp_path, method=method, beta=0.0))  # fmt: skip
     assert ("teacher prompts would be tokenised without their images" in str(err.value)) is (method != "grpo")
+
+
+def test_a_vision_language_model_or_an_unsupported_logit_transform_is_refused_before_the_weights_load(
+    tmp_path, tokenizer, tiny_model_dir, monkeypatch
+):
+    # From a model object's config, or a local checkpoint's config.json, before GRPOTrainer loads anything.
+    monkeypatch.setattr(GRPOTrainer, "__init__", lambda *a, **k: pytest.fail("GRPOTrainer loaded the model"))
+    vlm = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
+    with pytest.raises(NotImplementedError, match="vision-language model"):
+        SDPGTrainer(model=vlm, reward_funcs=parity_reward, train_dataset=make_dataset(), processing_class=tokenizer,
+                    args=make_args(tmp_path, beta=0.0))  # fmt: skip
+    scaled = tmp_path / "scaled"
+    shutil.copytree(tiny_model_dir, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "logits_scaling": 2.0}))
+    with pytest.raises(NotImplementedError, match="'logits_scaling'"):
+        SDPGTrainer(model=str(scaled), reward_funcs=parity_reward, train_dataset=make_dataset(),
+                    processing_class=tokenizer, args=make_args(tmp_path))  # fmt: skip
 
 
 def test_use_liger_kernel_applies_liger_layer_kernels_as_in_grpo(tmp_path, tokenizer, tiny_model_dir, monkeypatch):

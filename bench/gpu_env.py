@@ -132,9 +132,24 @@ def download(dest: Path, python_version: str | None, platforms: list[str], have_
     with tempfile.TemporaryDirectory() as tmp:
         report_path, pins = Path(tmp) / "report.json", Path(tmp) / "pins.txt"
         pins.write_text("".join(f"{line}\n" for line in have.values()))
-        subprocess.run([*pip, "install", "--dry-run", "--ignore-installed", "--quiet", "--report", report_path,
-                        "--target", Path(tmp) / "target", "-c", pins, *target, *map(str, requirements())],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [
+                *pip,
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--quiet",
+                "--report",
+                report_path,
+                "--target",
+                Path(tmp) / "target",
+                "-c",
+                pins,
+                *target,
+                *map(str, requirements()),
+            ],
+            check=True,
+        )
         names = wheels_to_download(json.loads(report_path.read_text()), set(have))
     if names:
         subprocess.run([*pip, "download", "--no-deps", "--dest", dest, *target, *names], check=True)

@@ -82,14 +82,19 @@ def paper_code(scale: Scale, full_finetuning: bool) -> dict[str, int]:
     return parts
 
 
-METHODS = {"TRL GRPOTrainer (fused LM head)": trl_grpo, "SDPG (this project, defaults)": sdpg,
-           "paper's code (full logits), at least": paper_code}  # fmt: skip
+METHODS = {
+    "TRL GRPOTrainer (fused LM head)": trl_grpo,
+    "SDPG (this project, defaults)": sdpg,
+    "paper's code (full logits), at least": paper_code,
+}
 
 
 def table(scale: Scale = Scale()) -> dict[str, dict[str, int]]:
     """Method -> {"lora": bytes, "full": bytes}: the peak of each fine-tuning mode."""
-    return {name: {mode: sum(fn(scale, mode == "full").values()) for mode in ("lora", "full")}
-            for name, fn in METHODS.items()}  # fmt: skip
+    return {
+        name: {mode: sum(fn(scale, mode == "full").values()) for mode in ("lora", "full")}
+        for name, fn in METHODS.items()
+    }
 
 
 def render(scale: Scale = Scale()) -> str:
@@ -107,8 +112,10 @@ def render(scale: Scale = Scale()) -> str:
     ]
     for name, fn in METHODS.items():
         tiles = fn(scale, False).get("tiles", 0) / GIB
-        lines.append(f"| {name} | {rows[name]['lora'] / GIB:.2f} | {rows[name]['full'] / GIB:.2f} | "
-                     f"{f'{tiles:.3f}' if tiles else '-'} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {rows[name]['lora'] / GIB:.2f} | {rows[name]['full'] / GIB:.2f} | "
+            f"{f'{tiles:.3f}' if tiles else '-'} |"
+        )
     return "\n".join(lines)
 
 

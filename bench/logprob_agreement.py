@@ -39,11 +39,16 @@ def agreement(vocab: int, hidden: int, tokens: int, top_logit: float, dtype: tor
     ratio = diff.exp()
     top = (student.double() @ weight.double().T).amax(-1)
     return {
-        "vocab": vocab, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
-        "top_logit_mean": top.mean().item(), "max_abs_diff": diff.abs().max().item(),
-        "mean_abs_diff": diff.abs().mean().item(), "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item(),
+        "vocab": vocab,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens": tokens,
+        "top_logit_mean": top.mean().item(),
+        "max_abs_diff": diff.abs().max().item(),
+        "mean_abs_diff": diff.abs().mean().item(),
+        "ratio_min": ratio.min().item(),
+        "ratio_max": ratio.max().item(),
         "bitwise_equal": torch.equal(fused, plain),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

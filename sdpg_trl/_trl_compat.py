@@ -163,9 +163,18 @@ GRPO_OVERRIDES = {
 GRPO_METHODS = {"get_high_entropy_mask": ("self", "entropies", "mask", "threshold")}
 # Attributes GRPOTrainer (or transformers' Trainer) sets in `__init__` that SDPGTrainer reads.
 GRPO_ATTRIBUTES = (
-    "_tokenizer", "_metrics", "pad_to_multiple_of", "beta", "ref_model", "temperature", "eos_token_ids",
-    "aux_loss_enabled", "router_aux_loss_coef", "is_deepspeed_enabled", "is_fsdp_enabled",
-)  # fmt: skip
+    "_tokenizer",
+    "_metrics",
+    "pad_to_multiple_of",
+    "beta",
+    "ref_model",
+    "temperature",
+    "eos_token_ids",
+    "aux_loss_enabled",
+    "router_aux_loss_coef",
+    "is_deepspeed_enabled",
+    "is_fsdp_enabled",
+)
 
 
 def tokenize_prompts(trainer: Any, prompts: list) -> tuple[list[list[int]], list | None, dict[str, Any]]:
@@ -180,14 +189,25 @@ def tokenize_prompts(trainer: Any, prompts: list) -> tuple[list[list[int]], list
 # `VLLMGeneration`'s sampling settings, constructor arguments that it keeps under the same names and reads on every
 # `generate` call; `vllm_generate` swaps them for the evaluation's and back.
 VLLM_SAMPLING_ATTRIBUTES = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length", "generation_kwargs",
-)  # fmt: skip
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_completion_length",
+    "generation_kwargs",
+)
 
 
 def vllm_generate(
-    trainer: Any, prompt_ids: list[list[int]], num_generations: int, *, temperature: float, top_p: float,
+    trainer: Any,
+    prompt_ids: list[list[int]],
+    num_generations: int,
+    *,
+    temperature: float,
+    top_p: float,
     max_tokens: int,
-) -> list[list[int]]:  # fmt: skip
+) -> list[list[int]]:
     """`num_generations` completions (token ids, prompt-major) of each prompt from GRPOTrainer's vLLM engine, colocate
     or server mode, sampled at these settings instead of the rollouts' (no top-k, min-p, repetition penalty or extra
     generation kwargs).
@@ -201,9 +221,14 @@ def vllm_generate(
         trainer._last_loaded_step = trainer.state.global_step
     saved = {name: getattr(engine, name) for name in VLLM_SAMPLING_ATTRIBUTES}
     settings = dict(
-        temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
-        max_completion_length=max_tokens, generation_kwargs={},
-    )  # fmt: skip
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        max_completion_length=max_tokens,
+        generation_kwargs={},
+    )
     try:
         for name, value in settings.items():
             setattr(engine, name, value)
@@ -230,15 +255,38 @@ TRL_ACCELERATE_CONFIGS = "trl.accelerate_configs"
 
 # The eager names; the lazy ones (`_LAZY`) are left out so that `import *` does not import `trl.experimental.sdpo`.
 __all__ = [
-    "ChunkedLogProbFunction", "ForwardRedirection", "GRPO_ATTRIBUTES", "GRPO_METHODS", "GRPO_OVERRIDES",
-    "SUPPORTED_TRL", "TESTED_TRL",
-    "VLLM_SAMPLING_ATTRIBUTES", "addmm_fp32", "compute_dtype", "create_model_from_path",
-    "get_config_model_id", "installed_trl_version", "maybe_gather_lm_head_ctx",
-    "off_policy_sequence_mask", "pad", "prepare_deepspeed", "prepare_fsdp", "tokenize_prompts",
-    "unwrap_model_for_generation", "use_adapter", "vespo_gamma_weights", "vllm_generate",
-]  # fmt: skip
+    "ChunkedLogProbFunction",
+    "ForwardRedirection",
+    "GRPO_ATTRIBUTES",
+    "GRPO_METHODS",
+    "GRPO_OVERRIDES",
+    "SUPPORTED_TRL",
+    "TESTED_TRL",
+    "VLLM_SAMPLING_ATTRIBUTES",
+    "addmm_fp32",
+    "compute_dtype",
+    "create_model_from_path",
+    "get_config_model_id",
+    "installed_trl_version",
+    "maybe_gather_lm_head_ctx",
+    "off_policy_sequence_mask",
+    "pad",
+    "prepare_deepspeed",
+    "prepare_fsdp",
+    "tokenize_prompts",
+    "unwrap_model_for_generation",
+    "use_adapter",
+    "vespo_gamma_weights",
+    "vllm_generate",
+]
 __all__ += ["GRPOScriptArguments", "TRL_ACCELERATE_CONFIGS", "resolve_accelerate_config_argument"]
 __all__ += [
-    "LOGPROB_BLOCK_SIZE", "LOGPROB_TOKEN_CHUNK", "LOGPROB_VOCAB_TILE", "logprob_backward_kernel",
-    "logprob_backward_tile", "logprob_forward_kernel", "logprob_forward_tile", "use_triton",
-]  # fmt: skip
+    "LOGPROB_BLOCK_SIZE",
+    "LOGPROB_TOKEN_CHUNK",
+    "LOGPROB_VOCAB_TILE",
+    "logprob_backward_kernel",
+    "logprob_backward_tile",
+    "logprob_forward_kernel",
+    "logprob_forward_tile",
+    "use_triton",
+]

@@ -168,8 +168,9 @@ def resolve_checkpoint(value: str | bool | os.PathLike | None, output_dir: str) 
                 f"resume_from_checkpoint {value!r} is a run folder, and none of its checkpoint folders ({names}) was "
                 "completely written. Start a new run, or pass a checkpoint."
             )
-        logger.info("resume_from_checkpoint %s is a run folder: resuming from its last complete checkpoint, %s.",
-                    value, folder)  # fmt: skip
+        logger.info(
+            "resume_from_checkpoint %s is a run folder: resuming from its last complete checkpoint, %s.", value, folder
+        )
         return folder
     return value
 

@@ -146,8 +146,13 @@ def plan_runs(
                 continue
             check_method_name(name)
             folder = Path(output_dir) / name / f"seed{seed}"
-            config = {**recipe["train"], **(flags or {}), "seed": seed, "output_dir": str(folder),
-                      "eval_before_training": False}  # fmt: skip
+            config = {
+                **recipe["train"],
+                **(flags or {}),
+                "seed": seed,
+                "output_dir": str(folder),
+                "eval_before_training": False,
+            }
             if model_name_or_path:
                 config["model_name_or_path"] = model_name_or_path
             runs.append(Run(name, seed, folder, config, Path(output_dir)))
@@ -207,8 +212,10 @@ def last_evaluation_warnings(runs: list[Run]) -> list[str]:
     for run in runs:
         every, steps = run.config.get("eval_every_steps") or 0, run.config.get("max_steps") or 0
         if every > 0 and steps > 0 and steps % every:
-            warnings.add(f"{run.method}: max_steps {steps} is not a multiple of eval_every_steps {every}, so 'Last' "
-                         f"is the accuracy at step {steps - steps % every}, not of the final model.")  # fmt: skip
+            warnings.add(
+                f"{run.method}: max_steps {steps} is not a multiple of eval_every_steps {every}, so 'Last' "
+                f"is the accuracy at step {steps - steps % every}, not of the final model."
+            )
     return sorted(warnings)
 
 
@@ -260,9 +267,10 @@ def check_finished_runs(runs: list[Run]) -> None:
             for run, d in stale
         ]
         raise ValueError(
-            "Finished runs in the output folder were trained with other settings:\n" + "\n".join(lines)
+            "Finished runs in the output folder were trained with other settings:\n"
+            + "\n".join(lines)
             + "\nUse another --output_dir, or delete those run folders to train them again."
-        )  # fmt: skip
+        )
 
 
 def train_in_subprocess(run: Run) -> dict[str, Any]:
@@ -330,8 +338,16 @@ def execute(
             echo(f"{label} FAILED after {durations[-1] / 60:.1f} min: {err}")
             continue
         durations.append(time.time() - start)
-        marker = {"method": run.method, "seed": run.seed, "wall_s": durations[-1], "started": started,
-                  "finished": _now(), **facts, **revision, "config": run.config}  # fmt: skip
+        marker = {
+            "method": run.method,
+            "seed": run.seed,
+            "wall_s": durations[-1],
+            "started": started,
+            "finished": _now(),
+            **facts,
+            **revision,
+            "config": run.config,
+        }
         (run.folder / FINISHED).write_text(json.dumps(marker, indent=2))
         evals = [h[ACCURACY] for h in read_history(run.folder) if ACCURACY in h]
         eta = statistics.mean(durations) * (len(todo) - index) / 60
@@ -391,8 +407,9 @@ def summarise_run(history: list[dict], base_accuracy: float | None) -> dict[str,
     trained = [value for step, value in curves[ACCURACY] if step > 0]
     final = {
         key: statistics.mean(v for _, v in points[-FINAL_WINDOW:]) if points else None
-        for key, points in curves.items() if key != ACCURACY
-    }  # fmt: skip
+        for key, points in curves.items()
+        if key != ACCURACY
+    }
     return {
         "curves": curves,
         "last": trained[-1] if trained else None,
@@ -654,10 +671,23 @@ def paired_comparison(
         "ties": int((diffs == 0).sum()),
         "mean": float(diffs.mean()) if n else None,
     }
-    for key in ("sd", "p", "ci95", "ci90", "correlation", "eval_variance", "eval_noise_share", "detectable",
-                "seeds_needed", "sd_upper", "seeds_needed_pessimistic", "sd_without_eval_noise",
-                "seeds_needed_without_eval_noise", "sd_with_4x_eval_samples",
-                "seeds_needed_with_4x_eval_samples"):  # fmt: skip
+    for key in (
+        "sd",
+        "p",
+        "ci95",
+        "ci90",
+        "correlation",
+        "eval_variance",
+        "eval_noise_share",
+        "detectable",
+        "seeds_needed",
+        "sd_upper",
+        "seeds_needed_pessimistic",
+        "sd_without_eval_noise",
+        "seeds_needed_without_eval_noise",
+        "sd_with_4x_eval_samples",
+        "seeds_needed_with_4x_eval_samples",
+    ):
         out[key] = None
     if n < 2:
         return out
@@ -732,8 +762,15 @@ def compare_with_baseline(
         else:
             c["verdict"] = "UNRESOLVED"
         c["underpowered"] = c["detectable"] is not None and c["detectable"] > min_effect
-    return {"baseline": baseline, "min_effect": min_effect, "alpha": ALPHA, "power": POWER, "metric": "held-out Last",
-            "eval_samples_per_run": eval_samples, "methods": methods}  # fmt: skip
+    return {
+        "baseline": baseline,
+        "min_effect": min_effect,
+        "alpha": ALPHA,
+        "power": POWER,
+        "metric": "held-out Last",
+        "eval_samples_per_run": eval_samples,
+        "methods": methods,
+    }
 
 
 def run_diagnostics(history: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
@@ -845,8 +882,10 @@ def describe_comparison(
     if c["n"] == 0:
         return f"- **{method}**: no seed finished by both it and {baseline}{left_out}; not compared."
     if c["n"] == 1:
-        return (f"- **{method}: UNRESOLVED.** One shared seed ({c['seeds'][0]}){left_out}: difference "
-                f"{_signed(c['mean'])}; one pair gives no interval.")  # fmt: skip
+        return (
+            f"- **{method}: UNRESOLVED.** One shared seed ({c['seeds'][0]}){left_out}: difference "
+            f"{_signed(c['mean'])}; one pair gives no interval."
+        )
     if c["no_spread"]:
         return (
             f"- **{method}: UNRESOLVED.** Paired on seeds {_seed_list(c['seeds'])}{left_out}: the difference is "
@@ -913,8 +952,10 @@ def render_comparisons(results: dict[str, Any]) -> str:
     ]
     for method, c in comparisons["methods"].items():
         if c["n"] < 2:
-            lines.append(f"| {method} | {c['n']} | {'—' if c['mean'] is None else _signed(c['mean'])} | — | — | "
-                         f"{c['wins']}/{c['losses']}/{c['ties']} | UNRESOLVED | — | — |")  # fmt: skip
+            lines.append(
+                f"| {method} | {c['n']} | {'—' if c['mean'] is None else _signed(c['mean'])} | — | — | "
+                f"{c['wins']}/{c['losses']}/{c['ties']} | UNRESOLVED | — | — |"
+            )
             continue
         lines.append(
             f"| {method} | {c['n']} | {_signed(c['mean'])} | {_interval(c['ci95'])} | {_number(c['p_holm'])} | "
@@ -968,8 +1009,15 @@ def plot_curves(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
             if steps:
                 mean = [statistics.mean(c[s] for c in curves) for s in steps]
-                ax.plot(steps, mean, color=colour, linewidth=2.2, marker="o" if key == ACCURACY else None,
-                        markersize=4, label=f"{method} (n={len(curves)})")  # fmt: skip
+                ax.plot(
+                    steps,
+                    mean,
+                    color=colour,
+                    linewidth=2.2,
+                    marker="o" if key == ACCURACY else None,
+                    markersize=4,
+                    label=f"{method} (n={len(curves)})",
+                )
         path = Path(output_dir) / f"{name}.png"
         if save_curve(fig, ax, title, path, legend_size=8, dpi=110):
             written.append(path)
@@ -994,8 +1042,15 @@ def plot_comparison(results: dict[str, Any], output_dir: str | Path) -> list[Pat
         for row, c in enumerate(reversed(list(methods.values()))):
             ax.scatter(c["differences"], [row] * c["n"], color="tab:blue", alpha=0.6, s=18, zorder=3)
             if c["ci95"] is not None:
-                ax.errorbar(c["mean"], row, xerr=[[c["mean"] - c["ci95"][0]], [c["ci95"][1] - c["mean"]]], fmt="D",
-                            color="black", capsize=4, zorder=4)  # fmt: skip
+                ax.errorbar(
+                    c["mean"],
+                    row,
+                    xerr=[[c["mean"] - c["ci95"][0]], [c["ci95"][1] - c["mean"]]],
+                    fmt="D",
+                    color="black",
+                    capsize=4,
+                    zorder=4,
+                )
             elif c["mean"] is not None:
                 ax.plot(c["mean"], row, "D", color="black")
         ax.set_yticks(range(len(methods)), [f"{m} (n={c['n']})" for m, c in reversed(list(methods.items()))])
@@ -1016,8 +1071,13 @@ def plot_comparison(results: dict[str, Any], output_dir: str | Path) -> list[Pat
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
         for seed in seeds:
             values = [runs[m][seed]["last"] if seed in runs[m] else None for m in names]
-            ax.plot(range(len(names)), [math.nan if v is None else v for v in values], marker="o", alpha=0.6,
-                    label=f"seed {seed}")  # fmt: skip
+            ax.plot(
+                range(len(names)),
+                [math.nan if v is None else v for v in values],
+                marker="o",
+                alpha=0.6,
+                label=f"seed {seed}",
+            )
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set(ylabel="held-out Last", title="Held-out accuracy per method, each seed joined across methods")
         ax.legend(fontsize=7, ncol=2)

@@ -636,10 +636,14 @@ class SDPGConfig(GRPOConfig):
         uses_deepspeed = self.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
         needs = [  # (what needs it, whether this config uses it, the module, how to install it)
             ("use_vllm=True", self.use_vllm, "vllm", 'pip install "sdpg-trl[vllm]"'),
-            ("DeepSpeed (the deepspeed field or an accelerate config)", uses_deepspeed, "deepspeed",
-             'pip install "sdpg-trl[deepspeed]"'),
+            (
+                "DeepSpeed (the deepspeed field or an accelerate config)",
+                uses_deepspeed,
+                "deepspeed",
+                'pip install "sdpg-trl[deepspeed]"',
+            ),
             ("use_liger_kernel=True", self.use_liger_kernel, "liger_kernel", "pip install liger-kernel"),
-        ]  # fmt: skip
+        ]
         for what, used, module, install in needs:
             if used and not is_installed(module):
                 missing.append(f"{what} needs the {module} package (`{install}`)")
@@ -692,8 +696,9 @@ class SDPGConfig(GRPOConfig):
         that follows to refuse."""
         if name in self.explicit_fields:
             return
-        logger.warning("SDPGConfig.%s=%r is set to %r: %s (set %s to silence this).", name, getattr(self, name), value,
-                       why, name)  # fmt: skip
+        logger.warning(
+            "SDPGConfig.%s=%r is set to %r: %s (set %s to silence this).", name, getattr(self, name), value, why, name
+        )
         setattr(self, name, value)
 
     def __post_init__(self):
@@ -767,13 +772,18 @@ class SDPGConfig(GRPOConfig):
         if unused:
             logger.warning(
                 "SDPGConfig.%s has no effect: method=%r has no teacher here (distill_coef and rlsd_coef are 0).",
-                ", ".join(unused), self.method,
-            )  # fmt: skip
+                ", ".join(unused),
+                self.method,
+            )
 
 
 # The settings of the teacher, which a method without one (no distillation, no RLSD) does not read.
 _TEACHER_FIELDS = (
-    "teacher_model_kind", "teacher_update_rate", "teacher_sync_steps", "teacher_template", "max_teacher_prompt_length",
+    "teacher_model_kind",
+    "teacher_update_rate",
+    "teacher_sync_steps",
+    "teacher_template",
+    "max_teacher_prompt_length",
     "teacher_context_truncation_side",
-)  # fmt: skip
+)
 _FIELD_TYPES = typing.get_type_hints(SDPGConfig)  # the annotations resolved, for `_check_types`

@@ -577,14 +577,22 @@ def train_dataset(args: DataArguments, context_column: str | None = None) -> Dat
         dataset = _arithmetic(args)["train"]
     elif is_sdpg_form(args.dataset_name, args.dataset_source):
         return load_sdpg_dataset(
-            args.dataset_name, args.dataset_config, args.dataset_train_split or "train", args.dataset_column_mapping,
+            args.dataset_name,
+            args.dataset_config,
+            args.dataset_train_split or "train",
+            args.dataset_column_mapping,
             context_column,
-        )  # fmt: skip
+        )
     else:
         dataset = load_math_dataset(
-            args.dataset_name, args.dataset_source, args.dataset_train_split, args.question_column,
-            args.answer_column, args.solution_column, config=args.dataset_config,
-        )  # fmt: skip
+            args.dataset_name,
+            args.dataset_source,
+            args.dataset_train_split,
+            args.question_column,
+            args.answer_column,
+            args.solution_column,
+            config=args.dataset_config,
+        )
     check_columns(dataset, args.dataset_name, context_column)
     return dataset
 
@@ -628,7 +636,11 @@ def held_out_dataset(args: DataArguments, context_column: str | None = None) -> 
         splits = load_splits(args.dataset_name, args.dataset_config)
         if args.dataset_test_split in splits:
             return _sdpg_split(
-                splits, args.dataset_name, args.dataset_test_split, args.dataset_column_mapping, context_column,
+                splits,
+                args.dataset_name,
+                args.dataset_test_split,
+                args.dataset_column_mapping,
+                context_column,
                 "dataset_column_mapping",
-            )  # fmt: skip
+            )
     return None

@@ -33,9 +33,12 @@ GENERATION_KV_CACHE_BYTES = 8 * 2**30
 
 
 def generation_batch_size(
-    config: Any, dtype: torch.dtype, prompt_length: int, max_new_tokens: int,
+    config: Any,
+    dtype: torch.dtype,
+    prompt_length: int,
+    max_new_tokens: int,
     budget_bytes: int = GENERATION_KV_CACHE_BYTES,
-) -> int:  # fmt: skip
+) -> int:
     """Sequences per `model.generate` call whose KV cache fits `budget_bytes`: the most sequences of `prompt_length`
     + `max_new_tokens` tokens, at 2 (keys and values) x layers x key-value heads x head size x `dtype`'s bytes per
     token, that fit the budget, and at least 1. Fixed by the model and the settings, not by the free memory, so that
@@ -260,9 +263,12 @@ def generate_sampler(
             input_ids = pad(batch, padding_value=pad_token_id, padding_side="left").to(model.device)
             attention_mask = pad([torch.ones_like(ids) for ids in batch], padding_value=0, padding_side="left")
             output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask.to(model.device),
-                max_new_tokens=settings.max_new_tokens, pad_token_id=pad_token_id, **sampling,
-            )  # fmt: skip
+                input_ids=input_ids,
+                attention_mask=attention_mask.to(model.device),
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=pad_token_id,
+                **sampling,
+            )
             completions.extend(output[:, input_ids.shape[1] :].tolist())
         return completions
 
@@ -304,8 +310,13 @@ def trainer_vllm_sampler(trainer: Trainer, settings: MeanAtKSettings) -> Sampler
     """A sampler generating with a GRPOTrainer's own vLLM engine (`use_vllm`, colocate or server mode), which gets
     the policy's current weights first, as before a rollout; every process takes part, as in a rollout. The engine
     seeds and batches itself, so `settings.seed` and `settings.batch_size` do not apply."""
-    return partial(vllm_generate, trainer, temperature=settings.temperature, top_p=settings.top_p,
-                   max_tokens=settings.max_new_tokens)  # fmt: skip
+    return partial(
+        vllm_generate,
+        trainer,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_tokens=settings.max_new_tokens,
+    )
 
 
 def evaluate_mean_at_k(
@@ -336,8 +347,9 @@ def evaluate_mean_at_k_vllm(model: Any, dataset: Dataset, llm_kwargs: dict | Non
     elif llm_kwargs:
         raise ValueError(f"llm_kwargs {sorted(llm_kwargs)} only apply when a model name is given, not an LLM.")
     sample = vllm_sampler(model, options)
-    return mean_at_k(sample, model.get_tokenizer(), dataset, options, problems_per_call=max(1, len(dataset)),
-                     progress=False)  # fmt: skip
+    return mean_at_k(
+        sample, model.get_tokenizer(), dataset, options, problems_per_call=max(1, len(dataset)), progress=False
+    )
 
 
 def prompt_view(
@@ -508,7 +520,7 @@ class MeanAtKCallback(TrainerCallback):
             reports = {
                 name: mean_at_k(
                     sample, tokenizer, data, settings, problems_per_call=max(1, len(data)), progress=self.progress
-                )  # fmt: skip
+                )
                 for name, data in self.eval_sets.items()
             }
         else:

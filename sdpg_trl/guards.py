@@ -130,13 +130,15 @@ class StepGuard(TrainerCallback):
         # Under DeepSpeed the step has already run: a non-finite gradient shows as DeepSpeed's skip.
         deepspeed_skipped = self.deepspeed and optimizer.step_was_skipped
         bad_norm = self._grad_norm is not None and not math.isfinite(self._grad_norm)
-        flags = torch.stack([
-            torch.tensor(float(_nonfinite_grad(model) or deepspeed_skipped), device=loss.device),
-            torch.tensor(float(bad_norm), device=loss.device),
-            (~torch.isfinite(loss)).float(),
-            torch.tensor(float(self._fault is not None), device=loss.device),
-            loss,
-        ])  # fmt: skip
+        flags = torch.stack(
+            [
+                torch.tensor(float(_nonfinite_grad(model) or deepspeed_skipped), device=loss.device),
+                torch.tensor(float(bad_norm), device=loss.device),
+                (~torch.isfinite(loss)).float(),
+                torch.tensor(float(self._fault is not None), device=loss.device),
+                loss,
+            ]
+        )
         world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags)  # every process must take the same decision
@@ -185,8 +187,11 @@ class StepGuard(TrainerCallback):
         logger.warning(
             "SDPG skipped optimizer step %d because %s: no optimizer or scheduler step was taken "
             "(%d skipped in a row; training stops at %d).",
-            state.global_step, self._skip, self.consecutive, self.max_consecutive_skipped_steps,
-        )  # fmt: skip
+            state.global_step,
+            self._skip,
+            self.consecutive,
+            self.max_consecutive_skipped_steps,
+        )
 
     # The skip itself -------------------------------------------------------------------------------------------------
     def _skip_optimizer_step(self, optimizer) -> None:

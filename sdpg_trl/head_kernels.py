@@ -122,8 +122,19 @@ class _FusedPolicyDistillation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels, transform,
-                token_chunk, vocab_chunk):  # fmt: skip
+    def forward(
+        ctx,
+        student_hidden,
+        teacher_hidden,
+        weight,
+        bias,
+        teacher_weight,
+        teacher_bias,
+        labels,
+        transform,
+        token_chunk,
+        vocab_chunk,
+    ):
         dtype = _compute_dtype(student_hidden)
         n = student_hidden.shape[0]
         n_teacher = 0 if teacher_hidden is None else teacher_hidden.shape[0]
@@ -135,14 +146,34 @@ class _FusedPolicyDistillation(torch.autograd.Function):
             for rows in _row_chunks(n, n_teacher, token_chunk):
                 h_t = teacher_hidden[rows].to(dtype) if rows.stop <= n_teacher else None
                 out = _fused_forward_chunk(
-                    student_hidden[rows].to(dtype), h_t, weight, bias, teacher_weight, teacher_bias, labels[rows],
-                    transform, vocab_chunk, dtype, buffers,
-                )  # fmt: skip
+                    student_hidden[rows].to(dtype),
+                    h_t,
+                    weight,
+                    bias,
+                    teacher_weight,
+                    teacher_bias,
+                    labels[rows],
+                    transform,
+                    vocab_chunk,
+                    dtype,
+                    buffers,
+                )
                 logps[rows], entropy[rows], s_lse[rows] = out[:3]
                 if h_t is not None:
                     kl[rows], teacher_logps[rows], teacher_entropy[rows], t_lse[rows] = out[3:]
-        ctx.save_for_backward(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, labels,
-                              s_lse, t_lse, kl, entropy)  # fmt: skip
+        ctx.save_for_backward(
+            student_hidden,
+            teacher_hidden,
+            weight,
+            bias,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            s_lse,
+            t_lse,
+            kl,
+            entropy,
+        )
         ctx.transform, ctx.token_chunk, ctx.vocab_chunk, ctx.dtype = transform, token_chunk, vocab_chunk, dtype
         ctx.mark_non_differentiable(teacher_logps, teacher_entropy)
         ctx.set_materialize_grads(False)  # an output the loss does not use gets None: its term is skipped
@@ -186,14 +217,25 @@ class _FusedPolicyDistillation(torch.autograd.Function):
                     v_end = min(v_start + ctx.vocab_chunk, vocab)
                     tile = _project(buffers.student, h_s, weight, bias, v_start, v_end, dtype)
                     if h_t is None:  # TRL's backward fold: the tile becomes the logits' gradient, in place
-                        _fold_backward(tile, labels[rows], s_lse[rows], entropy[rows], grads, rows, v_start,
-                                       ctx.transform)  # fmt: skip
+                        _fold_backward(
+                            tile, labels[rows], s_lse[rows], entropy[rows], grads, rows, v_start, ctx.transform
+                        )
                         grad_tile = grad_bias_rows = tile
                     else:
                         t = _project(buffers.teacher, h_t, teacher_weight, teacher_bias, v_start, v_end, dtype)
-                        grad_bias_rows = _distilled_logit_grad(tile, t, labels[rows], s_lse[rows], t_lse[rows],
-                                                               kl[rows], entropy[rows], grads, rows, v_start,
-                                                               ctx.transform)  # fmt: skip
+                        grad_bias_rows = _distilled_logit_grad(
+                            tile,
+                            t,
+                            labels[rows],
+                            s_lse[rows],
+                            t_lse[rows],
+                            kl[rows],
+                            entropy[rows],
+                            grads,
+                            rows,
+                            v_start,
+                            ctx.transform,
+                        )
                         grad_tile = grad_bias_rows.to(dtype)
                     _addmm_fp32(grad_hidden[rows], grad_tile, weight[v_start:v_end].to(dtype))
                     if grad_weight is not None:
@@ -293,10 +335,25 @@ def _fold_forward(tile, labels, stats: _Stats, start, transform, buffers: _TileB
     if use_triton(tile.device):
         unused = torch.zeros(n, device=tile.device, dtype=torch.float32)  # statistics of outputs not requested
         logprob_forward_kernel[(n,)](
-            tile, tile.stride(0), labels, stats.max, stats.sum_exp, stats.x_sum_exp, unused, unused, unused,
-            stats.label_logit, start, width, HAS_ENTROPY=True, HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False,
-            HAS_IS_TOP1=False, BLOCK_SIZE=LOGPROB_BLOCK_SIZE, **_kernel_args(transform),
-        )  # fmt: skip
+            tile,
+            tile.stride(0),
+            labels,
+            stats.max,
+            stats.sum_exp,
+            stats.x_sum_exp,
+            unused,
+            unused,
+            unused,
+            stats.label_logit,
+            start,
+            width,
+            HAS_ENTROPY=True,
+            HAS_LOG_SUM_SQ_PROBS=False,
+            HAS_MEAN_LOGITS=False,
+            HAS_IS_TOP1=False,
+            BLOCK_SIZE=LOGPROB_BLOCK_SIZE,
+            **_kernel_args(transform),
+        )
         return
     z = _logits_into(tile, transform, buffers, 0)
     new_max = torch.maximum(stats.max, z.amax(-1))
@@ -321,13 +378,26 @@ def _fold_backward(tile, labels, log_z, entropy, grads: _RowGrads, rows, start, 
         fold = logprob_backward_tile
     g_logps = log_z if grads.logps is None else grads.logps[rows]  # the fold reads a tensor it does not use
     g_entropy = log_z if grads.entropy is None else grads.entropy[rows]
-    fold(tile, tile.stride(0), labels, log_z, entropy, g_logps, g_entropy, start, width,
-         HAS_LOGPROB_GRAD=grads.logps is not None, HAS_ENTROPY_GRAD=grads.entropy is not None,
-         BLOCK_SIZE=LOGPROB_BLOCK_SIZE, **_kernel_args(transform))  # fmt: skip
+    fold(
+        tile,
+        tile.stride(0),
+        labels,
+        log_z,
+        entropy,
+        g_logps,
+        g_entropy,
+        start,
+        width,
+        HAS_LOGPROB_GRAD=grads.logps is not None,
+        HAS_ENTROPY_GRAD=grads.entropy is not None,
+        BLOCK_SIZE=LOGPROB_BLOCK_SIZE,
+        **_kernel_args(transform),
+    )
 
 
-def _fused_forward_chunk(h_s, h_t, weight, bias, teacher_weight, teacher_bias, labels, transform, vocab_chunk, dtype,
-                         buffers):  # fmt: skip
+def _fused_forward_chunk(
+    h_s, h_t, weight, bias, teacher_weight, teacher_bias, labels, transform, vocab_chunk, dtype, buffers
+):
     """The forward of `_FusedPolicyDistillation` for one chunk of tokens. The student's (and the teacher's) tiles go
     through TRL's fold; the KL's sum `sum_v exp(s_v - m) (s_v - t_v)` follows the student's running max `m`,
     rescaled whenever a tile raises it. Returns the student's log-prob, entropy and log-normaliser, then, with a
@@ -469,10 +539,17 @@ def fused_policy_distillation(
         teacher_weight, teacher_bias = weight, bias
     transform = (logit_scale, final_logit_softcapping, 1.0 / temperature)
     return _FusedPolicyDistillation.apply(
-        student_hidden, None if teacher_hidden is None else teacher_hidden.detach(), weight, bias,
-        teacher_weight, teacher_bias,  # no gradient flows to it: backward returns None for the teacher's head
-        labels, transform, chunk_size, vocab_chunk_size,
-    )  # fmt: skip
+        student_hidden,
+        None if teacher_hidden is None else teacher_hidden.detach(),
+        weight,
+        bias,
+        teacher_weight,
+        teacher_bias,  # no gradient flows to it: backward returns None for the teacher's head
+        labels,
+        transform,
+        chunk_size,
+        vocab_chunk_size,
+    )
 
 
 def lm_head_parameters(causal_lm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -554,10 +631,17 @@ def score_tokens(
     plain = selection.plain.nonzero(as_tuple=True)
     where = tuple(torch.cat(index) for index in zip(distilled, plain))  # the distilled tokens first
     outputs = _FusedPolicyDistillation.apply(
-        hidden[where], teacher_hidden[selection.teacher_index[distilled[0]], distilled[1]] if distill else None,
-        head.weight, head.bias, teacher_head.weight if distill else None, teacher_head.bias if distill else None,
-        completion_ids[where], transform, chunk_size, VOCAB_TILE,
-    )  # fmt: skip
+        hidden[where],
+        teacher_hidden[selection.teacher_index[distilled[0]], distilled[1]] if distill else None,
+        head.weight,
+        head.bias,
+        teacher_head.weight if distill else None,
+        teacher_head.bias if distill else None,
+        completion_ids[where],
+        transform,
+        chunk_size,
+        VOCAB_TILE,
+    )
     s_logps, s_entropy, s_kl, t_logps, t_entropy = outputs
     logps = logps.index_put(where, s_logps)
     entropy = entropy.index_put(where, s_entropy if entropy_grad else s_entropy.detach())
@@ -569,10 +653,14 @@ def score_tokens(
         where = selection.teacher_only.nonzero(as_tuple=True)
         with torch.no_grad():
             t_logps, t_entropy = chunked_logps_and_entropy(
-                teacher_hidden[selection.teacher_index[where[0]], where[1]], teacher_head.weight, teacher_head.bias,
-                completion_ids[where], temperature=head.temperature, logit_scale=head.logit_scale,
+                teacher_hidden[selection.teacher_index[where[0]], where[1]],
+                teacher_head.weight,
+                teacher_head.bias,
+                completion_ids[where],
+                temperature=head.temperature,
+                logit_scale=head.logit_scale,
                 final_logit_softcapping=head.final_logit_softcapping,
-            )  # fmt: skip
+            )
         teacher_logps = teacher_logps.index_put(where, t_logps)
         teacher_entropy = teacher_entropy.index_put(where, t_entropy)
     return HeadScores(logps, entropy, kl, teacher_logps, teacher_entropy)

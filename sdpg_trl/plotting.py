@@ -112,8 +112,10 @@ class CurvesCallback(TrainerCallback):
         except ImportError:
             logger.warning(
                 "No PNG curves written to %s: drawing them needs matplotlib (%s); the numbers are in the "
-                "trainer's state.log_history.", args.output_dir, PLOTS_EXTRA,
-            )  # fmt: skip
+                "trainer's state.log_history.",
+                args.output_dir,
+                PLOTS_EXTRA,
+            )
             return
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         written = plot_curves(state.log_history, args.output_dir)

@@ -48,6 +48,13 @@ class DistillScheduleReport(TrainerCallback):
             "distill_warmup_steps=%d and distill_decay_steps=%d the warmup and the decay overlap, and beta(k) peaks "
             "at %.3g (%.3g of distill_coef) at optimiser step %d of %d. To distil at distill_coef, train for at least "
             "distill_warmup_steps + distill_decay_steps = %d steps, or shorten the two windows (0 turns one off).",
-            args.distill_coef, state.max_steps, args.distill_warmup_steps, args.distill_decay_steps, peak,
-            peak / args.distill_coef, step + 1, state.max_steps, args.distill_warmup_steps + args.distill_decay_steps,
-        )  # fmt: skip
+            args.distill_coef,
+            state.max_steps,
+            args.distill_warmup_steps,
+            args.distill_decay_steps,
+            peak,
+            peak / args.distill_coef,
+            step + 1,
+            state.max_steps,
+            args.distill_warmup_steps + args.distill_decay_steps,
+        )

@@ -108,9 +108,11 @@ def train(script_args: SDPGScriptArguments, training_args: SDPGConfig, model_arg
     if checkpoint is not None:
         if is_finished(checkpoint, training_args):  # Trainer would train one more step past the end
             if training_args.process_index == 0:
-                print(f"{checkpoint} is the end of this run (max_steps {training_args.max_steps}, num_train_epochs "
-                      f"{training_args.num_train_epochs}): the run is complete, nothing to train. Raise max_steps to "
-                      "train on.")  # fmt: skip
+                print(
+                    f"{checkpoint} is the end of this run (max_steps {training_args.max_steps}, num_train_epochs "
+                    f"{training_args.num_train_epochs}): the run is complete, nothing to train. Raise max_steps to "
+                    "train on."
+                )
             return None
     training_args.resume_from_checkpoint = checkpoint
     with contextlib.ExitStack() as held:

@@ -60,7 +60,10 @@ def check_model_source(model: Any, args: SDPGConfig, peft_config: PeftConfig | N
     - A model object whose config names no checkpoint (`_name_or_path`, e.g. a model built from a config) while
       the run needs a second copy of its initial weights, which GRPOTrainer and SDPGTrainer load from that
       checkpoint: the reference model (`beta > 0`, no PEFT) or a `base`/`ema` teacher without PEFT.
+    - A `peft_config` the teacher kind cannot train with (`Teacher.check_peft_config`: `ema` needs pure LoRA).
     """
+    if args.needs_teacher:
+        TEACHER_KINDS[args.teacher_model_kind].check_peft_config(peft_config)
     if isinstance(model, str):
         check_model_path(model)
         return

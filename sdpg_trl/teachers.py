@@ -61,6 +61,10 @@ class Teacher:
         self.trainer = trainer
         self.model: torch.nn.Module | None = None
 
+    @classmethod
+    def check_peft_config(cls, peft_config: Any) -> None:
+        """Refuse, before any model loads, a `peft_config` the kind cannot train with (`preflight`)."""
+
     def setup(self) -> None:
         """Build what the kind needs (a model, a callback); called once, after GRPOTrainer's `__init__`."""
 
@@ -188,6 +192,25 @@ class EmaTeacher(Teacher):
 
     kind = "ema"
     needs_initial_weights = True
+
+    @classmethod
+    def check_peft_config(cls, peft_config: Any) -> None:
+        # What the config shows of TRL's `is_pure_lora_training`, which `setup` checks again on the loaded model.
+        if peft_config is None:
+            return
+        trains = {
+            "a non-LoRA adapter": str(peft_config.peft_type).split(".")[-1] != "LORA",
+            "modules_to_save": bool(getattr(peft_config, "modules_to_save", None)),
+            f"bias={getattr(peft_config, 'bias', 'none')!r}": getattr(peft_config, "bias", "none") != "none",
+            "trainable_token_indices": bool(getattr(peft_config, "trainable_token_indices", None)),
+        }
+        extra = [what for what, present in trains.items() if present]
+        if extra:
+            raise ValueError(
+                f"SDPGConfig.teacher_model_kind='ema' with PEFT needs pure LoRA training (its EMA is a second LoRA "
+                f"adapter), and peft_config trains {', '.join(extra)} too. Use a plain LoRA config, or another "
+                "teacher kind."
+            )
 
     def setup(self) -> None:
         trainer, args = self.trainer, self.trainer.args

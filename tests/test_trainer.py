@@ -469,6 +469,21 @@ def test_a_vision_language_model_or_an_unsupported_logit_transform_is_refused_be
                     processing_class=tokenizer, args=make_args(tmp_path))  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [({"modules_to_save": ["lm_head"]}, "modules_to_save"), ({"bias": "all"}, "bias='all'")],
+)
+def test_an_ema_teacher_with_peft_that_is_not_pure_lora_is_refused_before_the_model_loads(
+    tmp_path, tokenizer, tiny_model_dir, monkeypatch, extra, named
+):
+    monkeypatch.setattr(GRPOTrainer, "__init__", lambda *a, **k: pytest.fail("GRPOTrainer loaded the model"))
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **extra)
+    with pytest.raises(ValueError, match=rf"teacher_model_kind='ema' with PEFT needs pure LoRA.*trains {named}"):
+        SDPGTrainer(model=tiny_model_dir, reward_funcs=parity_reward, train_dataset=make_dataset(),
+                    processing_class=tokenizer, peft_config=peft_config,
+                    args=make_args(tmp_path, teacher_model_kind="ema"))  # fmt: skip
+
+
 def test_use_liger_kernel_applies_liger_layer_kernels_as_in_grpo(tmp_path, tokenizer, tiny_model_dir, monkeypatch):
     """`use_liger_kernel` is not ignored: as in TRL's GRPOTrainer, train() patches the policy's layers with Liger's
     kernels, with Liger's fused linear cross-entropy off (it would replace the LM-head pass SDPG computes itself).

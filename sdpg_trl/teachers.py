@@ -3,8 +3,8 @@
 A kind (`teacher_model_kind`) is a `Teacher` subclass registered in `TEACHER_KINDS`; its name is looked up once, in
 `build_teacher`, and the trainer only calls the object: `setup` (once, after GRPOTrainer built the policy and the
 reference model), `hidden` (the teacher's hidden states for the rows it scores), `head` (the LM head to score them
-with), `save`/`load` (its state in a checkpoint), and `needs_initial_weights` (what `preflight` checks). Each kind
-handles a full model and LoRA:
+with), `save`/`load` (its state in a checkpoint), and `needs_initial_weights` and `check_peft_config` (what
+`preflight` checks before a model loads). Each kind handles a full model and LoRA:
 
 - `live` (the paper's SDPG): the policy itself; no extra memory.
 - `base`: the initial weights. With PEFT, the policy with its adapter switched off; with a reference model (alpha > 0,
